@@ -1,0 +1,29 @@
+# Every target sets up its own virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medlora-installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: the CPU wheel lies on local disk; an unpinned torch would pull a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medlora demo
+
+test: $(STAMP)
+	$(PY) -m ruff check medlora tests scripts
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench_adapters.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

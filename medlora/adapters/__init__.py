@@ -1,0 +1,59 @@
+"""The generic adapter core: parameter-efficient reparameterisations of frozen weights.
+
+Works on any ``nn.Module`` (a 3D UNet as much as a GPT-style transformer): ``nn.Linear``,
+``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` (any groups, stride, dilation, padding mode or
+anisotropic kernel). No medical or training-framework imports live here.
+
+    >>> from medlora.adapters import AdapterConfig, inject, merge, parameter_report
+    >>> model = inject(model, AdapterConfig("cp_dora", rank=4, targets=["encoder.*"]))
+    >>> print(parameter_report(model))
+"""
+
+from .base import AdditiveReparam, Reparam
+from .config import AdapterConfig, MethodSpec, describe_method, get_method, list_methods, option, register_method
+from .inject import (
+    LayerReport,
+    ParameterReport,
+    adapters_of,
+    base_weight,
+    candidate_layers,
+    inject,
+    iter_adapters,
+    merge,
+    parameter_report,
+    remove,
+)
+from .io import AdapterFileError, base_fingerprint, load_adapter, read_adapter_file, save_adapter
+from .layout import WeightLayout, layout_of
+from .peft_interop import export_peft, import_peft
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdditiveReparam",
+    "LayerReport",
+    "MethodSpec",
+    "ParameterReport",
+    "Reparam",
+    "WeightLayout",
+    "adapters_of",
+    "base_fingerprint",
+    "base_weight",
+    "candidate_layers",
+    "describe_method",
+    "export_peft",
+    "get_method",
+    "import_peft",
+    "inject",
+    "iter_adapters",
+    "layout_of",
+    "list_methods",
+    "load_adapter",
+    "merge",
+    "option",
+    "parameter_report",
+    "read_adapter_file",
+    "register_method",
+    "remove",
+    "save_adapter",
+]

@@ -1,0 +1,64 @@
+"""The one idea behind every method: a reparameterised frozen weight, ``W_eff = f(W0; theta)``.
+
+A method is a small ``nn.Module`` ``f`` attached to a layer's ``weight`` with
+``torch.nn.utils.parametrize``; the layer's own forward then runs once with ``W_eff`` (for a
+convolution: one convolution, no extra activation branch). ``f`` works on the canonical
+``(O, I/groups, *k)`` view; :class:`~medlora.adapters.layout.WeightLayout` converts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layout import WeightLayout
+
+
+class Reparam(nn.Module):
+    """Base class of all methods: maps the stored frozen weight to the effective weight."""
+
+    layout: WeightLayout
+    config: AdapterConfig
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        w0 = self.layout.to_canonical(weight)
+        return self.layout.from_canonical(self.effective(w0))
+
+    def effective(self, w0: torch.Tensor) -> torch.Tensor:
+        """The effective weight in canonical layout."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method!r}, rank={self.config.rank}"
+
+
+class AdditiveReparam(Reparam):
+    """A method of the form ``W_eff = W0 + dW(theta)``; DoRA wraps these."""
+
+    def __init__(self, scaling: float) -> None:
+        super().__init__()
+        self.scaling = scaling
+
+    def delta(self, w0: torch.Tensor) -> torch.Tensor:
+        """``dW`` in canonical layout (same shape as ``w0``)."""
+        raise NotImplementedError
+
+    def effective(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self.delta(w0)
+
+
+def kaiming_uniform_like_lora(rows: int, cols: int, *, like: torch.Tensor) -> nn.Parameter:
+    """LoRA's A-matrix initialisation: kaiming-uniform with ``a = sqrt(5)`` over ``cols`` fan-in.
+
+    This is ``nn.Linear``'s default and PEFT's default for ``lora_A`` (bound ``1/sqrt(fan_in)``).
+    """
+    a = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return nn.Parameter(a)
+
+
+def zeros_param(*shape: int, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=like.dtype, device=like.device))

@@ -1,0 +1,194 @@
+"""Adapter configuration and the method registry.
+
+``AdapterConfig`` is what a user (or a YAML file) writes: which method, its rank and scale, which
+layers. Each method registers itself by name with an options dataclass whose fields carry help
+text, in the manner of PEFT's per-method config classes; ``AdapterConfig.options`` holds those
+method-specific values and is checked against the dataclass so that a misspelt key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with help text (shown by ``describe_method`` and ``medlora adapters``)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoOptions:
+    """This method has no options beyond rank and alpha."""
+
+
+@dataclass
+class MethodSpec:
+    """A registered method: how to build its reparameterisation and what it defaults to."""
+
+    name: str
+    build: Callable[..., torch.nn.Module]
+    options_cls: type
+    summary: str
+    citation: str
+    # Default alpha as a multiple of rank when the user gives none (e.g. LoRA-C's paper: alpha/r = 2).
+    alpha_over_rank: float = 1.0
+    # True when the adapted weight equals W0 exactly at initialisation.
+    starts_at_base: bool = True
+    uses_rank: bool = True
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    options: type = NoOptions,
+    summary: str,
+    citation: str,
+    alpha_over_rank: float = 1.0,
+    starts_at_base: bool = True,
+    uses_rank: bool = True,
+) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
+    """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
+
+    The builder is called as ``build(w0, rank=, scaling=, options=)`` with ``w0`` the frozen weight in
+    canonical ``(O, I/groups, *k)`` layout and returns an ``nn.Module`` mapping that weight to the
+    effective weight (see :class:`medlora.adapters.base.Reparam`).
+    """
+
+    def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"adapter method {name!r} is already registered")
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            build=build,
+            options_cls=options,
+            summary=summary,
+            citation=citation,
+            alpha_over_rank=alpha_over_rank,
+            starts_at_base=starts_at_base,
+            uses_rank=uses_rank,
+        )
+        return build
+
+    return decorator
+
+
+def _ensure_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (registers the built-in methods on import)
+
+
+def get_method(name: str) -> MethodSpec:
+    _ensure_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown adapter method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def list_methods() -> list[str]:
+    """Names of all registered adapter methods."""
+    _ensure_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def describe_method(name: str) -> str:
+    """A human-readable description of a method and its options with help text and defaults."""
+    spec = get_method(name)
+    lines = [f"{spec.name}: {spec.summary}", f"  paper: {spec.citation}"]
+    for f in dataclasses.fields(spec.options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  options.{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+@dataclass
+class AdapterConfig:
+    """Which adapter method to attach, with which rank and scale, to which layers.
+
+    Layer selection: a layer is adapted when its type is supported (Linear, Conv1d/2d/3d,
+    ConvTranspose1d/2d/3d) and allowed by ``target_types``, its dotted name matches ``targets`` and
+    it does not match ``exclude``. A pattern matches a name when it is a glob for the whole name
+    (``"encoder.*"``), the name itself, or the name's last dotted components (``"qkv"`` matches
+    ``"blocks.0.attn.qkv"``, as in PEFT); prefix a pattern with ``re:`` for a full-match regular
+    expression.
+    """
+
+    method: str = field(metadata={"help": "registered method name, see medlora.adapters.list_methods()"})
+    rank: int = field(default=8, metadata={"help": "adapter rank r (CP rank R for the CP methods)"})
+    alpha: float | None = field(
+        default=None,
+        metadata={"help": "scale numerator: dW is multiplied by alpha / rank; default: the method's "
+                  "recommended alpha/rank ratio times rank"},
+    )
+    targets: list[str] | str | None = field(
+        default=None, metadata={"help": "layer-name patterns to adapt; None: every supported layer"}
+    )
+    target_types: list[str] | None = field(
+        default=None,
+        metadata={"help": "restrict to these layer class names, e.g. ['Conv3d']; None: all supported"},
+    )
+    exclude: list[str] | str | None = field(
+        default=None, metadata={"help": "layer-name patterns never to adapt (e.g. a segmentation head)"}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(rank) (Kalajdzievski 2023)"}
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "method-specific options, see describe_method(method)"}
+    )
+
+    def __post_init__(self) -> None:
+        spec = get_method(self.method)
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"AdapterConfig.rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        self.options = dict(self.options or {})
+        known = {f.name for f in dataclasses.fields(spec.options_cls)}
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            valid = ", ".join(sorted(known)) or "none"
+            raise ValueError(
+                f"unknown option(s) {', '.join(unknown)} for adapter method {self.method!r}; valid: {valid}"
+            )
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    def resolved_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else self.spec.alpha_over_rank * self.rank
+
+    def scaling(self) -> float:
+        """The factor ``s`` applied to a low-rank update: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        denominator = math.sqrt(self.rank) if self.use_rslora else self.rank
+        return self.resolved_alpha() / denominator
+
+    def method_options(self) -> Any:
+        """The method's options dataclass filled from ``options`` (defaults elsewhere)."""
+        return self.spec.options_cls(**self.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig key(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**data)

@@ -1,0 +1,222 @@
+"""Adapter files: safetensors holding only adapter tensors, plus JSON metadata.
+
+The metadata (under the safetensors header key ``medlora``) records the adapter configuration of
+every adapted layer, the layer's type and weight shape, the library version and a SHA-256
+fingerprint of each frozen base weight the adapter was trained on. Loading checks the fingerprints
+before touching the model, so an adapter cannot be silently applied to a different base; nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AdapterConfig
+from .inject import adapters_of, base_weight, inject, iter_adapters, remove
+
+FORMAT = "medlora.adapter/1"
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be read or does not belong to this model."""
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 of a weight's shape and float32 values (independent of device and memory layout)."""
+    digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+    digest.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module, layer_names: list[str] | None = None) -> str:
+    """One fingerprint over the frozen weights of the given (default: all adapted) layers."""
+    modules = dict(model.named_modules())
+    names = layer_names if layer_names is not None else [n for n, _, _ in iter_adapters(model)]
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(name.encode() + b"\0" + weight_fingerprint(base_weight(modules[name])).encode())
+    return digest.hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<layer>.<adapter parameter>": tensor}`` for every adapter parameter of ``model``."""
+    return {
+        f"{layer}.{pname}": p.detach().contiguous().clone()
+        for layer, _, reparam in iter_adapters(model)
+        for pname, p in reparam.named_parameters()
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Write the adapters of ``model`` to ``path`` (safetensors, written atomically)."""
+    from .. import __version__
+
+    path = Path(path)
+    adapted = list(iter_adapters(model))
+    if not adapted:
+        raise ValueError("the model has no adapters to save; call medlora.adapters.inject first")
+    configs: list[dict[str, Any]] = []
+    layers: dict[str, Any] = {}
+    for name, module, reparam in adapted:
+        cfg = reparam.config.to_dict()
+        if cfg not in configs:
+            configs.append(cfg)
+        w0 = base_weight(module)
+        layers[name] = {
+            "config": configs.index(cfg),
+            "layer_type": type(module).__name__.replace("Parametrized", ""),
+            "weight_shape": list(w0.shape),
+            "base_sha256": weight_fingerprint(w0),
+        }
+    meta = {
+        "format": FORMAT,
+        "medlora_version": __version__,
+        "configs": configs,
+        "layers": layers,
+        "base_fingerprint": base_fingerprint(model, list(layers)),
+        "extra": extra_metadata or {},
+    }
+    _atomic_save(adapter_state(model), {"format": "pt", "medlora": json.dumps(meta)}, path)
+    return path
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata and tensors of an adapter file, validated; never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: adapter file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated/foreign files
+        raise AdapterFileError(f"{path}: not a readable safetensors adapter file ({exc})") from None
+    if "medlora" not in header:
+        raise AdapterFileError(
+            f"{path}: safetensors file without medlora adapter metadata "
+            "(a PEFT adapter directory loads with medlora.adapters.import_peft)"
+        )
+    try:
+        meta = json.loads(header["medlora"])
+    except json.JSONDecodeError as exc:
+        raise AdapterFileError(f"{path}: corrupt medlora metadata ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{path}: unsupported adapter format {meta.get('format')!r} (expected {FORMAT})")
+    return meta, tensors
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Load the adapters in ``path`` into ``model``, attaching them first if the model has none.
+
+    With ``check_base`` (default) every targeted base weight must have the fingerprint recorded at
+    save time; otherwise one ``AdapterFileError`` names the file and the first differing layer and
+    the model is left untouched. ``check_base=False`` skips only that check (shapes must still match).
+    """
+    path = Path(path)
+    meta, tensors = read_adapter_file(path)
+    modules = dict(model.named_modules())
+    layers: dict[str, Any] = meta["layers"]
+    for name, info in layers.items():
+        if name not in modules:
+            raise AdapterFileError(f"{path}: adapter targets layer {name!r}, which this model does not have")
+        module = modules[name]
+        w0 = base_weight(module)
+        if list(w0.shape) != info["weight_shape"]:
+            raise AdapterFileError(
+                f"{path}: layer {name!r} has weight shape {list(w0.shape)}, the adapter was made for "
+                f"{info['weight_shape']}: this adapter belongs to a different base model"
+            )
+        if check_base and weight_fingerprint(w0) != info["base_sha256"]:
+            raise AdapterFileError(
+                f"{path}: base weights differ from those the adapter was trained on (first at layer "
+                f"{name!r}); load the matching base checkpoint, or pass check_base=False to apply it anyway"
+            )
+    existing = {n: r for n, _, r in iter_adapters(model)}
+    if existing:
+        if set(existing) != set(layers):
+            raise AdapterFileError(
+                f"{path}: the model already holds adapters on other layers than the file "
+                f"({len(existing)} vs {len(layers)} layers); load into the plain base model instead"
+            )
+        for name, info in layers.items():
+            saved = AdapterConfig.from_dict(meta["configs"][info["config"]])
+            if saved.to_dict() != existing[name].config.to_dict():
+                raise AdapterFileError(
+                    f"{path}: layer {name!r} holds a {existing[name].config.method} adapter configured "
+                    f"differently from the file's {saved.method} adapter"
+                )
+        _copy_adapter_tensors(model, tensors, path)
+        return model
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for idx, cfg in enumerate(meta["configs"]):
+            names = [n for n, info in layers.items() if info["config"] == idx]
+            saved = AdapterConfig.from_dict(cfg)
+            exact = AdapterConfig.from_dict({**cfg, "targets": [f"re:{re.escape(n)}" for n in names],
+                                             "target_types": None, "exclude": None})
+            inject(model, exact)
+            for n in names:  # remember the user's selection, not the exact names used to re-attach
+                adapters_of(modules[n]).config = saved
+        _copy_adapter_tensors(model, tensors, path)
+    except BaseException:
+        # Leave the model as it was given to us.
+        remove(model)
+        for p in model.parameters():
+            p.requires_grad_(trainable.get(id(p), p.requires_grad))
+        raise
+    return model
+
+
+def _copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {}
+    for layer, _, reparam in iter_adapters(model):
+        for pname, p in reparam.named_parameters():
+            expected[f"{layer}.{pname}"] = p
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(
+            f"{path}: adapter tensors do not match the attached adapters "
+            f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    with torch.no_grad():
+        for key, p in expected.items():
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise AdapterFileError(
+                    f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(tensors[key])
+
+
+__all__ = [
+    "AdapterFileError",
+    "adapter_state",
+    "base_fingerprint",
+    "load_adapter",
+    "read_adapter_file",
+    "save_adapter",
+    "weight_fingerprint",
+]

@@ -1,0 +1,81 @@
+"""The DoRA family: weight decomposition into magnitude and direction around any additive method.
+
+Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv 2402.09353:
+``W_eff = m * V / ||V||`` with ``V = W0 + dW`` and the norm taken per output channel (over every axis but
+the output one, as PEFT's ``DoraConvNdLayer``), ``m`` initialised to ``||W0||``. The norm is detached from
+the graph by default (paper sec. 4.3; PEFT does the same), which saves memory and changes the gradient
+only through the norm. One wrapper serves every inner method: dora = DoRA(lora),
+dora_c = DoRA(lora_c), conv_dora = DoRA(conv_lora), cp_dora = DoRA(cp_lora), the last three as in
+Minoccheri, Hodgman et al. 2025 (arXiv 2508.01772).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, make_dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base import AdditiveReparam, Reparam
+from ..config import get_method, option, register_method
+from . import conv_lora, cp_lora, lora, lora_c  # noqa: F401  (inner methods must be registered first)
+
+
+@dataclass
+class DoRAOptions:
+    detach_norm: bool = option(True, "treat ||W0 + dW|| as a constant in backward (DoRA sec. 4.3, PEFT default)")
+
+
+def channel_norm(weight: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output channel (row of the canonical weight)."""
+    return weight.flatten(1).norm(dim=1)
+
+
+class DoRA(Reparam):
+    def __init__(self, inner: AdditiveReparam, w0: torch.Tensor, *, detach_norm: bool = True) -> None:
+        super().__init__()
+        self.inner = inner
+        self.detach_norm = detach_norm
+        self.magnitude = nn.Parameter(channel_norm(w0).detach().clone())
+
+    def effective(self, w0: torch.Tensor) -> torch.Tensor:
+        v = w0 + self.inner.delta(w0)
+        norm = channel_norm(v)
+        if self.detach_norm:
+            norm = norm.detach()
+        # A zero row stays zero instead of becoming NaN.
+        norm = norm.clamp_min(torch.finfo(norm.dtype).tiny)
+        return v * (self.magnitude / norm).view(-1, *([1] * (v.dim() - 1)))
+
+
+def _register_dora(name: str, inner_name: str, citation: str) -> None:
+    inner_spec = get_method(inner_name)
+    # The wrapper's options are the inner method's plus DoRA's own, in one flat dataclass.
+    fields = [
+        (f.name, f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+        for cls in (inner_spec.options_cls, DoRAOptions)
+        for f in dataclasses.fields(cls)
+    ]
+    options_cls = make_dataclass(f"{name.title().replace('_', '')}Options", fields)
+
+    def build(w0: torch.Tensor, *, rank: int, scaling: float, options: Any) -> DoRA:
+        values = dataclasses.asdict(options)
+        detach_norm = values.pop("detach_norm")
+        inner = inner_spec.build(w0, rank=rank, scaling=scaling, options=inner_spec.options_cls(**values))
+        return DoRA(inner, w0, detach_norm=detach_norm)
+
+    register_method(
+        name,
+        options=options_cls,
+        summary=f"DoRA magnitude/direction wrapper around {inner_name}; trainable {inner_name} + O",
+        citation=citation,
+        alpha_over_rank=inner_spec.alpha_over_rank,
+    )(build)
+
+
+_register_dora("dora", "lora", "Liu et al. 2024, arXiv 2402.09353")
+_register_dora("dora_c", "lora_c", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")
+_register_dora("conv_dora", "conv_lora", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")
+_register_dora("cp_dora", "cp_lora", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")

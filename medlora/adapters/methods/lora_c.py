@@ -1,0 +1,41 @@
+"""LoRA-C: layer-wise low-rank update with the first kernel axis folded into the output side.
+
+Ding et al., "LoRA-C: Parameter-Efficient Fine-Tuning of Robust CNN for IoT Devices", arXiv 2410.16954
+(2024), layer-wise form: ``A: r x (I*k2..kd)``, ``B: (O*k1) x r``, ``BA`` reshaped to the kernel.
+Resolution used here (the SAH paper's own equation could not be read, see DESIGN.md): permute the
+canonical weight to ``(O, k1, I, k2..kd)``, apply the rank-r update to its ``(O*k1) x (I*k2..kd)``
+unfolding, permute back. Trainable ``r (O*k1 + I*k2..kd)``. The paper finds ``alpha/r = 2`` best, which
+is the default here. A Linear layer has no kernel axis and reduces to plain LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
+from ..config import register_method
+
+
+@register_method(
+    "lora_c",
+    summary="LoRA-C: rank r on the (O*k1) x (I*k2..kd) unfolding; trainable r(O*k1 + I*k2..kd)",
+    citation="Ding et al. 2024, arXiv 2410.16954 (layer-wise LoRA-C)",
+    alpha_over_rank=2.0,
+)
+class LoRAC(AdditiveReparam):
+    def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:
+        super().__init__(scaling)
+        out_channels, in_channels, *kernel = w0.shape
+        k1 = kernel[0] if kernel else 1
+        self.lora_A = kaiming_uniform_like_lora(rank, in_channels * math.prod(kernel[1:]), like=w0)
+        self.lora_B = zeros_param(out_channels * k1, rank, like=w0)
+
+    def delta(self, w0: torch.Tensor) -> torch.Tensor:
+        out_channels, in_channels, *kernel = w0.shape
+        if not kernel:
+            return (self.lora_B @ self.lora_A) * self.scaling
+        # (O*k1) x (I*k2..) -> (O, k1, I, k2..) -> (O, I, k1, k2..)
+        unfolded = (self.lora_B @ self.lora_A).view(out_channels, kernel[0], in_channels, *kernel[1:])
+        return unfolded.transpose(1, 2).reshape(w0.shape) * self.scaling
