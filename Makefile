@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medlora demo
 
 test: $(STAMP)
-	$(PY) -m ruff check medlora tests scripts
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
