@@ -21,6 +21,21 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _phantoms_command(args: argparse.Namespace) -> int:
+    from .data.phantoms import write_dataset
+
+    def progress(i: int, n: int, info: dict) -> None:
+        print(f"\r  {args.domain} phantoms: {i}/{n}", end="" if i < n else "\n", flush=True)
+
+    out = write_dataset(args.out, args.domain, args.cases, seed=args.seed, overwrite=args.overwrite,
+                        progress=progress)
+    print(f"wrote {args.cases} {args.domain} cases to {out}")
+    return 0
+
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medlora",
@@ -35,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method", nargs="?", help="describe only this method")
     p.set_defaults(func=_adapters_command)
 
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"LightningCLI {name} (see `medlora {name} --help`; --config configs/*.yaml)",
+                       add_help=False)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    p = data.add_parser("phantoms", help="write synthetic head-CT phantoms in nnU-Net v2 layout")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--domain", choices=("tbi", "sah"), required=True,
+                   help="tbi: source domain (contusions, subdural, epidural); sah: target domain (cisterns, sulci)")
+    p.add_argument("--cases", type=int, default=20, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives bitwise identical files")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
+    p.set_defaults(func=_phantoms_command)
+
     p = sub.add_parser("demo", help="adapt a pretrained 3D multi-view UNet to a shifted domain (about a minute)")
     p.add_argument("--pretrain-steps", type=int, default=120)
     p.add_argument("--finetune-steps", type=int, default=50)
@@ -43,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from .training.cli import run
+
+        return run(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -136,6 +136,23 @@ def test_save_load_round_trip_is_bitwise(method, tmp_path):
     assert meta["layers"]["up"]["weight_shape"] == [8, 8, 2, 2, 2]
 
 
+def test_extra_tensors_travel_with_the_adapter(tmp_path):
+    base = nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.Conv3d(4, 1, 1))
+    model = inject(copy.deepcopy(base), AdapterConfig("lora", rank=2, targets=["0"]))
+    randomise_(model)
+    model.train()
+    model(torch.randn(2, 1, 5, 5, 5))  # updates the BatchNorm running statistics
+    extras = ["1.running_mean", "1.running_var", "2.bias"]
+    path = save_adapter(model, tmp_path / "a.safetensors", extra_tensors=extras)
+    fresh = load_adapter(copy.deepcopy(base), path).eval()
+    model.eval()
+    x = torch.randn(1, 1, 5, 5, 5)
+    assert torch.equal(fresh(x), model(x))
+    assert read_adapter_file(path)[0]["extra_tensors"] == sorted(extras)
+    with pytest.raises(ValueError, match="extra_tensors not in the model's state_dict: 9.weight"):
+        save_adapter(model, tmp_path / "b.safetensors", extra_tensors=["9.weight"])
+
+
 def test_loading_into_an_already_adapted_model(tmp_path):
     base = TinyNet3d()
     cfg = AdapterConfig("conv_dora", rank=2, targets=["enc.*"])

@@ -53,6 +53,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -70,14 +73,32 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write the adapters of ``model`` to ``path`` (safetensors, written atomically)."""
+EXTRA_PREFIX = "extra::"
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra_metadata: dict[str, Any] | None = None,
+    extra_tensors: list[str] | None = None,
+) -> Path:
+    """Write the adapters of ``model`` to ``path`` (safetensors, written atomically).
+
+    ``extra_tensors`` names entries of ``model.state_dict()`` that travel with the adapter because
+    training changed them too (PEFT's ``modules_to_save``): e.g. normalisation statistics re-estimated
+    on the target domain, or a layer that was unfrozen. ``extra_metadata`` is stored as given (JSON).
+    """
     from .. import __version__
 
     path = Path(path)
     adapted = list(iter_adapters(model))
     if not adapted:
         raise ValueError("the model has no adapters to save; call medlora.adapters.inject first")
+    state = model.state_dict()
+    unknown = [n for n in extra_tensors or [] if n not in state]
+    if unknown:
+        raise ValueError(f"extra_tensors not in the model's state_dict: {', '.join(unknown[:5])}")
+    extras = {f"{EXTRA_PREFIX}{n}": state[n].detach().contiguous().clone() for n in extra_tensors or []}
     configs: list[dict[str, Any]] = []
     layers: dict[str, Any] = {}
     for name, module, reparam in adapted:
@@ -98,8 +119,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
         "layers": layers,
         "base_fingerprint": base_fingerprint(model, list(layers)),
         "extra": extra_metadata or {},
+        "extra_tensors": sorted(extra_tensors or []),
     }
-    _atomic_save(adapter_state(model), {"format": "pt", "medlora": json.dumps(meta)}, path)
+    _atomic_save({**adapter_state(model), **extras}, {"format": "pt", "medlora": json.dumps(meta)}, path)
     return path
 
 
@@ -137,6 +159,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
     """
     path = Path(path)
     meta, tensors = read_adapter_file(path)
+    extras = {k[len(EXTRA_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(EXTRA_PREFIX)}
+    state = model.state_dict()
+    for name, value in extras.items():
+        if name not in state or tuple(state[name].shape) != tuple(value.shape):
+            raise AdapterFileError(f"{path}: extra tensor {name!r} {tuple(value.shape)} does not fit this model")
     modules = dict(model.named_modules())
     layers: dict[str, Any] = meta["layers"]
     for name, info in layers.items():
@@ -169,6 +196,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
                     f"differently from the file's {saved.method} adapter"
                 )
         _copy_adapter_tensors(model, tensors, path)
+        _copy_extras(model, extras)
         return model
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     try:
@@ -181,6 +209,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
             for n in names:  # remember the user's selection, not the exact names used to re-attach
                 adapters_of(modules[n]).config = saved
         _copy_adapter_tensors(model, tensors, path)
+        _copy_extras(model, extras)
     except BaseException:
         # Leave the model as it was given to us.
         remove(model)
@@ -188,6 +217,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
             p.requires_grad_(trainable.get(id(p), p.requires_grad))
         raise
     return model
+
+
+def _copy_extras(model: nn.Module, extras: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()  # tensors share storage with the model's parameters and buffers
+    with torch.no_grad():
+        for name, value in extras.items():
+            state[name].copy_(value)
 
 
 def _copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

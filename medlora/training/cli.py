@@ -1,0 +1,36 @@
+"""``medlora fit|validate|test|predict --config X.yaml``: the LightningCLI of the toolkit.
+
+The CLI always carries a ``checkpoint`` section (Lightning's ``ModelCheckpoint`` with ``save_last``) so
+that ``--ckpt_path last`` resumes an interrupted run, and it links the data's ``spatial_dims`` and
+``patch_size`` to the model's, so they are written once.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from ..data.datamodule import CTSegDataModule
+from .module import SegmentationModule
+
+
+class MedloraCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/Dice",
+                             "checkpoint.mode": "max", "checkpoint.save_top_k": 1,
+                             "checkpoint.filename": "best-{epoch:03d}"})
+        parser.link_arguments("data.spatial_dims", "model.spatial_dims")
+        parser.link_arguments("data.patch_size", "model.roi_size")
+
+
+def run(args: list[str]) -> int:
+    """Run a LightningCLI subcommand with ``args`` (e.g. ``["fit", "--config", "configs/x.yaml"]``)."""
+    MedloraCLI(
+        SegmentationModule,
+        CTSegDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": False},
+    )
+    return 0

@@ -1,0 +1,580 @@
+"""Benchmark: training-step time and peak memory of medlora adapters vs full fine-tuning and PEFT.
+
+Measures, side by side in one run, on a MONAI 3D UNet (channels 16..256, strides 2, two residual units,
+batch 2) and cubic random patches (64^3 and 96^3 by default):
+
+- ``full``: full fine-tuning, every parameter trainable;
+- medlora's conv methods at rank r on every ``nn.Conv3d`` (``lora``, ``lora_c``, ``conv_lora``, ``cp_lora``,
+  ``dora``, ``dora_c``, ``conv_dora``, ``cp_dora``; ``salt`` and ``svd`` with ``--with-svd``);
+- ``peft_lora`` / ``peft_dora``: PEFT's ``LoraConfig(r, lora_alpha=r, target_modules=<every Conv3d>,
+  use_dora=...)`` injected with ``peft.inject_adapter_in_model`` on the same layers.
+
+One training step is forward + DiceCE loss + backward + ``Adam(lr=1e-4).step()`` + ``zero_grad()``. Every
+(method, patch size) runs in a fresh subprocess (this script re-invoked with ``--single``), so that
+peak memory is measured from a clean process; the whole list of methods is run ``--rounds`` times in
+alternating order (forward, reversed, forward, ...) so that machine noise hits every method alike, and
+the reported step time is the median over rounds of each run's median step time.
+
+Peak memory is the growth during the steps above a baseline taken after building model, adapters,
+optimiser and data: on CPU, the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) minus the resident set before the first step; on CUDA,
+``torch.cuda.max_memory_allocated()`` minus ``torch.cuda.memory_allocated()`` before the first step. It
+thus counts activations, gradients, optimiser states and workspace, not the frozen model itself.
+
+Targets checked (from the issue): each LoRA-type method <= 1.05x full-FT step time and <= 0.6x PEFT
+LoRA's; each DoRA-type method <= 1.15x full FT and <= 0.6x PEFT DoRA's; peak memory of each medlora
+method <= full FT's. This is a benchmark: the exit code is 0 unless ``--check`` is given and a target fails.
+
+    PYTHONPATH=. python scripts/bench_adapters.py --quick          # 64^3 only, few steps (~5 min, 2 cores)
+    PYTHONPATH=. python scripts/bench_adapters.py --threads 2      # 64^3 and 96^3
+    PYTHONPATH=. python scripts/bench_adapters.py --device cuda --sizes 96 128 --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+LORA_TYPE = ("lora", "lora_c", "conv_lora", "cp_lora")
+DORA_TYPE = ("dora", "dora_c", "conv_dora", "cp_dora")
+SVD_TYPE = ("salt", "svd")
+PEFT_METHODS = ("peft_lora", "peft_dora")
+FULL = "full"
+
+LORA_TIME_VS_FULL = 1.05
+DORA_TIME_VS_FULL = 1.15
+TIME_VS_PEFT = 0.6
+MEMORY_VS_FULL = 1.0
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+# --------------------------------------------------------------------------------------------------
+# child process: one (method, size) configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), or None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """System-wide (busy, total) CPU seconds since boot from ``/proc/stat``, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / tick, total / tick
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``VmHWM``) to the current RSS; False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def build_unet() -> Any:
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(16, 32, 64, 128, 256),
+        strides=(2, 2, 2, 2),
+        num_res_units=2,
+    )
+
+
+def conv3d_names(model: Any) -> list[str]:
+    """Dotted names of every plain ``nn.Conv3d`` (not ConvTranspose3d) in ``model``."""
+    from torch import nn
+
+    return [name for name, module in model.named_modules() if type(module) is nn.Conv3d]
+
+
+def prepare_model(method: str, rank: int, seed: int) -> Any:
+    """The UNet with ``method`` attached (or nothing, for full fine-tuning)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_unet()
+    if method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    names = conv3d_names(model)
+    if method in PEFT_METHODS:
+        import peft
+
+        config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=names, use_dora=method == "peft_dora")
+        return peft.inject_adapter_in_model(config, model)
+    from medlora.adapters import AdapterConfig, inject
+
+    with warnings.catch_warnings():
+        # the 2-channel output conv gets more adapter than layer weights at rank 8; expected here
+        warnings.simplefilter("ignore", UserWarning)
+        return inject(model, AdapterConfig(method, rank=rank, targets=names, target_types=["Conv3d"]))
+
+
+def run_single(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``args.steps`` training steps of one configuration in this process and measure its peak memory."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = prepare_model(args.single, args.rank, args.seed).to(device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    optimizer = torch.optim.Adam(trainable, lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if args.loss == "dicece" else torch.nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(args.seed)
+    size = args.size
+    image = torch.randn(args.batch, 1, size, size, size, generator=generator).to(device)
+    label = torch.randint(0, 2, (args.batch, 1, size, size, size), generator=generator).to(device)
+    target = label if args.loss == "dicece" else label[:, 0]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def step() -> None:
+        loss = loss_fn(model(image), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    import gc
+
+    gc.collect()
+    sync()
+    peak_method = "none"
+    baseline_kib = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline_bytes = torch.cuda.memory_allocated(device)
+        peak_method = "cuda.max_memory_allocated"
+    else:
+        baseline_kib = _proc_status_kib("VmRSS") or 0
+        if _reset_peak_rss():
+            peak_method = "VmHWM (clear_refs reset)"
+        else:  # no /proc/self/clear_refs: process-lifetime peak, which includes setup
+            peak_method = "ru_maxrss (not reset)"
+
+    # On a shared CPU, a step during which other processes took CPU time is not counted (oversubscribed
+    # OpenMP threads slow a step down many times over); extra steps replace it, up to a limit.
+    times_ms: list[float] = []
+    disturbed_ms: list[float] = []
+    check_others = device.type == "cpu" and _cpu_seconds() is not None
+    max_timed = args.steps * 4
+    i = 0
+    while len(times_ms) < args.steps and len(times_ms) + len(disturbed_ms) < max_timed:
+        sync()
+        cpu0, own0 = _cpu_seconds() if check_others else None, time.process_time()
+        start = time.perf_counter()
+        step()
+        sync()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        cpu1, own1 = _cpu_seconds() if check_others else None, time.process_time()
+        if i >= args.warmup:
+            others = 0.0
+            if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
+                others = max(0.0, (cpu1[0] - cpu0[0]) - (own1 - own0)) / (cpu1[1] - cpu0[1])
+            (times_ms if others <= args.max_foreign_load else disturbed_ms).append(elapsed_ms)
+        i += 1
+    clean = len(times_ms) >= args.steps
+    if not clean:  # too few undisturbed steps: report all of them, flagged
+        times_ms = times_ms + disturbed_ms
+
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - baseline_bytes) / 2**20
+        rss_peak_mb = None
+    else:
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is None or peak_method.startswith("ru_maxrss"):
+            import resource
+
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = (hwm - baseline_kib) / 1024
+        rss_peak_mb = hwm / 1024
+    return {
+        "method": args.single,
+        "size": size,
+        "trainable": n_trainable,
+        "times_ms": times_ms,
+        "disturbed_steps": len(disturbed_ms),
+        "clean": clean,
+        "median_ms": statistics.median(times_ms),
+        "peak_mb": peak_mb,
+        "baseline_mb": (baseline_kib / 1024) if device.type != "cuda" else baseline_bytes / 2**20,
+        "process_peak_mb": rss_peak_mb,
+        "peak_method": peak_method,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# parent: schedule children, aggregate, print
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Aggregate:
+    method: str
+    size: int
+    trainable: int = 0
+    run_medians_ms: list[float] = field(default_factory=list)
+    peaks_mb: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.run_medians_ms) if self.run_medians_ms else None
+
+    @property
+    def spread_pct(self) -> float | None:
+        """(max - min) of the per-run medians, in percent of their median."""
+        med = self.median_ms
+        if med is None or len(self.run_medians_ms) < 2:
+            return None
+        return 100.0 * (max(self.run_medians_ms) - min(self.run_medians_ms)) / med
+
+    @property
+    def peak_mb(self) -> float | None:
+        return statistics.median(self.peaks_mb) if self.peaks_mb else None
+
+
+def kind_of(method: str) -> str:
+    if method in LORA_TYPE:
+        return "lora"
+    if method in DORA_TYPE:
+        return "dora"
+    if method in SVD_TYPE:
+        return "svd"
+    return "baseline"
+
+
+def child_command(args: argparse.Namespace, method: str, size: int) -> list[str]:
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--single", method, "--size", str(size),
+        "--rank", str(args.rank), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
+        "--seed", str(args.seed), "--loss", args.loss, "--max-foreign-load", str(args.max_foreign_load),
+    ]
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_idle(max_busy: float, max_wait: float) -> float:
+    """Wait until the machine's CPU use (by others: this process idles) stays below ``max_busy`` for 1 s.
+
+    Returns the seconds waited; gives up after ``max_wait`` seconds (the run then carries its measured
+    foreign load, see :func:`run_child`).
+    """
+    start = time.perf_counter()
+    while True:
+        a = _cpu_seconds()
+        time.sleep(1.0)
+        b = _cpu_seconds()
+        if a is None or b is None or b[1] <= a[1]:
+            return 0.0
+        if (b[0] - a[0]) / (b[1] - a[1]) < max_busy or time.perf_counter() - start > max_wait:
+            return time.perf_counter() - start
+        time.sleep(4.0)
+
+
+def run_child(args: argparse.Namespace, method: str, size: int) -> dict[str, Any]:
+    """Run one configuration in a fresh process; retry it when other processes loaded the CPU meanwhile."""
+    result: dict[str, Any] = {}
+    for attempt in range(args.retries + 1):
+        waited = wait_for_idle(args.max_foreign_load, args.max_wait) if args.device == "cpu" else 0.0
+        cpu0, child0, wall0 = _cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
+        result = _run_child_once(args, method, size)
+        cpu1, child1, wall1 = _cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
+        foreign = None
+        if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
+            # CPU time spent by every process other than the child, as a share of all cores' time
+            foreign = max(0.0, (cpu1[0] - cpu0[0]) - (child1 - child0)) / (cpu1[1] - cpu0[1])
+        result.update({"foreign_load": foreign, "attempt": attempt, "waited_s": waited, "wall_s": wall1 - wall0})
+        if "error" in result or result.get("clean", True):
+            break
+        print(f"  ({method} @ {size}^3: too few steps undisturbed by other processes; retrying)",
+              file=sys.stderr, flush=True)
+    return result
+
+
+def _run_child_once(args: argparse.Namespace, method: str, size: int) -> dict[str, Any]:
+    env = dict(os.environ)
+    root = str(REPO_ROOT)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(args.threads)
+    try:
+        proc = subprocess.run(
+            child_command(args, method, size), capture_output=True, text=True, env=env, timeout=args.timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def environment(args: argparse.Namespace) -> list[str]:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    mem_kib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration):
+        pass
+    versions = [f"torch {torch.__version__}"]
+    for mod in ("monai", "peft", "tensorly"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            versions.append(f"{mod} missing")
+    lines = [
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"python {platform.python_version()}, " + ", ".join(versions),
+        f"cpu: {cpu}, {os.cpu_count()} logical cores"
+        + (f", {mem_kib / 2**20:.1f} GiB RAM" if mem_kib else ""),
+        f"device: {args.device}"
+        + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" and torch.cuda.is_available() else ""),
+        f"threads: {args.threads} (torch.set_num_threads, OMP_NUM_THREADS)",
+        f"model: MONAI UNet 3D channels (16, 32, 64, 128, 256) strides (2, 2, 2, 2) num_res_units 2, "
+        f"batch {args.batch}, loss {args.loss}, Adam lr 1e-4, rank {args.rank} on every Conv3d",
+        f"schedule: {args.rounds} round(s) x {args.warmup} warmup + {args.steps} timed steps per run, "
+        f"each run in a fresh process; step time = median over rounds of per-run median",
+    ]
+    return lines
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference == 0:
+        return None
+    return value / reference
+
+
+def _verdict(ratio: float | None, limit: float) -> str:
+    if ratio is None:
+        return "n/a"
+    return f"{'PASS' if ratio <= limit else 'FAIL'} (<={limit:g})"
+
+
+def table_for_size(results: dict[str, Aggregate], methods: list[str]) -> tuple[list[str], list[str]]:
+    """Markdown table rows for one patch size, and the failed targets."""
+    full = results[FULL]
+    headers = [
+        "method", "trainable params", "step ms (median)", "run spread %", "x full FT", "x PEFT ref",
+        "peak MB", "mem x full FT", "time vs full", "time vs PEFT", "memory",
+    ]
+    rows: list[list[str]] = []
+    failures: list[str] = []
+
+    def fmt(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    for method in methods:
+        agg = results[method]
+        kind = kind_of(method)
+        ref = {"lora": "peft_lora", "dora": "peft_dora", "svd": "peft_lora"}.get(kind)
+        if method == "peft_dora":
+            ref = "peft_lora"  # shown for information: PEFT DoRA vs PEFT LoRA
+        ref_ms = results[ref].median_ms if ref in results else None
+        r_full = _ratio(agg.median_ms, full.median_ms)
+        r_ref = _ratio(agg.median_ms, ref_ms) if ref and ref != method else None
+        r_mem = _ratio(agg.peak_mb, full.peak_mb)
+        time_full = time_peft = memory = "-"
+        if kind in ("lora", "dora"):
+            time_full = _verdict(r_full, LORA_TIME_VS_FULL if kind == "lora" else DORA_TIME_VS_FULL)
+            time_peft = _verdict(r_ref, TIME_VS_PEFT)
+        if kind in ("lora", "dora", "svd"):
+            memory = _verdict(r_mem, MEMORY_VS_FULL)
+        for name, verdict in (("time vs full FT", time_full), ("time vs PEFT", time_peft), ("memory", memory)):
+            if verdict.startswith("FAIL") or (verdict == "n/a" and kind in ("lora", "dora")):
+                failures.append(f"{method} @ {agg.size}^3: {name} {verdict}")
+        label = method + (f" (vs {ref})" if ref and ref != method and r_ref is not None else "")
+        if agg.errors and agg.median_ms is None:
+            label += " ERROR"
+        rows.append([
+            label, f"{agg.trainable:,}", fmt(agg.median_ms, ".0f"), fmt(agg.spread_pct, ".1f"),
+            fmt(r_full, ".3f"), fmt(r_ref, ".3f"), fmt(agg.peak_mb, ".0f"), fmt(r_mem, ".3f"),
+            time_full, time_peft, memory,
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows]
+    return lines, failures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 96], help="cubic patch sizes (default 64 96)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"medlora methods (default: {' '.join(LORA_TYPE + DORA_TYPE)}); "
+                        f"full, peft_lora, peft_dora always run as references")
+    p.add_argument("--with-svd", action="store_true", help="also run salt and svd")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 5; --quick 4)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 2; --quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help="passes over the method list (default 2; --quick 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--loss", choices=["dicece", "ce"], default="dicece", help="MONAI DiceCELoss or plain CE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="64^3 only, few steps (about 5 min on 2 CPU cores)")
+    p.add_argument("--check", action="store_true", help="exit 1 if any target fails")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw per-run results here")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run")
+    p.add_argument("--max-foreign-load", type=float, default=0.15,
+                   help="CPU: before each run, wait until other processes use less than this share of the\n"
+                        "CPU; rerun a run during which they used more (default 0.15)")
+    p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for an idle CPU (default 600)")
+    p.add_argument("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        if "--sizes" not in (argv if argv is not None else sys.argv[1:]):
+            args.sizes = [64]
+        defaults = {"steps": 4, "warmup": 1, "rounds": 2}
+    else:
+        defaults = {"steps": 5, "warmup": 2, "rounds": 2}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first step allocates optimiser state and, for salt/svd, the SVD)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.single is not None:
+        print(RESULT_PREFIX + json.dumps(run_single(args)), flush=True)
+        return 0
+
+    ours = list(args.methods) if args.methods else list(LORA_TYPE + DORA_TYPE)
+    if args.with_svd:
+        ours += [m for m in SVD_TYPE if m not in ours]
+    methods = [FULL, *PEFT_METHODS, *[m for m in ours if m not in (FULL, *PEFT_METHODS)]]
+
+    print("# medlora adapter benchmark", flush=True)
+    for line in environment(args):
+        print(line, flush=True)
+    print(flush=True)
+
+    results = {size: {m: Aggregate(m, size) for m in methods} for size in args.sizes}
+    raw: list[dict[str, Any]] = []
+    total = len(args.sizes) * args.rounds * len(methods)
+    done = 0
+    t0 = time.perf_counter()
+    for size in args.sizes:
+        for rnd in range(args.rounds):
+            order = methods if rnd % 2 == 0 else methods[::-1]
+            for method in order:
+                res = run_child(args, method, size)
+                done += 1
+                agg = results[size][method]
+                res.update({"round": rnd, "method": method, "size": size})
+                raw.append(res)
+                if "error" in res:
+                    agg.errors.append(res["error"])
+                    msg = f"ERROR {res['error']}"
+                else:
+                    agg.trainable = res["trainable"]
+                    agg.run_medians_ms.append(res["median_ms"])
+                    agg.peaks_mb.append(res["peak_mb"])
+                    msg = f"{res['median_ms']:.0f} ms, peak +{res['peak_mb']:.0f} MB"
+                if res.get("foreign_load") is not None:
+                    msg += (f", others' CPU {100 * res['foreign_load']:.0f}%, "
+                            f"{res.get('disturbed_steps', 0)} steps dropped")
+                elapsed = time.perf_counter() - t0
+                print(f"[{done}/{total} {elapsed:.0f}s] {size}^3 round {rnd + 1} {method}: {msg}",
+                      file=sys.stderr, flush=True)
+
+    all_failures: list[str] = []
+    for size in args.sizes:
+        lines, failures = table_for_size(results[size], methods)
+        all_failures += failures
+        print(f"\n## {size}^3 patches, batch {args.batch}, {args.device}, {args.threads} thread(s)\n")
+        print("\n".join(lines))
+    peak_methods = sorted({r.get("peak_method", "?") for r in raw if "error" not in r})
+    print(f"\npeak memory: growth above the post-setup baseline, via {', '.join(peak_methods)}; "
+          "x PEFT ref: LoRA-type vs peft_lora, DoRA-type vs peft_dora (peft_dora row: vs peft_lora).")
+    print(f"targets: LoRA-type <= {LORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_lora; DoRA-type <= "
+          f"{DORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_dora; peak memory <= {MEMORY_VS_FULL}x full FT.")
+    loads = [r["foreign_load"] for r in raw if r.get("foreign_load") is not None]
+    if loads:
+        dropped = sum(r.get("disturbed_steps", 0) for r in raw)
+        unclean = sum(1 for r in raw if r.get("clean") is False)
+        print("other processes' CPU use during runs (whole child process): "
+              f"median {100 * statistics.median(loads):.1f}%, "
+              f"max {100 * max(loads):.1f}%; timed steps dropped as disturbed (> {100 * args.max_foreign_load:.0f}% "
+              f"of the CPU used by others): {dropped}; runs kept with too few undisturbed steps: {unclean}")
+    if all_failures:
+        print(f"\n{len(all_failures)} target(s) missed:")
+        for f in all_failures:
+            print(f"  - {f}")
+    else:
+        print("\nall targets met")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"environment": environment(args), "runs": raw}, indent=1))
+    return 1 if (args.check and all_failures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
