@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import MedloraError
+
 
 def _adapters_command(args: argparse.Namespace) -> int:
     from .adapters import describe_method, list_methods
@@ -73,16 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from .training.cli import run
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            from .training.cli import run
 
-        return run(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    return int(args.func(args) or 0)
+            return run(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        return int(args.func(args) or 0)
+    except (MedloraError, FileExistsError) as exc:
+        print(f"medlora: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     times_ms: list[float] = []
     disturbed_ms: list[float] = []
     check_others = device.type == "cpu" and _cpu_seconds() is not None
-    max_timed = args.steps * 4
+    max_timed = args.steps * 6
     i = 0
     while len(times_ms) < args.steps and len(times_ms) + len(disturbed_ms) < max_timed:
         sync()
@@ -470,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 5; --quick 4)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="passes over the method list (default 2; --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="passes over the method list (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--loss", choices=["dicece", "ce"], default="dicece", help="MONAI DiceCELoss or plain CE")
@@ -492,7 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.sizes = [64]
         defaults = {"steps": 4, "warmup": 1, "rounds": 2}
     else:
-        defaults = {"steps": 5, "warmup": 2, "rounds": 2}
+        defaults = {"steps": 5, "warmup": 2, "rounds": 3}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

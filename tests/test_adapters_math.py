@@ -12,7 +12,16 @@ from torch import nn
 
 from medlora.adapters import AdapterConfig, adapters_of, base_weight, inject, list_methods, merge
 
-torch.set_default_dtype(torch.float64)  # references are exact up to float64 round-off in this module
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """References are exact up to float64 round-off in this module; other modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 LAYERS = {
     "linear": lambda: nn.Linear(6, 5),

@@ -22,13 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import MedloraError
 from .config import AdapterConfig
 from .inject import adapters_of, base_weight, inject, iter_adapters, remove
 
 FORMAT = "medlora.adapter/1"
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(MedloraError, ValueError):
     """An adapter file that cannot be read or does not belong to this model."""
 
 
@@ -55,9 +56,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a shared adapter unreadable to others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,6 +32,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from ..errors import MedloraError
+
 __all__ = [
     "AFFINE_ATOL_MM",
     "DatasetError",
@@ -54,7 +56,7 @@ SPLITS_FILE = "splits_final.json"
 _CHANNEL_RE = re.compile(r"_(\d{4})$")
 
 
-class DatasetError(ValueError):
+class DatasetError(MedloraError, ValueError):
     """A dataset file is missing, malformed or inconsistent; the message is one line naming the file."""
 
 

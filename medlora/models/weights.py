@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import MedloraError
 
-class WeightsError(ValueError):
+
+class WeightsError(MedloraError, ValueError):
     """A weights file that cannot be read or does not fit the model (one line naming the file)."""
 
 

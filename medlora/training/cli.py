@@ -7,9 +7,12 @@ that ``--ckpt_path last`` resumes an interrupted run, and it links the data's ``
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from ..adapters import AdapterConfig
 from ..data.datamodule import CTSegDataModule
 from .module import SegmentationModule
 
@@ -23,14 +26,33 @@ class MedloraCLI(LightningCLI):
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
         parser.link_arguments("data.patch_size", "model.roi_size")
 
+    def before_instantiate_classes(self) -> None:
+        # Check the adapter section while we can still answer with a parser error (one line, exit 2).
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        adapter = config.get("model.adapter") if hasattr(config, "get") else None
+        if adapter is not None:
+            values = adapter.as_dict() if hasattr(adapter, "as_dict") else dict(adapter)
+            try:
+                AdapterConfig.from_dict(values)
+            except ValueError as exc:
+                self.parser.error(f"model.adapter: {exc}")
+
 
 def run(args: list[str]) -> int:
-    """Run a LightningCLI subcommand with ``args`` (e.g. ``["fit", "--config", "configs/x.yaml"]``)."""
-    MedloraCLI(
-        SegmentationModule,
-        CTSegDataModule,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": False},
-    )
+    """Run a LightningCLI subcommand with ``args`` (e.g. ``["fit", "--config", "configs/x.yaml"]``).
+
+    The arguments go through ``sys.argv`` because Lightning's DDP launcher starts the other ranks by
+    re-running the command line.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "medlora", *args]
+    try:
+        MedloraCLI(
+            SegmentationModule,
+            CTSegDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": False},
+        )
+    finally:
+        sys.argv = saved
     return 0

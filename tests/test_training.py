@@ -1,0 +1,189 @@
+"""The Lightning side: every config runs (fast_dev_run), resume, adapter checkpoints, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medlora.adapters import read_adapter_file
+from medlora.cli import main
+from medlora.data.datamodule import CTSegDataModule, PosNegSliceBatchSampler
+from medlora.data.phantoms import write_dataset
+from medlora.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHAPE, SPACING = (48, 48, 16), (4.0, 4.0, 10.0)
+METHOD_FILES = sorted((CONFIGS / "adapters").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("phantoms")
+    return {d: write_dataset(root / d, d, 5, seed=0, shape=SHAPE, spacing=SPACING) for d in ("tbi", "sah")}
+
+
+@pytest.fixture(scope="module")
+def base_weights(tmp_path_factory) -> dict[int, Path]:
+    """Random 'pretrained' weights for the configs' backbones (3D width 16, 2D width 32)."""
+    root = tmp_path_factory.mktemp("base")
+    out = {}
+    for dims, width in ((3, 16), (2, 32)):
+        torch.manual_seed(dims)
+        path = root / f"base{dims}d.pt"
+        torch.save(create_model("mv_unet", spatial_dims=dims, level=2, width=width).state_dict(), path)
+        out[dims] = path
+    return out
+
+
+def fit_args(config_files: list[Path], tmp: Path, data_dir: Path, dims: int, *extra: str) -> list[str]:
+    args = ["fit"]
+    for c in config_files:
+        args += ["--config", str(c)]
+    patch = "[32, 32, 16]" if dims == 3 else "[48, 48]"
+    args += [
+        "--data.data_dir", str(data_dir), "--data.patch_size", patch, "--data.num_folds", "2",
+        "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
+        "--checkpoint.dirpath", str(tmp / "checkpoints"), "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
+    return args
+
+
+def test_pretrain_config_fast_dev_run(phantoms, tmp_path):
+    main(fit_args([CONFIGS / "pretrain_tbi_3d.yaml"], tmp_path, phantoms["tbi"], 3, "--trainer.fast_dev_run", "true"))
+
+
+@pytest.mark.parametrize("method_file", [None, *METHOD_FILES], ids=lambda p: "full" if p is None else p.stem)
+def test_finetune_configs_fast_dev_run(method_file, phantoms, base_weights, tmp_path):
+    files = [CONFIGS / "finetune_sah_3d.yaml"] + ([method_file] if method_file else [])
+    main(fit_args(files, tmp_path, phantoms["sah"], 3, "--model.pretrained", str(base_weights[3]),
+                  "--trainer.fast_dev_run", "true"))
+
+
+@pytest.mark.parametrize("method_file", [None, CONFIGS / "adapters" / "cp_lora.yaml"], ids=["full", "cp_lora"])
+def test_seed_2d_configs_fast_dev_run(method_file, phantoms, base_weights, tmp_path):
+    main(fit_args([CONFIGS / "seed_2d_pretrain_tbi.yaml"], tmp_path / "pre", phantoms["tbi"], 2,
+                  "--trainer.fast_dev_run", "true"))
+    files = [CONFIGS / "seed_2d_finetune_sah.yaml"] + ([method_file] if method_file else [])
+    main(fit_args(files, tmp_path / "ft", phantoms["sah"], 2, "--model.pretrained", str(base_weights[2]),
+                  "--trainer.fast_dev_run", "true"))
+
+
+def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    files = sorted(run_dir.rglob("metrics.csv"))
+    assert files, f"no metrics.csv under {run_dir}"
+    with open(files[-1]) as f:
+        return list(csv.DictReader(f))
+
+
+def test_adapter_run_resumes_and_writes_a_small_checkpoint_and_the_adapter(phantoms, base_weights, tmp_path):
+    files = [CONFIGS / "finetune_sah_3d.yaml", CONFIGS / "adapters" / "cp_dora.yaml"]
+    common = ("--model.pretrained", str(base_weights[3]), "--trainer.check_val_every_n_epoch", "1",
+              "--trainer.limit_train_batches", "2")
+    main(fit_args(files, tmp_path, phantoms["sah"], 3, *common, "--trainer.max_epochs", "1"))
+    ckpt_dir = tmp_path / "checkpoints"
+    first = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 0
+    # only what training changed: adapters and BatchNorm statistics, never a frozen conv weight
+    keys = list(first["state_dict"])
+    assert keys and all(".parametrizations.weight.0." in k or ".running_" in k or "num_batches" in k for k in keys)
+    assert first["medlora"]["pretrained"] == str(base_weights[3])
+
+    main(fit_args(files, tmp_path, phantoms["sah"], 3, *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    second = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert second["epoch"] > first["epoch"] and second["global_step"] == 2 * first["global_step"]
+    meta, tensors = read_adapter_file(ckpt_dir / "adapter.safetensors")
+    assert meta["configs"][0]["method"] == "cp_dora" and meta["extra"]["pretrained"] == str(base_weights[3])
+    assert any(k.endswith("running_mean") for k in meta["extra_tensors"])
+    adapter_key = next(k for k in second["state_dict"] if k.endswith("magnitude"))
+    file_key = adapter_key[len("model."):].replace(".parametrizations.weight.0", "")
+    assert torch.equal(tensors[file_key], second["state_dict"][adapter_key])
+    rows = _metrics_rows(tmp_path)
+    assert any(r.get("val/Dice") for r in rows) and any(r.get("val/HD95_mm") is not None for r in rows)
+
+
+def test_print_config_and_wrong_config_key(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config",
+              str(CONFIGS / "adapters" / "salt.yaml"), "--print_config"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "method: salt" in out and "svd_rank: 4" in out and "patch_size" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  adaptr:\n    method: lora\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config", str(bad)])
+    assert exc.value.code != 0
+    assert "adaptr" in capsys.readouterr().err
+
+
+def test_unknown_adapter_method_in_config_is_rejected(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  adapter:\n    method: lroa\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config", str(bad)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.adapter: unknown adapter method 'lroa'; available: conv_dora" in err
+
+
+def test_missing_dataset_and_bad_weights_are_one_line_errors(capsys, phantoms, tmp_path):
+    code = main(fit_args([CONFIGS / "pretrain_tbi_3d.yaml"], tmp_path, tmp_path / "nowhere", 3))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("medlora: error: ") and "nowhere" in err[0]
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    code = main(fit_args([CONFIGS / "finetune_sah_3d.yaml"], tmp_path, phantoms["sah"], 3,
+                         "--model.pretrained", str(junk)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"medlora: error: {junk}: cannot read weights")
+
+
+def test_slice_sampler_pairs_a_positive_with_a_negative_slice(phantoms):
+    dm = CTSegDataModule(str(phantoms["sah"]), fold=0, num_folds=2, spatial_dims=2, patch_size=(48, 48))
+    dm.setup("fit")
+    ds = dm._train
+    batches = list(PosNegSliceBatchSampler(ds.positive, ds.negative, batch_size=2, seed=0))
+    assert len(batches) == len(ds.positive)
+    for pos, neg in batches:
+        assert ds[pos]["label"].sum() > 0 and ds[neg]["label"].sum() == 0
+    assert sorted(b[0] for b in batches) == sorted(ds.positive)  # every positive slice once per epoch
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 1, 48, 48)
+    assert 0.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+
+
+def test_3d_patches_are_balanced_and_the_fold_is_nnunet_s(phantoms):
+    dm = CTSegDataModule(str(phantoms["sah"]), fold=1, num_folds=2, patch_size=(32, 32, 16), batch_size=1,
+                         samples_per_volume=8, pos_fraction=1.0)
+    dm.setup("fit")
+    assert sorted(dm.train_ids + dm.val_ids) == [f"SAH_{i:03d}" for i in range(5)]
+    assert not set(dm.train_ids) & set(dm.val_ids)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 1, 32, 32, 16)
+    assert all(batch["label"][i].sum() > 0 for i in range(8))  # pos_fraction 1: every patch holds hemorrhage
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="DDP on CPU via gloo is exercised on Linux CI")
+def test_ddp_on_two_cpu_processes(phantoms, base_weights, tmp_path):
+    args = fit_args([CONFIGS / "finetune_sah_3d.yaml", CONFIGS / "adapters" / "lora.yaml"], tmp_path,
+                    phantoms["sah"], 3, "--model.pretrained", str(base_weights[3]),
+                    "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                    "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+                    "--data.fold", "all")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "medlora.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics_rows(tmp_path)
+    cases = [float(r["val/cases"]) for r in rows if r.get("val/cases")]
+    # 5 validation cases over 2 ranks: the sampler pads to 6; gathering and de-duplication restores 5
+    assert cases == [5.0]
+    assert (tmp_path / "checkpoints" / "adapter.safetensors").is_file()
