@@ -35,6 +35,19 @@ def _phantoms_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossval_command(args: argparse.Namespace) -> int:
+    from .training.crossval import run_crossval
+
+    return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .evaluation.report import build_report
+
+    print(f"report: {build_report(args.run_dir)}")
+    return 0
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -65,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives bitwise identical files")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
     p.set_defaults(func=_phantoms_command)
+
+    p = sub.add_parser("crossval", help="k-fold cross-validated transfer study (resumable; one folder per job)")
+    p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/sah_transfer.yaml")
+    p.add_argument("--out", required=True, help="run folder (created; re-running resumes)")
+    p.add_argument("--only", help="run only matching jobs, e.g. method=cp_lora,rank=4,fold=1 or 'pretrain'")
+    p.add_argument("--list", action="store_true", help="print the jobs (for a scheduler) and exit")
+    p.set_defaults(func=_crossval_command)
+
+    p = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a crossval run folder")
+    p.add_argument("run_dir", help="the --out folder of medlora crossval")
+    p.set_defaults(func=_report_command)
 
     p = sub.add_parser("demo", help="adapt a pretrained 3D multi-view UNet to a shifted domain (about a minute)")
     p.add_argument("--pretrain-steps", type=int, default=120)

@@ -172,7 +172,9 @@ class CTSegDataModule(pl.LightningDataModule):
         if stage in (None, "fit"):
             if hp.spatial_dims == 3:
                 aug = training_augmentation(hp.patch_size, hp.samples_per_volume, hp.pos_fraction)
-                self._train = dataset_cls(_records(index, self.train_ids), transform=compose(pre, aug), **extra)
+                # MONAI's random transforms draw from their own generators: seed them for reproducible runs
+                transform = compose(pre, aug).set_random_state(seed=hp.seed)
+                self._train = dataset_cls(_records(index, self.train_ids), transform=transform, **extra)
             else:
                 volumes = CacheDataset(_records(index, self.train_ids), transform=compose(pre), progress=False)
                 self._train = SliceDataset([volumes[i] for i in range(len(volumes))], seed=hp.seed)

@@ -1,0 +1,222 @@
+"""The k-fold transfer-study configuration (``configs/study/*.yaml``), checked strictly.
+
+A misspelt key or a wrong type is one ``StudyConfigError`` naming the file and the key path, so that a
+long study never starts from a config that does not say what the user meant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..adapters import AdapterConfig, get_method, list_methods
+from ..errors import MedloraError
+from ..models import GROUP_NAMES
+
+BASELINES = ("no_finetune", "full", "module")
+
+
+class StudyConfigError(MedloraError, ValueError):
+    """A study config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class PhantomSpec:
+    """Synthetic head-CT phantoms generated into the run folder (``medlora data phantoms``)."""
+
+    domain: str = field(metadata={"help": "tbi (source) or sah (target)"})
+    cases: int = field(default=20, metadata={"help": "number of cases"})
+    seed: int = field(default=0, metadata={"help": "generator seed"})
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset in nnU-Net v2 layout: an existing folder, or phantoms to generate."""
+
+    data_dir: str | None = field(default=None, metadata={"help": "dataset folder (nnU-Net v2 raw layout)"})
+    phantoms: PhantomSpec | None = field(default=None, metadata={"help": "generate phantoms instead"})
+
+
+@dataclass
+class ModelSpec:
+    backbone: str = field(default="mv_unet", metadata={"help": "registered backbone name"})
+    backbone_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "backbone keyword arguments"})
+    spatial_dims: int = field(default=3, metadata={"help": "3: volumetric patches; 2: axial slices"})
+
+
+@dataclass
+class DataSpec:
+    patch_size: list[int] = field(default_factory=lambda: [64, 64, 16], metadata={"help": "training patch"})
+    batch_size: int = field(default=2, metadata={"help": "volumes (3D) or slices (2D) per batch"})
+    samples_per_volume: int = field(default=2, metadata={"help": "3D patches per volume visit"})
+    pos_fraction: float = field(default=0.67, metadata={"help": "share of patches centred on hemorrhage"})
+    hu_window: list[float] = field(default_factory=lambda: [0.0, 140.0], metadata={"help": "HU window"})
+    target_spacing: list[float] | None = field(default=None, metadata={"help": "resample to this spacing (mm)"})
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = field(default=10, metadata={"help": "passes over the training cases"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (full/module-wise fine-tuning)"})
+    adapter_lr: float = field(default=5e-3, metadata={"help": "Adam learning rate for adapter methods"})
+    loss: str = field(default="dice_ce", metadata={"help": "dice_ce or soft_dice"})
+    norm_stats: str = field(default="update", metadata={"help": "BatchNorm statistics: update or freeze"})
+
+
+@dataclass
+class MethodEntry:
+    """One method of the comparison; adapter methods run once per rank."""
+
+    name: str = field(metadata={"help": "no_finetune, full, module, or an adapter method"})
+    ranks: list[int] = field(default_factory=lambda: [4], metadata={"help": "adapter ranks"})
+    group: str | None = field(default=None, metadata={"help": "module group for name: module"})
+    alpha: float | None = field(default=None, metadata={"help": "adapter alpha (default: the method's)"})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "adapter method options"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate for this method only"})
+
+    def job_name(self, rank: int | None) -> str:
+        if self.name == "module":
+            return f"module_{self.group}"
+        return self.name if rank is None else f"{self.name}_r{rank}"
+
+
+@dataclass
+class StudyConfig:
+    """A k-fold cross-validated comparison of fine-tuning methods on a target dataset."""
+
+    target: DatasetSpec = field(metadata={"help": "the target dataset (fine-tuning and evaluation)"})
+    name: str = field(default="study", metadata={"help": "study name (report title)"})
+    seed: int = field(default=0, metadata={"help": "seed of every job (plus the fold index)"})
+    folds: int = field(default=3, metadata={"help": "k of the cross-validation (the seed paper: 3)"})
+    splits_file: str | None = field(default=None, metadata={"help": "your own splits_final.json"})
+    base_checkpoint: str | None = field(default=None, metadata={"help": "pretrained base weights; else pretrain"})
+    source: DatasetSpec | None = field(default=None, metadata={"help": "pretraining dataset (no base_checkpoint)"})
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    pretrain: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=20, lr=3e-3))
+    finetune: TrainSpec = field(default_factory=TrainSpec)
+    adapter_targets: dict[str, Any] = field(
+        default_factory=lambda: {"target_types": ["Conv2d", "Conv3d"], "exclude": ["M3.TripleOut.6"]},
+        metadata={"help": "targets / target_types / exclude for every adapter method"},
+    )
+    methods: list[MethodEntry] = field(default_factory=list, metadata={"help": "methods to compare"})
+
+    def adapter_config(self, entry: MethodEntry, rank: int | None) -> AdapterConfig:
+        # methods without a rank (svd) take rank 1, which they ignore
+        return AdapterConfig.from_dict({"method": entry.name, "rank": rank or 1, "alpha": entry.alpha,
+                                        "options": dict(entry.options), **self.adapter_targets})
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except StudyConfigError as exc:
+                errors.append(str(exc))
+        raise StudyConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise StudyConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise StudyConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and (type(value) is tp):
+        return value
+    if tp is Any:
+        return value
+    raise StudyConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_mapping(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types name ``where``."""
+    if not isinstance(data, dict):
+        raise StudyConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise StudyConfigError(f"{where}: unknown key {unknown[0]!r} (valid: {', '.join(fields)})")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise StudyConfigError(f"{where}: missing required key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and check a study YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyConfigError(f"{path}: study config not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        config = from_mapping(StudyConfig, data or {}, "study")
+        _check(config)
+    except StudyConfigError as exc:
+        raise StudyConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _check(config: StudyConfig) -> None:
+    for name, spec in (("target", config.target), ("source", config.source)):
+        if spec is not None and (spec.data_dir is None) == (spec.phantoms is None):
+            raise StudyConfigError(f"study.{name}: give exactly one of data_dir or phantoms")
+    if config.base_checkpoint is None and config.source is None:
+        raise StudyConfigError("study: give base_checkpoint (pretrained weights) or source (data to pretrain on)")
+    if config.folds < 2:
+        raise StudyConfigError(f"study.folds: need at least 2 folds, got {config.folds}")
+    if len(config.data.patch_size) != config.model.spatial_dims:
+        raise StudyConfigError(
+            f"study.data.patch_size: {config.data.patch_size} does not have {config.model.spatial_dims} axes"
+        )
+    if not config.methods:
+        raise StudyConfigError("study.methods: list at least one method")
+    seen = set()
+    adapters = set(list_methods())
+    for i, entry in enumerate(config.methods):
+        where = f"study.methods[{i}]"
+        if entry.name not in BASELINES and entry.name not in adapters:
+            raise StudyConfigError(
+                f"{where}.name: unknown method {entry.name!r} (valid: {', '.join(BASELINES + tuple(sorted(adapters)))})"
+            )
+        if entry.name == "module" and entry.group not in GROUP_NAMES:
+            raise StudyConfigError(f"{where}.group: module-wise fine-tuning needs a group of {', '.join(GROUP_NAMES)}")
+        if entry.name in adapters:
+            if not entry.ranks or any(r < 1 for r in entry.ranks):
+                raise StudyConfigError(f"{where}.ranks: give positive ranks")
+            for rank in entry.ranks:
+                try:
+                    config.adapter_config(entry, rank)
+                except ValueError as exc:
+                    raise StudyConfigError(f"{where}: {exc}") from None
+        ranked = entry.name in adapters and get_method(entry.name).uses_rank
+        for rank in entry.ranks if ranked else [None]:
+            job = entry.job_name(rank)
+            if job in seen:
+                raise StudyConfigError(f"{where}: job {job!r} appears twice")
+            seen.add(job)
