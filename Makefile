@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+# The README's main job: the k-fold TBI -> SAH transfer study on the embedded phantoms.
 demo: $(STAMP)
-	$(VENV)/bin/medlora demo
+	$(VENV)/bin/medlora crossval --config configs/study/sah_transfer.yaml --out runs/sah_transfer
 
 test: $(STAMP)
 	$(PY) -m ruff check .

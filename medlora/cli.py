@@ -16,13 +16,6 @@ def _adapters_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_command(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps)
-    return 0
-
-
 def _phantoms_command(args: argparse.Namespace) -> int:
     from .data.phantoms import write_dataset
 
@@ -38,7 +31,7 @@ def _phantoms_command(args: argparse.Namespace) -> int:
 def _crossval_command(args: argparse.Namespace) -> int:
     from .training.crossval import run_crossval
 
-    return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list)
+    return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers)
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -84,16 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (created; re-running resumes)")
     p.add_argument("--only", help="run only matching jobs, e.g. method=cp_lora,rank=4,fold=1 or 'pretrain'")
     p.add_argument("--list", action="store_true", help="print the jobs (for a scheduler) and exit")
+    p.add_argument("--workers", type=int, default=1,
+                   help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
     p.set_defaults(func=_crossval_command)
 
     p = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a crossval run folder")
     p.add_argument("run_dir", help="the --out folder of medlora crossval")
     p.set_defaults(func=_report_command)
 
-    p = sub.add_parser("demo", help="adapt a pretrained 3D multi-view UNet to a shifted domain (about a minute)")
-    p.add_argument("--pretrain-steps", type=int, default=120)
-    p.add_argument("--finetune-steps", type=int, default=50)
-    p.set_defaults(func=_demo_command)
     return parser
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from ..adapters import get_method
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
+from ..evaluation.report import build_report, summarise_job, write_json_atomic
 from .module import SegmentationModule
 from .study_config import BASELINES, MethodEntry, StudyConfig, StudyConfigError, load_study_config
 
@@ -98,12 +99,6 @@ def parse_only(text: str | None) -> dict[str, str] | None:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def _save_state_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
@@ -119,7 +114,8 @@ def _quiet_lightning() -> Iterator[None]:
         lg.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|smaller than the logging"
-                                                  "|adapter parameters >= the layer|Checkpoint directory).*")
+                                                  "|adapter parameters >= the layer|Checkpoint directory"
+                                                  "|unable to generate class balanced samples).*")
         try:
             yield
         finally:
@@ -180,7 +176,9 @@ class Study:
         target = self.out / "data" / name
         if not (target / "dataset.json").exists():
             print(f"generating {spec.phantoms.cases} {spec.phantoms.domain} phantoms in {target} ...", flush=True)
-        return write_dataset(target, spec.phantoms.domain, spec.phantoms.cases, seed=spec.phantoms.seed)
+        ph = spec.phantoms
+        grid = {k: v for k, v in (("shape", ph.shape), ("spacing", ph.spacing)) if v is not None}
+        return write_dataset(target, ph.domain, ph.cases, seed=ph.seed, **grid)
 
     def prepare_data(self) -> None:
         """Phantoms if the study asks for them, dataset checks, and the folds (``splits_final.json``)."""
@@ -268,8 +266,6 @@ class Study:
         return rows
 
     def run_job(self, job: Job, progress: Any | None = None) -> dict[str, Any]:
-        from ..evaluation.report import summarise_job
-
         folder = self.job_dir(job)
         if folder.exists():
             shutil.rmtree(folder)  # leftovers of an interrupted attempt
@@ -281,12 +277,14 @@ class Study:
                                   "norm_stats": c.finetune.norm_stats}
         if job.family == "adapter":
             kwargs.update(adapter=c.adapter_config(job.entry, job.rank), finetune="none",
-                          lr=job.entry.lr or c.finetune.adapter_lr)
+                          lr=job.entry.lr or c.finetune.adapter_lr,
+                          adapter_path=str(folder / "adapter.safetensors"))  # written at the end of fit
         elif job.family == "module":
             kwargs.update(finetune=job.entry.group, lr=job.entry.lr or c.finetune.lr)
         else:
             kwargs.update(finetune="all", lr=job.entry.lr or c.finetune.lr)
-        module = self._module(**kwargs)
+        with _quiet_lightning():
+            module = self._module(**kwargs)
         dm = self._datamodule(self.target_dir, job.fold, seed)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
@@ -299,12 +297,12 @@ class Study:
         start = time.perf_counter()
         rows = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start
-        if job.family == "adapter":
-            module.write_adapter(folder / "adapter.safetensors")
-        elif job.family in ("full", "module"):
+        if job.family in ("full", "module"):
             _save_state_atomic(module.model.state_dict(), folder / "model.safetensors")
         dataset = read_dataset(self.target_dir)
         for r in rows:
+            r.pop("spacing", None)
+            r.pop("case_index", None)
             r["reference_file"] = str(dataset.case(r["case_id"]).label)
         info = {"job": job.name, "method": job.method, "label": job.label, "rank": job.rank, "fold": job.fold,
                 "family": job.family, "trainable_params": trainable, "total_params": total,
@@ -333,8 +331,36 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else float("nan")
 
 
-def run_crossval(config_path: str, out_dir: str, only: str | None = None, list_jobs: bool = False) -> int:
-    """The ``medlora crossval`` command. Returns the process exit code."""
+_WORKER_STUDY: Study | None = None
+
+
+def _init_worker(config_path: str, out_dir: str, threads: int) -> None:
+    global _WORKER_STUDY
+    torch.set_num_threads(threads)
+    _WORKER_STUDY = Study(config_path, out_dir)
+    _WORKER_STUDY.prepare_data()
+
+
+def _run_in_worker(index: int) -> tuple[int, dict[str, Any]]:
+    assert _WORKER_STUDY is not None
+    return index, _WORKER_STUDY.run_job(_WORKER_STUDY.jobs[index])
+
+
+def _job_line(job: Job, summary: dict[str, Any]) -> str:
+    mean, info = summary["mean"]["1"], summary["medlora"]
+    return (f"{job.label:<24} fold {job.fold}: Dice {mean['Dice']:.3f}  soft Dice {mean['soft_Dice']:.3f}  "
+            f"trainable {info['trainable_params']:,}  ({info['train_seconds']:.0f} s)")
+
+
+def run_crossval(
+    config_path: str, out_dir: str, only: str | None = None, list_jobs: bool = False, workers: int = 1
+) -> int:
+    """The ``medlora crossval`` command. Returns the process exit code.
+
+    ``workers > 1`` runs that many jobs at once in separate processes, sharing the CPU threads; the
+    numbers then equal those of another run with the same ``workers`` (thread counts change the order
+    of floating-point sums).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     study = Study(config_path, out_dir)
@@ -345,6 +371,8 @@ def run_crossval(config_path: str, out_dir: str, only: str | None = None, list_j
         for job in study.jobs:
             print(f"job={job.name},fold={job.fold}")
         return 0
+    if workers < 1:
+        raise StudyConfigError(f"--workers must be at least 1, got {workers}")
     study.claim_run_dir()
     study.prepare_data()
     run_pretrain = not study.pretrain_done() and (selector is None or selector.get("stage") == "pretrain")
@@ -368,18 +396,29 @@ def run_crossval(config_path: str, out_dir: str, only: str | None = None, list_j
             bar.console.print(f"pretrained base: source Dice {summary['source_mean_Dice']:.3f} "
                               f"({summary['train_seconds']:.0f} s) -> {study.base_path}")
         overall = bar.add_task("cross-validation jobs", total=len(todo))
-        for job in todo:
-            task = bar.add_task(f"  {job.label}, fold {job.fold}", total=max(study.config.finetune.epochs, 1))
-            summary = study.run_job(job, lambda e, n, t=task: bar.update(t, completed=e))
-            bar.remove_task(task)
-            bar.advance(overall)
-            mean = summary["mean"]["1"]
-            bar.console.print(f"{job.label:<24} fold {job.fold}: Dice {mean['Dice']:.3f}  "
-                              f"soft Dice {mean['soft_Dice']:.3f}  trainable {summary['medlora']['trainable_params']:,}"
-                              f"  ({summary['medlora']['train_seconds']:.0f} s)")
-    if selector is None:
-        from ..evaluation.report import build_report
+        if workers == 1 or len(todo) <= 1:
+            for job in todo:
+                task = bar.add_task(f"  {job.label}, fold {job.fold}", total=max(study.config.finetune.epochs, 1))
+                summary = study.run_job(job, lambda e, n, t=task: bar.update(t, completed=e))
+                bar.remove_task(task)
+                bar.advance(overall)
+                bar.console.print(_job_line(job, summary))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
+            threads = max(1, torch.get_num_threads() // workers)
+            indices = [study.jobs.index(j) for j in todo]
+            context = multiprocessing.get_context("spawn")
+            init_args = (str(config_path), str(out_dir), threads)
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                     initargs=init_args) as pool:
+                futures = [pool.submit(_run_in_worker, i) for i in indices]
+                for future in as_completed(futures):
+                    index, summary = future.result()
+                    bar.advance(overall)
+                    bar.console.print(_job_line(study.jobs[index], summary))
+    if selector is None:
         report = build_report(study.out, study.study_info())
         print(f"report: {report}")
     return 0

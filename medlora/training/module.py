@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
@@ -187,8 +188,8 @@ class SegmentationModule(pl.LightningModule):
         self._fit_start = time.perf_counter()
         if self.trainer.is_global_zero and self.is_adapter_run:
             report = parameter_report(self.model)
-            print(f"adapters: {len(report.layers)} layers, {report.total_trainable_params:,} trainable of "
-                  f"{report.total_base_params:,} parameters ({report.percent:.2f}%)")
+            rank_zero_info(f"adapters: {len(report.layers)} layers, {report.total_trainable_params:,} trainable of "
+                           f"{report.total_base_params:,} parameters ({report.percent:.2f}%)")
 
     def on_fit_end(self) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_start
@@ -201,8 +202,9 @@ class SegmentationModule(pl.LightningModule):
         if self.hparams.adapter_path:
             return Path(self.hparams.adapter_path)
         cb = getattr(self.trainer, "checkpoint_callback", None)
-        folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(self.trainer.default_root_dir)
-        return folder / "adapter.safetensors"
+        if cb is not None and cb.dirpath:
+            return Path(cb.dirpath) / "adapter.safetensors"
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter.safetensors"
 
     def extra_state_names(self) -> list[str]:
         """State entries besides adapters that training changed: unfrozen parameters, BN statistics."""

@@ -33,6 +33,8 @@ class PhantomSpec:
     domain: str = field(metadata={"help": "tbi (source) or sah (target)"})
     cases: int = field(default=20, metadata={"help": "number of cases"})
     seed: int = field(default=0, metadata={"help": "generator seed"})
+    shape: list[int] | None = field(default=None, metadata={"help": "grid (default 96 x 96 x 32)"})
+    spacing: list[float] | None = field(default=None, metadata={"help": "voxel size in mm (default 2 x 2 x 5)"})
 
 
 @dataclass

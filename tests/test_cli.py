@@ -1,0 +1,38 @@
+"""The console entry point: help, method listing, phantom generation, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from medlora.cli import main
+
+
+def test_help_lists_the_commands():
+    proc = subprocess.run([sys.executable, "-m", "medlora.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ("adapters", "fit", "data", "crossval", "report"):
+        assert command in proc.stdout
+
+
+def test_adapters_lists_every_method_with_its_options(capsys):
+    assert main(["adapters"]) == 0
+    out = capsys.readouterr().out
+    for method in ("lora", "lora_c", "conv_lora", "cp_lora", "dora", "dora_c", "conv_dora", "cp_dora", "salt", "svd"):
+        assert f"\n{method}: " in f"\n{out}"
+    assert "options.svd_rank" in out and "arXiv 2503.16055" in out
+
+
+def test_data_phantoms_writes_a_dataset_and_refuses_to_clobber(tmp_path, capsys):
+    out = tmp_path / "sah"
+    assert main(["data", "phantoms", "--out", str(out), "--domain", "sah", "--cases", "2", "--seed", "3"]) == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == 2 and sorted(p.name for p in (out / "labelsTr").iterdir()) == [
+        "SAH_000.nii.gz", "SAH_001.nii.gz"]
+    before = (out / "imagesTr" / "SAH_000_0000.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "phantoms", "--out", str(out), "--domain", "tbi", "--cases", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medlora: error: ") and "different dataset already exists" in err
+    assert (out / "imagesTr" / "SAH_000_0000.nii.gz").read_bytes() == before

@@ -1,0 +1,226 @@
+"""Study reports: collecting fold summaries, results.csv, report tables, plots and the findings section."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from medlora.evaluation.report import ReportError, build_report, collect, summarise_job, write_json_atomic
+
+NAN = float("nan")
+# Held-out cases per fold and their true volumes (mL): one case per paper bin, one small, one empty.
+FOLDS = {0: ["SAH_001", "SAH_002", "SAH_003"], 1: ["SAH_004", "SAH_005", "SAH_006"]}
+TRUE_ML = {"SAH_001": 10.0, "SAH_002": 30.0, "SAH_003": 80.0, "SAH_004": 150.0, "SAH_005": 5.0, "SAH_006": 0.0}
+BIN_OF = {"SAH_001": "0-25", "SAH_002": "25-50", "SAH_003": "50-100", "SAH_004": "100-225", "SAH_005": "0-25",
+          "SAH_006": "0"}
+CASES = [c for f in sorted(FOLDS) for c in FOLDS[f]]
+TOTAL = 10_000
+# job -> (method, label, rank, family, trainable parameters)
+JOBS = {
+    "no_finetune": ("no_finetune", "no fine-tuning", None, "none", 0),
+    "full": ("full", "full fine-tuning", None, "full", TOTAL),
+    "module_decoder": ("module", "module-wise (decoder)", None, "module", 3000),
+    "lora_r4": ("lora", "LoRA r4", 4, "adapter", 800),
+    "lora_r8": ("lora", "LoRA r8", 8, "adapter", 1600),
+    "cp_lora_r4": ("cp_lora", "CP-LoRA", 4, "adapter", 100),  # a label without the rank suffix
+}
+# Dice per case (order of CASES); the empty case SAH_006 is NaN (empty prediction and reference).
+AGREE = {
+    "no_finetune": [0.10, 0.20, 0.40, 0.50, 0.05, NAN],
+    "full": [0.50, 0.60, 0.70, 0.80, 0.40, NAN],
+    "cp_lora_r4": [0.60, 0.65, 0.75, 0.85, 0.50, NAN],
+}
+CONTRADICT = {  # no fine-tuning best, full beats the adapter, smaller bleeds segmented better
+    "no_finetune": [0.90, 0.90, 0.90, 0.90, 0.90, NAN],
+    "full": [0.80, 0.70, 0.60, 0.50, 0.80, NAN],
+    "cp_lora_r4": [0.70, 0.60, 0.50, 0.40, 0.70, NAN],
+}
+TRAIN_SECONDS = {0: 10.5, 1: 12.25}
+
+
+def _case(job: str, case: str, dice: float) -> dict:
+    i = CASES.index(case)
+    true = TRUE_ML[case]
+    pred = 0.0 if true == 0 else true * (0.8 + 0.1 * i)
+    return {
+        "Dice": dice, "IoU": dice / (2 - dice) if not math.isnan(dice) else NAN,
+        "soft_Dice": 0.0 if math.isnan(dice) else dice - 0.02,
+        "HD95_mm": NAN if true == 0 else 2.0 + i + len(job) / 10,
+        "TP": 10 * i, "FP": i, "FN": 2 * i, "TN": 1000, "n_pred": 11 * i, "n_ref": 12 * i,
+        "volume_true_ml": true, "volume_pred_ml": pred, "volume_soft_ml": pred, "volume_error_ml": pred - true,
+        "case_id": case, "reference_file": f"/data/labelsTr/{case}.nii.gz",
+    }
+
+
+def make_run(tmp_path, dice: dict[str, list[float]]):
+    run = tmp_path / "run"
+    for job, values in dice.items():
+        method, label, rank, family, trainable = JOBS[job]
+        for fold, cases in FOLDS.items():
+            rows = [_case(job, c, values[CASES.index(c)]) for c in cases]
+            info = {"job": job, "method": method, "label": label, "rank": rank, "fold": fold, "family": family,
+                    "trainable_params": trainable, "total_params": TOTAL,
+                    "train_seconds": 0.0 if family == "none" else TRAIN_SECONDS[fold], "eval_seconds": 1.0,
+                    "epochs": 3, "steps": 12}
+            write_json_atomic(summarise_job(rows, info), run / "jobs" / job / f"fold_{fold}" / "summary.json")
+    (run / "jobs" / "lora_r16" / "fold_0").mkdir(parents=True)  # started, never finished
+    return run
+
+
+def _section(text: str, title: str) -> list[str]:
+    body = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def _table_row(text: str, title: str, name: str) -> list[str]:
+    for line in _section(text, title):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == name:
+            return cells
+    raise AssertionError(f"no row {name!r} in {title!r}")
+
+
+def _finding(text: str, number: str) -> str:
+    return next(line for line in _section(text, "Findings vs. the seed paper") if line.startswith(f"- ({number})"))
+
+
+def _ms(values) -> str:
+    arr = np.asarray(values, dtype=float)
+    return f"{np.nanmean(arr):.3f} ± {np.nanstd(arr):.3f}"
+
+
+def test_collect_rows_and_results_csv(tmp_path):
+    run = make_run(tmp_path, AGREE)
+    rows = collect(run)
+    assert len(rows) == 3 * 6  # 3 jobs x 2 folds x 3 cases; the unfinished lora_r16 is skipped
+    assert [r["job"] for r in rows[::6]] == ["no_finetune", "full", "cp_lora_r4"]  # the study's order
+    row = next(r for r in rows if r["job"] == "cp_lora_r4" and r["case_id"] == "SAH_004")
+    assert (row["method"], row["rank"], row["family"], row["fold"]) == ("cp_lora", 4, "adapter", 1)
+    assert row["Dice"] == 0.85 and row["volume_bin"] == "100-225" and row["trainable_params"] == 100
+    assert row["percent_trainable"] == pytest.approx(1.0)
+    assert math.isnan(next(r for r in rows if r["case_id"] == "SAH_006")["Dice"])
+
+    build_report(run)
+    with open(run / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        table = list(reader)
+    assert header[:7] == ["job", "method", "label", "rank", "family", "fold", "case_id"]
+    assert header[7:9] == ["Dice", "IoU"] and header[-5:] == [
+        "volume_bin", "trainable_params", "total_params", "percent_trainable", "train_seconds"]
+    assert len(table) == 18 and len({(r["job"], r["case_id"]) for r in table}) == 18
+    for r in table:
+        expected = AGREE[r["job"]][CASES.index(r["case_id"])]
+        assert (math.isnan(float(r["Dice"])) and math.isnan(expected)) or float(r["Dice"]) == expected
+        assert r["volume_bin"] == BIN_OF[r["case_id"]]
+        assert float(r["volume_true_ml"]) == TRUE_ML[r["case_id"]]
+    full = next(r for r in table if r["job"] == "full" and r["case_id"] == "SAH_001")
+    assert full["rank"] == "" and float(full["percent_trainable"]) == 100.0 and float(full["train_seconds"]) == 10.5
+    assert not list(run.glob("**/*.tmp"))
+
+
+def test_report_tables_plots_and_agreeing_findings(tmp_path):
+    run = make_run(tmp_path, AGREE)
+    info = {"name": "phantom study", "dataset": "SAH phantoms", "folds": 2, "seed": 0, "finetune_epochs": 3,
+            "expected_jobs": 8, "job_names": ["no_finetune", "full", "cp_lora_r4", "lora_r16"]}
+    report = build_report(run, info)
+    text = report.read_text()
+    assert report == run / "report.md"
+
+    study = "\n".join(_section(text, "Study"))
+    assert "SAH phantoms" in study and "finetune_epochs" in study
+    completeness = "\n".join(_section(text, "Completeness"))
+    assert "Expected job runs: 8 — found 6" in completeness and "INCOMPLETE" in completeness
+    assert "missing entirely: lora_r16" in completeness and "lora_r16/fold_0" in completeness
+
+    for job, dice in AGREE.items():
+        _, label, rank, _, trainable = JOBS[job]
+        name = label if rank is None or label.endswith(f"r{rank}") else f"{label} r{rank}"
+        cells = _table_row(text, "Results per method and rank", name)
+        rows = [_case(job, c, dice[i]) for i, c in enumerate(CASES)]
+        assert cells[2] == f"{trainable:,}" and cells[3] == f"{100 * trainable / TOTAL:.3g}%"
+        assert cells[4] == _ms(dice) and cells[5] == "5/6"
+        assert cells[6] == _ms([r["soft_Dice"] for r in rows])
+        hd = np.array([r["HD95_mm"] for r in rows])
+        assert cells[7] == f"{np.nanmean(hd):.1f} ± {np.nanstd(hd):.1f}"
+        assert cells[8] == f"{np.mean([abs(r['volume_error_ml']) for r in rows]):.2f}"
+        for col, b in zip(range(9, 13), ("0-25", "25-50", "50-100", "100-225"), strict=True):
+            in_bin = [dice[i] for i, c in enumerate(CASES) if BIN_OF[c] == b]
+            assert cells[col] == f"{np.mean(in_bin):.3f}"
+        assert cells[13] == ("0.0" if job == "no_finetune" else f"{sum(TRAIN_SECONDS.values()):.1f}")
+        folds = _table_row(text, "Dice per fold", name)
+        for k, cases in FOLDS.items():
+            assert folds[1 + k] == f"{np.nanmean([dice[CASES.index(c)] for c in cases]):.3f}"
+
+    for png in ("dice_per_method", "dice_by_volume", "volume_pred_vs_true", "dice_vs_params"):
+        path = run / "plots" / f"{png}.png"
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+        assert f"](plots/{png}.png)" in text
+
+    assert "✔ agrees" in _finding(text, "1") and "by 0.420 Dice" in _finding(text, "1")
+    assert "✔ agrees" in _finding(text, "2") and "+0.070" in _finding(text, "2")
+    assert "not checked" in _finding(text, "3") and "not checked" in _finding(text, "4")
+    assert "✔ agrees" in _finding(text, "5")
+    assert "✘" not in text
+
+    # a later rebuild without study info keeps the header (saved beside the results)
+    assert "SAH phantoms" in build_report(run).read_text()
+
+
+def test_findings_flag_contradictions(tmp_path):
+    text = build_report(make_run(tmp_path, CONTRADICT)).read_text()
+    assert "✘ contradicts" in _finding(text, "1") and "NOT worse" in _finding(text, "1")
+    assert "✘ contradicts" in _finding(text, "2") and "−0.100" in _finding(text, "2")
+    assert "✘ contradicts" in _finding(text, "5") and "does NOT find" in _finding(text, "5")
+
+
+@pytest.mark.parametrize("r8_better", [True, False])
+def test_findings_rank_and_cp(tmp_path, r8_better):
+    low, high = [0.60, 0.60, 0.60, 0.60, 0.60, NAN], [0.70, 0.70, 0.70, 0.70, 0.70, NAN]
+    dice = {"full": [0.5] * 5 + [NAN], "module_decoder": [0.55] * 5 + [NAN],
+            "lora_r4": low if r8_better else high, "lora_r8": high if r8_better else low,
+            "cp_lora_r4": [0.68] * 5 + [NAN]}
+    text = build_report(make_run(tmp_path, dice)).read_text()
+    rank = _finding(text, "4")
+    assert ("✔ agrees" if r8_better else "✘ contradicts") in rank and "r4 " in rank and "r8 " in rank
+    cp = _finding(text, "3")
+    fewer = "16× fewer" if r8_better else "8× fewer"  # CP-LoRA r4 has 100 params, LoRA r8 1,600, LoRA r4 800
+    assert "✔ agrees" in cp and "−0.020" in cp and fewer in cp
+    assert "✔ agrees" in _finding(text, "2b") and "module-wise" in _finding(text, "2b")
+    assert "not checked" in _finding(text, "1")
+
+
+def test_corrupt_summary_is_one_line_error_naming_the_file(tmp_path):
+    run = make_run(tmp_path, AGREE)
+    bad = run / "jobs" / "full" / "fold_1" / "summary.json"
+    bad.write_text('{"metric_per_case": [')
+    with pytest.raises(ValueError, match="corrupt summary.json") as info:
+        collect(run)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, ReportError)
+    with pytest.raises(ValueError, match="no finished jobs"):
+        build_report(tmp_path / "empty")
+
+
+def test_summarise_job_is_nan_aware(tmp_path):
+    rows = [_case("full", "SAH_005", 0.4), _case("full", "SAH_006", NAN), _case("full", "SAH_001", 0.8)]
+    summary = summarise_job(rows, {"job": "full", "fold": 1})
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(0.6)
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(0.6)
+    assert summary["mean"]["1"]["HD95_mm"] == pytest.approx(np.nanmean([r["HD95_mm"] for r in rows]))
+    assert summary["mean"]["1"]["TP"] == pytest.approx(np.mean([r["TP"] for r in rows]))
+    case = summary["metric_per_case"][1]
+    assert case["case_id"] == "SAH_006" and case["reference_file"].endswith("SAH_006.nii.gz")
+    assert case["prediction_file"] is None and "case_id" not in case["metrics"]["1"]
+    assert summary["medlora"] == {"job": "full", "fold": 1}
+
+    path = tmp_path / "out" / "summary.json"
+    write_json_atomic(summary, path)
+    assert "NaN" in path.read_text()
+    assert math.isnan(json.loads(path.read_text())["metric_per_case"][1]["metrics"]["1"]["Dice"])
+    assert [p.name for p in path.parent.iterdir()] == ["summary.json"]
