@@ -13,7 +13,6 @@ from torch import nn
 from medlora.adapters import AdapterConfig, adapters_of, base_weight, inject, list_methods, merge
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """References are exact up to float64 round-off in this module; other modules keep float32."""
