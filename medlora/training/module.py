@@ -28,6 +28,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from ..adapters import AdapterConfig, base_fingerprint, inject, iter_adapters, parameter_report, save_adapter
+from ..data.transforms import DEFAULT_HU_WINDOW
 from ..evaluation.metrics import case_metrics, nanmean_std
 from ..models import create_model, group_module_names, group_parameters, set_trainable
 from ..models.weights import load_weights
@@ -216,12 +217,23 @@ class SegmentationModule(pl.LightningModule):
                     names += [f"{mname}.running_mean", f"{mname}.running_var", f"{mname}.num_batches_tracked"]
         return names
 
+    def preprocessing(self) -> dict[str, Any]:
+        """What inference must repeat: HU window, resampling, sliding-window size (from the data module)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hp = dict(dm.hparams) if dm is not None and hasattr(dm, "hparams") else {}
+        roi = self.hparams.roi_size or hp.get("patch_size")
+        return {"hu_window": list(hp.get("hu_window", DEFAULT_HU_WINDOW)),
+                "target_spacing": None if hp.get("target_spacing") is None else list(hp["target_spacing"]),
+                "roi_size": None if roi is None else list(roi), "threshold": self.hparams.threshold}
+
     def write_adapter(self, path: str | Path) -> Path:
         meta = {"backbone": self.hparams.backbone, "backbone_args": dict(self.hparams.backbone_args or {}),
-                "spatial_dims": self.hparams.spatial_dims, "pretrained": self.hparams.pretrained}
+                "spatial_dims": self.hparams.spatial_dims, "pretrained": self.hparams.pretrained,
+                "preprocessing": self.preprocessing()}
         return save_adapter(self.model, path, extra_metadata=meta, extra_tensors=self.extra_state_names())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medlora_preprocessing"] = self.preprocessing()  # inference repeats it from the checkpoint
         if not self.is_adapter_run:
             return
         keep = {f"model.{n}" for n in self.extra_state_names()}
