@@ -13,16 +13,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MedloraError
+from ..fileio import atomic_save_safetensors
 from .config import AdapterConfig
 from .inject import adapters_of, base_weight, inject, iter_adapters, remove
 
@@ -48,21 +47,6 @@ def base_fingerprint(model: nn.Module, layer_names: list[str] | None = None) -> 
     for name in sorted(names):
         digest.update(name.encode() + b"\0" + weight_fingerprint(base_weight(modules[name])).encode())
     return digest.hexdigest()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a shared adapter unreadable to others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -122,7 +106,7 @@ def save_adapter(
         "extra": extra_metadata or {},
         "extra_tensors": sorted(extra_tensors or []),
     }
-    _atomic_save({**adapter_state(model), **extras}, {"format": "pt", "medlora": json.dumps(meta)}, path)
+    atomic_save_safetensors({**adapter_state(model), **extras}, path, {"format": "pt", "medlora": json.dumps(meta)})
     return path
 
 

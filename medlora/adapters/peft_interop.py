@@ -23,9 +23,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..fileio import atomic_save_safetensors, atomic_write_bytes
 from .config import AdapterConfig
 from .inject import iter_adapters
-from .io import AdapterFileError, _atomic_save
+from .io import AdapterFileError
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -126,10 +127,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         "inference_mode": True,
     }
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_save(tensors, {"format": "pt"}, directory / WEIGHTS_NAME)
-    tmp = directory / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
-    os.replace(tmp, directory / CONFIG_NAME)
+    atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, {"format": "pt"})
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 

@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import MedloraError
+from ..fileio import atomic_write_bytes
 
 __all__ = [
     "AFFINE_ATOL_MM",
@@ -113,26 +114,6 @@ class DatasetIndex:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The temporary file lives in the same folder (``os.replace`` is only atomic within one file system)
-    and starts with a dot, so dataset readers skip leftovers from a crash.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def save_nifti(

@@ -14,13 +14,11 @@ volume bins are the seed paper's (0, 25], (25, 50], (50, 100], (100, 225] mL of 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MedloraError
+from ..fileio import atomic_write_bytes
 from .metrics import VOLUME_BINS_ML, nanmean_std, volume_bin
 
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -76,27 +75,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    # A reader (or a resumed study) must never see a half-written file: write beside it, then rename.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    binary = isinstance(data, bytes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write ``obj`` as indented JSON (NaN as ``NaN``, as nnU-Net does) atomically: temp file, then rename."""
-    _write_atomic(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- summaries
@@ -258,7 +239,7 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[st
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     path = Path(path)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -515,7 +496,7 @@ def _plot(stats: Sequence[_JobStats], rows: Sequence[dict[str, Any]], plots_dir:
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         path = plots_dir / filename
-        _write_atomic(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
         out[caption] = path
 
     width = max(6.0, 0.7 * len(stats) + 2)
@@ -598,7 +579,7 @@ def _load_study_info(run_dir: Path, study_info: dict[str, Any] | None) -> dict[s
     # kept beside the results so that `medlora report RUN_DIR` rebuilds the same header later
     path = run_dir / _STUDY_INFO_FILE
     if study_info is not None:
-        _write_atomic(path, json.dumps(study_info, indent=2, default=str) + "\n")
+        atomic_write_bytes(path, json.dumps(study_info, indent=2, default=str) + "\n")
         return study_info
     if not path.is_file():
         return None
@@ -687,7 +668,7 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
            "fewer parameters; higher rank is better; all methods are better on large volumes. Checked against "
            "this study's mean Dice:", "", *_findings(stats, rows), ""]
     report = run_dir / "report.md"
-    _write_atomic(report, "\n".join(md))
+    atomic_write_bytes(report, "\n".join(md))
     return report
 
 

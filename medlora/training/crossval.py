@@ -29,12 +29,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from safetensors.torch import save_file
 
 from ..adapters import get_method
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
 from ..evaluation.report import build_report, summarise_job, write_json_atomic
+from ..fileio import atomic_save_safetensors
 from .module import SegmentationModule
 from .study_config import BASELINES, MethodEntry, StudyConfig, StudyConfigError, load_study_config
 
@@ -97,12 +97,6 @@ def parse_only(text: str | None) -> dict[str, str] | None:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def _save_state_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -239,7 +233,7 @@ class Study:
         with _quiet_lightning():
             _trainer(spec.epochs, folder, progress).fit(module, dm)
         seconds = time.perf_counter() - start
-        _save_state_atomic(module.model.state_dict(), self.base_path)
+        atomic_save_safetensors(module.model.state_dict(), self.base_path)
         rows = self._evaluate(module, dm)
         summary = {"epochs": spec.epochs, "train_seconds": seconds, "source": str(self.source_dir),
                    "source_mean_Dice": _nanmean([r["Dice"] for r in rows]), "cases": len(rows)}
@@ -298,7 +292,7 @@ class Study:
         rows = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start
         if job.family in ("full", "module"):
-            _save_state_atomic(module.model.state_dict(), folder / "model.safetensors")
+            atomic_save_safetensors(module.model.state_dict(), folder / "model.safetensors")
         dataset = read_dataset(self.target_dir)
         for r in rows:
             r.pop("spacing", None)
