@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # The README's main job: the k-fold TBI -> SAH transfer study on the embedded phantoms.
 demo: $(STAMP)
-	$(VENV)/bin/medlora crossval --config configs/study/sah_transfer.yaml --out runs/sah_transfer
+	$(VENV)/bin/medlora crossval --config configs/study/sah_transfer.yaml --out runs/sah_transfer --workers 2
 
 test: $(STAMP)
 	$(PY) -m ruff check .

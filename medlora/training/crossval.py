@@ -195,7 +195,7 @@ class Study:
         c = self.config
         return SegmentationModule(
             backbone=c.model.backbone, backbone_args=dict(c.model.backbone_args), spatial_dims=c.model.spatial_dims,
-            roi_size=list(c.data.patch_size), **kwargs,
+            roi_size=list(c.data.inference_roi or c.data.patch_size), **kwargs,
         )
 
     def _datamodule(self, data_dir: Path, fold: int | str, seed: int):
@@ -387,7 +387,7 @@ def run_crossval(
         if run_pretrain:
             task = bar.add_task("pretraining on the source domain", total=study.config.pretrain.epochs)
             summary = study.run_pretraining(lambda e, n: bar.update(task, completed=e))
-            bar.console.print(f"pretrained base: source Dice {summary['source_mean_Dice']:.3f} "
+            bar.console.print(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "
                               f"({summary['train_seconds']:.0f} s) -> {study.base_path}")
         overall = bar.add_task("cross-validation jobs", total=len(todo))
         if workers == 1 or len(todo) <= 1:

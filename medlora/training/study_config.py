@@ -60,6 +60,8 @@ class DataSpec:
     pos_fraction: float = field(default=0.67, metadata={"help": "share of patches centred on hemorrhage"})
     hu_window: list[float] = field(default_factory=lambda: [0.0, 140.0], metadata={"help": "HU window"})
     target_spacing: list[float] | None = field(default=None, metadata={"help": "resample to this spacing (mm)"})
+    inference_roi: list[int] | None = field(
+        default=None, metadata={"help": "sliding-window size for evaluation (default: patch_size)"})
 
 
 @dataclass
@@ -192,6 +194,9 @@ def _check(config: StudyConfig) -> None:
         raise StudyConfigError("study: give base_checkpoint (pretrained weights) or source (data to pretrain on)")
     if config.folds < 2:
         raise StudyConfigError(f"study.folds: need at least 2 folds, got {config.folds}")
+    roi = config.data.inference_roi
+    if roi is not None and len(roi) != config.model.spatial_dims:
+        raise StudyConfigError(f"study.data.inference_roi: {roi} does not have {config.model.spatial_dims} axes")
     if len(config.data.patch_size) != config.model.spatial_dims:
         raise StudyConfigError(
             f"study.data.patch_size: {config.data.patch_size} does not have {config.model.spatial_dims} axes"
