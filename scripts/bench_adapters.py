@@ -61,6 +61,13 @@ MEMORY_VS_FULL = 1.0
 
 RESULT_PREFIX = "BENCH_RESULT "
 
+# CPU memory runs: glibc otherwise raises its mmap threshold after the first large free and serves later
+# tensors from a heap it trims lazily, so the resident set overstates live memory by tens of MB, differently
+# for each allocation pattern. A fixed 64 KiB threshold maps every tensor larger than that on its own and
+# unmaps it when freed: the resident-set peak then tracks the peak of live tensor memory (repeatable to
+# about 1 MB). It slows steps down (page faults), hence separate runs for memory and for time.
+MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 # --------------------------------------------------------------------------------------------------
 # child process: one (method, size) configuration
@@ -256,7 +263,8 @@ class Aggregate:
     size: int
     trainable: int = 0
     run_medians_ms: list[float] = field(default_factory=list)
-    peaks_mb: list[float] = field(default_factory=list)
+    peaks_mb: list[float] = field(default_factory=list)  # from the timing runs (CPU: default malloc RSS)
+    live_peaks_mb: list[float] = field(default_factory=list)  # from the CPU memory runs
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -273,6 +281,12 @@ class Aggregate:
 
     @property
     def peak_mb(self) -> float | None:
+        """Peak memory used for the memory target: the memory runs' if any, else the timing runs'."""
+        values = self.live_peaks_mb or self.peaks_mb
+        return statistics.median(values) if values else None
+
+    @property
+    def rss_peak_mb(self) -> float | None:
         return statistics.median(self.peaks_mb) if self.peaks_mb else None
 
 
@@ -286,12 +300,14 @@ def kind_of(method: str) -> str:
     return "baseline"
 
 
-def child_command(args: argparse.Namespace, method: str, size: int) -> list[str]:
+def child_command(args: argparse.Namespace, method: str, size: int, memory: bool) -> list[str]:
+    # a memory run: 3 steps (the second already holds optimiser state and activations), no step filtering
+    steps, warmup, max_foreign = (2, 1, 1.0) if memory else (args.steps, args.warmup, args.max_foreign_load)
     return [
         sys.executable, str(Path(__file__).resolve()), "--single", method, "--size", str(size),
-        "--rank", str(args.rank), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-        "--seed", str(args.seed), "--loss", args.loss, "--max-foreign-load", str(args.max_foreign_load),
+        "--rank", str(args.rank), "--batch", str(args.batch), "--steps", str(steps),
+        "--warmup", str(warmup), "--threads", str(args.threads), "--device", args.device,
+        "--seed", str(args.seed), "--loss", args.loss, "--max-foreign-load", str(max_foreign),
     ]
 
 
@@ -320,13 +336,17 @@ def wait_for_idle(max_busy: float, max_wait: float) -> float:
         time.sleep(4.0)
 
 
-def run_child(args: argparse.Namespace, method: str, size: int) -> dict[str, Any]:
-    """Run one configuration in a fresh process; retry it when other processes loaded the CPU meanwhile."""
+def run_child(args: argparse.Namespace, method: str, size: int, memory: bool = False) -> dict[str, Any]:
+    """Run one configuration in a fresh process; retry it when other processes loaded the CPU meanwhile.
+
+    ``memory``: a short CPU run for peak memory only, with glibc's mmap threshold fixed (see
+    :data:`MEMORY_RUN_ENV`) so that the resident set follows live tensor memory.
+    """
     result: dict[str, Any] = {}
     for attempt in range(args.retries + 1):
         waited = wait_for_idle(args.max_foreign_load, args.max_wait) if args.device == "cpu" else 0.0
         cpu0, child0, wall0 = _cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
-        result = _run_child_once(args, method, size)
+        result = _run_child_once(args, method, size, memory)
         cpu1, child1, wall1 = _cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
         foreign = None
         if cpu0 is not None and cpu1 is not None and cpu1[1] > cpu0[1]:
@@ -340,15 +360,17 @@ def run_child(args: argparse.Namespace, method: str, size: int) -> dict[str, Any
     return result
 
 
-def _run_child_once(args: argparse.Namespace, method: str, size: int) -> dict[str, Any]:
+def _run_child_once(args: argparse.Namespace, method: str, size: int, memory: bool) -> dict[str, Any]:
     env = dict(os.environ)
+    if memory:
+        env.update(MEMORY_RUN_ENV)
     root = str(REPO_ROOT)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(args.threads)
     try:
         proc = subprocess.run(
-            child_command(args, method, size), capture_output=True, text=True, env=env, timeout=args.timeout
+            child_command(args, method, size, memory), capture_output=True, text=True, env=env, timeout=args.timeout
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
@@ -415,7 +437,7 @@ def table_for_size(results: dict[str, Aggregate], methods: list[str]) -> tuple[l
     full = results[FULL]
     headers = [
         "method", "trainable params", "step ms (median)", "run spread %", "x full FT", "x PEFT ref",
-        "peak MB", "mem x full FT", "time vs full", "time vs PEFT", "memory",
+        "peak MB", "mem x full FT", "RSS peak MB", "time vs full", "time vs PEFT", "memory",
     ]
     rows: list[list[str]] = []
     failures: list[str] = []
@@ -448,7 +470,7 @@ def table_for_size(results: dict[str, Aggregate], methods: list[str]) -> tuple[l
         rows.append([
             label, f"{agg.trainable:,}", fmt(agg.median_ms, ".0f"), fmt(agg.spread_pct, ".1f"),
             fmt(r_full, ".3f"), fmt(r_ref, ".3f"), fmt(agg.peak_mb, ".0f"), fmt(r_mem, ".3f"),
-            time_full, time_peft, memory,
+            fmt(agg.rss_peak_mb, ".0f"), time_full, time_peft, memory,
         ])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = [
@@ -483,6 +505,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU: before each run, wait until other processes use less than this share of the\n"
                         "CPU; rerun a run during which they used more (default 0.15)")
     p.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for an idle CPU (default 600)")
+    p.add_argument("--memory-runs", type=int, default=1,
+                   help="CPU: separate short runs per method for peak memory with a fixed malloc mmap\n"
+                        "threshold (default 1; 0: take memory from the timing runs' RSS)")
     p.add_argument("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
@@ -519,10 +544,25 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {size: {m: Aggregate(m, size) for m in methods} for size in args.sizes}
     raw: list[dict[str, Any]] = []
-    total = len(args.sizes) * args.rounds * len(methods)
+    memory_runs = args.memory_runs if args.device == "cpu" else 0
+    total = len(args.sizes) * (args.rounds + memory_runs) * len(methods)
     done = 0
     t0 = time.perf_counter()
     for size in args.sizes:
+        for rnd in range(memory_runs):
+            for method in methods:
+                res = run_child(args, method, size, memory=True)
+                done += 1
+                res.update({"round": rnd, "method": method, "size": size, "memory_run": True})
+                raw.append(res)
+                if "error" in res:
+                    results[size][method].errors.append(res["error"])
+                    msg = f"ERROR {res['error']}"
+                else:
+                    results[size][method].live_peaks_mb.append(res["peak_mb"])
+                    msg = f"live peak +{res['peak_mb']:.0f} MB"
+                print(f"[{done}/{total} {time.perf_counter() - t0:.0f}s] {size}^3 memory run {rnd + 1} {method}: {msg}",
+                      file=sys.stderr, flush=True)
         for rnd in range(args.rounds):
             order = methods if rnd % 2 == 0 else methods[::-1]
             for method in order:
@@ -538,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                     agg.trainable = res["trainable"]
                     agg.run_medians_ms.append(res["median_ms"])
                     agg.peaks_mb.append(res["peak_mb"])
-                    msg = f"{res['median_ms']:.0f} ms, peak +{res['peak_mb']:.0f} MB"
+                    msg = f"{res['median_ms']:.0f} ms, RSS peak +{res['peak_mb']:.0f} MB"
                 if res.get("foreign_load") is not None:
                     msg += (f", others' CPU {100 * res['foreign_load']:.0f}%, "
                             f"{res.get('disturbed_steps', 0)} steps dropped")
@@ -553,8 +593,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {size}^3 patches, batch {args.batch}, {args.device}, {args.threads} thread(s)\n")
         print("\n".join(lines))
     peak_methods = sorted({r.get("peak_method", "?") for r in raw if "error" not in r})
-    print(f"\npeak memory: growth above the post-setup baseline, via {', '.join(peak_methods)}; "
-          "x PEFT ref: LoRA-type vs peft_lora, DoRA-type vs peft_dora (peft_dora row: vs peft_lora).")
+    print(f"\npeak memory: growth during the steps above the post-setup baseline, via {', '.join(peak_methods)}.")
+    if memory_runs:
+        print(f"peak MB: median of {memory_runs} separate 3-step run(s) per method with "
+              + " ".join(f"{k}={v}" for k, v in MEMORY_RUN_ENV.items())
+              + " (resident set follows live tensors); RSS peak MB: median of the timing runs, default malloc "
+              "(includes allocator caching, shown for information).")
+    else:
+        print("peak MB and RSS peak MB: median of the timing runs.")
+    print("x PEFT ref: LoRA-type vs peft_lora, DoRA-type vs peft_dora (peft_dora row: vs peft_lora); "
+          "run spread: (max - min) / median of the per-run median step times.")
     print(f"targets: LoRA-type <= {LORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_lora; DoRA-type <= "
           f"{DORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_dora; peak memory <= {MEMORY_VS_FULL}x full FT.")
     loads = [r["foreign_load"] for r in raw if r.get("foreign_load") is not None]
