@@ -41,6 +41,18 @@ def _report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer_command(args: argparse.Namespace) -> int:
+    from .inference import run_inference
+
+    summary = run_inference(
+        args.model, args.inputs, args.out, adapters=args.adapter or (), method=args.method,
+        sw_batch_size=args.sw_batch_size, overlap=args.overlap, device=args.device, threshold=args.threshold,
+        roi_size=args.roi_size, save_probabilities=args.save_probabilities, overlay=args.overlay,
+        overwrite=args.overwrite,
+    )
+    return summary.exit_code
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -84,6 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a crossval run folder")
     p.add_argument("run_dir", help="the --out folder of medlora crossval")
     p.set_defaults(func=_report_command)
+
+    p = sub.add_parser("infer", help="segment NIfTI/DICOM volumes; labels in the input's geometry, volumes in mL")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="NIfTI files, folders of them (nnU-Net imagesTs names) or DICOM series folders")
+    p.add_argument("--model", required=True,
+                   help="Lightning checkpoint, base weights (with --adapter) or a crossval run folder (with --method)")
+    p.add_argument("--adapter", action="append", metavar="ADAPTER",
+                   help="adapter file (repeat for an ensemble: one model per adapter, probabilities averaged)")
+    p.add_argument("--method", metavar="JOB", help="crossval job whose fold models form the ensemble, e.g. cp_dora_r4")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--sw-batch-size", type=int, default=2, help="sliding windows per network call (default 2)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25, as validation)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto; bf16 autocast on CUDA")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the model's recorded one)")
+    p.add_argument("--roi-size", type=int, nargs="+", metavar="N",
+                   help="sliding-window size (default: the recorded training patch size)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob.nii.gz (float32)")
+    p.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (a few axial slices)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (default: a case whose outputs exist is skipped and counted failed)")
+    p.set_defaults(func=_infer_command)
 
     return parser
 

@@ -1,0 +1,596 @@
+"""``medlora infer``: segment CT volumes with a trained model, an adapter, or a cross-validation ensemble.
+
+Models come from three kinds of ``--model``:
+
+* a Lightning checkpoint of a full model (pretraining or full fine-tuning): backbone from its
+  ``hyper_parameters``, preprocessing from its ``medlora_preprocessing`` record;
+* a plain state dict (``.safetensors``/``.pt``) or a checkpoint plus one or more ``--adapter`` files:
+  each adapter gives one model (base + adapter, merged, so it costs what the base costs); backbone
+  and preprocessing come from the adapter's metadata (``extra``). Every adapter's base fingerprint is
+  checked before any case runs;
+* a ``medlora crossval`` run folder plus ``--method JOB``: the k fold models of that job.
+
+Several models form an ensemble: the mean of their probabilities. The preprocessing is the training
+one (:func:`medlora.data.transforms.preprocessing`: RAS orientation, optional resampling, HU window),
+never typed by the user. The network runs on the RAS (resampled) image with MONAI sliding windows
+and Gaussian blending (:func:`medlora.training.module.predict_volume`); the probabilities are brought
+back to the input's own voxel grid by inverting the transforms with MONAI (their applied-operations
+record: an exact axis flip/permutation for the orientation, the forward interpolation (bilinear)
+for resampling), then thresholded. So every output has the input's shape and affine, whatever the
+input's orientation, obliquity or spacing.
+
+Outputs per case in ``OUT_DIR``: ``<case>.nii.gz`` (uint8 labels), optionally ``<case>_prob.nii.gz``
+(float32) and ``<case>_overlay.png``; ``volumes.csv``/``volumes.json`` (hemorrhage volume per case,
+updated after every case). Existing case outputs are never replaced without ``overwrite``: such a case
+is reported and counted as failed. Every file is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapters import load_adapter, merge, read_adapter_file
+from ..errors import MedloraError
+from ..models import create_model
+from ..models.weights import WeightsError, load_weights
+from .io import (
+    InputCase,
+    find_inputs,
+    read_case,
+    read_volume_rows,
+    voxel_volume_mm3,
+    write_nifti,
+    write_overlay,
+    write_volume_tables,
+)
+
+__all__ = [
+    "CasePrediction",
+    "InferenceError",
+    "InferenceModels",
+    "InferenceSummary",
+    "Predictor",
+    "Preprocessing",
+    "case_outputs",
+    "load_models",
+    "resolve_device",
+    "run_inference",
+]
+
+
+class InferenceError(MedloraError, ValueError):
+    """A model, option or output folder that inference cannot use (one line naming it)."""
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What inference repeats from training: HU window, resampling, sliding-window size, threshold."""
+
+    hu_window: tuple[float, float]
+    target_spacing: tuple[float, ...] | None
+    roi_size: tuple[int, ...] | None
+    threshold: float
+
+    @classmethod
+    def from_record(cls, record: Any, source: str, default_threshold: float = 0.5) -> Preprocessing:
+        """From the ``{"hu_window", "target_spacing", "roi_size", "threshold"}`` record that training writes
+        into checkpoints and adapter files."""
+        if not isinstance(record, dict) or "hu_window" not in record:
+            raise InferenceError(f"{source}: no preprocessing record (HU window, spacing, ROI): it was written by "
+                                 "an older medlora; retrain or re-export it")
+        try:
+            window = tuple(float(v) for v in record["hu_window"])
+            spacing = record.get("target_spacing")
+            roi = record.get("roi_size")
+            threshold = record.get("threshold")
+            prep = cls(
+                hu_window=window,  # type: ignore[arg-type]
+                target_spacing=None if spacing is None else tuple(float(v) for v in spacing),
+                roi_size=None if roi is None else tuple(int(v) for v in roi),
+                threshold=default_threshold if threshold is None else float(threshold),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InferenceError(f"{source}: malformed preprocessing record {record!r} ({exc})") from None
+        if len(prep.hu_window) != 2 or not prep.hu_window[0] < prep.hu_window[1]:
+            raise InferenceError(f"{source}: HU window {list(prep.hu_window)} must be [low, high] with low < high")
+        return prep
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build the network: the same call as :class:`~medlora.training.module.SegmentationModule`."""
+
+    backbone: str
+    backbone_args: dict[str, Any]
+    spatial_dims: int
+
+    @classmethod
+    def from_record(cls, record: Any, source: str) -> Architecture:
+        if not isinstance(record, dict) or not record.get("backbone"):
+            raise InferenceError(f"{source}: no backbone recorded (backbone, backbone_args, spatial_dims)")
+        # JSON round trip: tuples and lists, ints and floats compare equal across checkpoint and adapter
+        args = json.loads(json.dumps(dict(record.get("backbone_args") or {})))
+        return cls(str(record["backbone"]), args, int(record.get("spatial_dims", 3)))
+
+    def build(self) -> nn.Module:
+        try:
+            return create_model(self.backbone, **{"spatial_dims": self.spatial_dims, **self.backbone_args})
+        except (TypeError, ValueError) as exc:
+            raise InferenceError(f"cannot build backbone {self.backbone!r} with {self.backbone_args}: {exc}") from None
+
+
+@dataclass
+class InferenceModels:
+    """The networks of one inference run (one, or an ensemble averaged on probabilities), evaluation mode."""
+
+    models: list[nn.Module]
+    members: list[str]
+    architecture: Architecture
+    preprocessing: Preprocessing
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.architecture.spatial_dims
+
+
+def _read_lightning_checkpoint(path: Path) -> dict[str, Any] | None:
+    """``hyper_parameters`` and ``medlora_preprocessing`` of a Lightning checkpoint; None for a plain state dict.
+
+    Weights-only loading: a checkpoint cannot run code. Memory-mapped so the tensors are not read twice.
+    """
+    if path.suffix == ".safetensors":
+        return None
+    obj = None
+    for mmap in (True, False):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as exc:  # a legacy (non-zip) file cannot be memory-mapped; anything else is unreadable
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            if refused and refused.group(1).endswith("AdapterConfig"):
+                # SegmentationModule keeps its AdapterConfig in hyper_parameters: an adapter run's checkpoint
+                raise InferenceError(f"{path}: checkpoint of an adapter run (it holds only the adapter); use "
+                                     "--model <its base weights> --adapter <its adapter.safetensors>") from None
+            if refused:
+                raise WeightsError(f"{path}: holds a pickled {refused.group(1)} object; weights-only loading "
+                                   "refuses to unpickle it (no code from checkpoints is run)") from None
+            if not mmap:
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0] if str(exc) else ""
+                raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
+        return {"hyper_parameters": dict(obj["hyper_parameters"] or {}),
+                "medlora_preprocessing": obj.get("medlora_preprocessing")}
+    return None
+
+
+def _load_base(path: Path, architecture: Architecture) -> nn.Module:
+    model = architecture.build()
+    load_weights(model, path)
+    return model
+
+
+def _with_adapter(base: nn.Module, adapter: Path) -> nn.Module:
+    """Base + adapter merged into plain layers (the base itself is left untouched)."""
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        # inject's advice that an adapter is as large as a small layer was for training time, not here
+        warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
+        load_adapter(model, adapter)  # checks the base fingerprint; AdapterFileError names the file
+    return merge(model)
+
+
+def _same_setting(values: list[tuple[str, Any]], what: str) -> Any:
+    first_source, first = values[0]
+    for source, value in values[1:]:
+        if value != first:
+            raise InferenceError(f"{source}: {what} {value} differs from {first} of {first_source}; an ensemble "
+                                 "needs models trained alike")
+    return first
+
+
+def _module_default_threshold() -> float:
+    from ..training.module import SegmentationModule
+
+    return float(inspect.signature(SegmentationModule.__init__).parameters["threshold"].default)
+
+
+def _load_run_dir(run_dir: Path, method: str | None) -> InferenceModels:
+    """The k fold models of one job of a ``medlora crossval`` run folder."""
+    from ..training.crossval import Study
+
+    record = run_dir / "study.json"
+    if not record.is_file():
+        raise InferenceError(f"{run_dir}: not a medlora crossval run folder (no study.json)")
+    study = Study(record, run_dir)
+    names = list(dict.fromkeys(j.name for j in study.jobs))
+    if not method:
+        raise InferenceError(f"{run_dir}: a crossval run folder needs --method JOB (one of: {', '.join(names)})")
+    jobs = [j for j in study.jobs if j.name == method]
+    if not jobs:
+        raise InferenceError(f"{run_dir}: no job {method!r} in this study (jobs: {', '.join(names)})")
+    for job in jobs:
+        if not study.job_done(job):
+            raise InferenceError(f"{study.job_dir(job)}: fold {job.fold} of {method} is not finished (no "
+                                 f"summary.json); finish it with medlora crossval --out {run_dir} --only job={method}")
+    c = study.config
+    arch = Architecture(c.model.backbone, json.loads(json.dumps(dict(c.model.backbone_args))), c.model.spatial_dims)
+    base_path = Path(study.base_path)
+    if not base_path.is_file():
+        raise InferenceError(f"{base_path}: the study's base weights are missing")
+    base = _load_base(base_path, arch)
+    study_prep = Preprocessing.from_record(
+        {"hu_window": c.data.hu_window, "target_spacing": c.data.target_spacing,
+         "roi_size": c.data.inference_roi or c.data.patch_size,  # what crossval's evaluation used
+         "threshold": _module_default_threshold()}, str(record))
+    family = jobs[0].family
+    if family == "none":  # every fold evaluates the untouched base: one model
+        return InferenceModels([base], [f"{base_path} ({method})"], arch, study_prep)
+    models, members, preps = [], [], []
+    for job in sorted(jobs, key=lambda j: j.fold):
+        folder = study.job_dir(job)
+        if family == "adapter":
+            path = folder / "adapter.safetensors"
+            meta, _ = read_adapter_file(path)
+            preps.append((str(path), Preprocessing.from_record(meta.get("extra", {}).get("preprocessing"),
+                                                               str(path))))
+            models.append(_with_adapter(base, path))
+        else:
+            path = folder / "model.safetensors"
+            models.append(_load_base(path, arch))
+        members.append(str(path))
+    prep = _same_setting(preps, "preprocessing") if preps else study_prep
+    return InferenceModels(models, members, arch, prep)
+
+
+def load_models(
+    model: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]] = (), method: str | None = None
+) -> InferenceModels:
+    """Build and load every network of an inference run, merged and in evaluation mode.
+
+    Everything that can be wrong with the model files (unreadable weights, an adapter for another base,
+    missing metadata, an unfinished crossval job) raises here, before any case is touched.
+    """
+    path = Path(model)
+    adapter_paths = [Path(a) for a in adapters]
+    if path.is_dir():
+        if adapter_paths:
+            raise InferenceError(f"{path}: --adapter cannot be combined with a crossval run folder; use --method")
+        loaded = _load_run_dir(path, method)
+    else:
+        if method:
+            raise InferenceError(f"--method {method}: needs a crossval run folder as --model, got {path}")
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        ckpt = _read_lightning_checkpoint(path)
+        hp = ckpt["hyper_parameters"] if ckpt else None
+        if hp is not None and hp.get("adapter") is not None:
+            base = hp.get("pretrained") or "BASE"
+            raise InferenceError(f"{path}: checkpoint of an adapter run (it holds only the adapter); use "
+                                 f"--model {base} --adapter <its adapter.safetensors>")
+        if not adapter_paths:
+            if ckpt is None:
+                raise InferenceError(f"{path}: a plain state dict has no backbone or preprocessing record; give a "
+                                     "Lightning checkpoint, this base with --adapter files, or a crossval run folder")
+            arch = Architecture.from_record(hp, str(path))
+            prep = Preprocessing.from_record(ckpt["medlora_preprocessing"], str(path),
+                                             default_threshold=float(hp.get("threshold", 0.5)))
+            loaded = InferenceModels([_load_base(path, arch)], [str(path)], arch, prep)
+        else:
+            metas = [(str(a), read_adapter_file(a)[0].get("extra") or {}) for a in adapter_paths]
+            archs = [(s, Architecture.from_record(m, s)) for s, m in metas]
+            if hp is not None:
+                archs.insert(0, (str(path), Architecture.from_record(hp, str(path))))
+            arch = _same_setting(archs, "backbone")
+            prep = _same_setting([(s, Preprocessing.from_record(m.get("preprocessing"), s)) for s, m in metas],
+                                 "preprocessing")
+            base = _load_base(path, arch)
+            models = [_with_adapter(base, a) for a in adapter_paths]
+            loaded = InferenceModels(models, [f"{path} + {a}" for a in adapter_paths], arch, prep)
+    for m in loaded.models:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return loaded
+
+
+# --------------------------------------------------------------------------------------- prediction
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InferenceError(f"--device {name}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+@dataclass
+class CasePrediction:
+    """One case: probabilities and labels on the input's grid."""
+
+    probability: np.ndarray   # float32, the input's shape
+    label: np.ndarray         # uint8, the input's shape
+
+
+class _Float32Output(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()
+
+
+class Predictor:
+    """Preprocess like training, run the (ensemble of) network(s), invert back to the input grid.
+
+    Args:
+        models: from :func:`load_models`.
+        device: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto``; on CUDA the network runs under bf16
+            autocast (probabilities are float32).
+        sw_batch_size, overlap: MONAI sliding-window settings (defaults: training's validation ones).
+        threshold: overrides the recorded probability threshold.
+        roi_size: overrides the recorded sliding-window size (the training patch size).
+    """
+
+    def __init__(
+        self,
+        models: InferenceModels,
+        device: str | torch.device = "cpu",
+        sw_batch_size: int = 2,
+        overlap: float = 0.25,
+        threshold: float | None = None,
+        roi_size: Sequence[int] | None = None,
+    ) -> None:
+        from monai.transforms import Compose, LoadImaged
+
+        from ..data.transforms import preprocessing
+
+        prep = models.preprocessing
+        self.models = models
+        self.device = resolve_device(device)
+        if sw_batch_size < 1:
+            raise InferenceError(f"--sw-batch-size must be at least 1, got {sw_batch_size}")
+        if not 0.0 <= overlap < 1.0:
+            raise InferenceError(f"--overlap must be in [0, 1), got {overlap}")
+        self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
+        self.threshold = prep.threshold if threshold is None else float(threshold)
+        if not 0.0 < self.threshold < 1.0:
+            raise InferenceError(f"--threshold must be in (0, 1), got {self.threshold}")
+        roi = tuple(roi_size) if roi_size is not None else prep.roi_size
+        if roi is None:
+            raise InferenceError("the model records no sliding-window size (training patch size); pass --roi-size")
+        if len(roi) != models.spatial_dims:
+            raise InferenceError(f"--roi-size {list(roi)} needs {models.spatial_dims} values for a "
+                                 f"{models.spatial_dims}D network")
+        self.roi_size = tuple(int(v) for v in roi)
+        steps = preprocessing(keys=("image",), hu_window=prep.hu_window, target_spacing=prep.target_spacing)
+        if not isinstance(steps[0], LoadImaged):
+            raise RuntimeError("medlora.data.transforms.preprocessing no longer starts with LoadImaged")
+        # Volumes are read (and checked) before the transforms: the rest of the chain is training's own.
+        self.transform = Compose(steps[1:])
+        for m in models.models:
+            m.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def preprocess(self, data: np.ndarray, affine: np.ndarray) -> torch.Tensor:
+        """The training preprocessing of a volume read as LoadImaged would: a (1, X, Y, Z) MetaTensor."""
+        from monai.data import MetaTensor
+
+        meta = {"original_channel_dim": "no_channel", "space": "RAS", "spatial_shape": np.asarray(data.shape),
+                "original_affine": np.asarray(affine, dtype=np.float64)}
+        image = MetaTensor(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                           affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+        return self.transform({"image": image})["image"]
+
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Mean probability of the ensemble on the preprocessed grid: (X', Y', Z') float32 on the CPU."""
+        from ..training.module import predict_volume
+
+        # A plain tensor: MetaTensor bookkeeping on every window would cost time and carry nothing needed.
+        x = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)[None].to(self.device)
+        total: torch.Tensor | None = None
+        autocast = self._autocast()
+        with torch.inference_mode(), autocast:
+            for model in self.models.models:
+                # Under bf16 autocast the windows are blended in float32: bf16 sums would lose the Gaussian weights.
+                net = model if isinstance(autocast, contextlib.nullcontext) else _Float32Output(model)
+                p = predict_volume(net, x, self.models.spatial_dims, self.roi_size, self.sw_batch_size,
+                                   self.overlap).float()
+                total = p if total is None else total + p
+        assert total is not None
+        mean = total / len(self.models.models) if len(self.models.models) > 1 else total
+        return mean[0, 0].cpu().clone()  # clone: a normal tensor again, usable outside inference mode
+
+    def to_input_grid(self, values: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+        """Invert the preprocessing's spatial transforms (orientation, resampling) for ``values``."""
+        from monai.data import MetaTensor
+
+        meta = copy.deepcopy(dict(image.meta))
+        meta["affine"] = image.affine.clone()
+        pred = MetaTensor(values[None], meta=meta)
+        pred.applied_operations = copy.deepcopy(image.applied_operations)
+        inverted = self.transform.inverse({"image": pred})["image"]
+        return np.asarray(torch.as_tensor(inverted)[0].numpy(), dtype=np.float32)
+
+    def predict(self, data: np.ndarray, affine: np.ndarray) -> CasePrediction:
+        image = self.preprocess(data, affine)
+        prob_ras = self.probabilities(image)
+        prob = self.to_input_grid(prob_ras, image)
+        if prob.shape != data.shape:
+            raise RuntimeError(f"inverted prediction has shape {prob.shape}, the input {data.shape}")
+        return CasePrediction(probability=prob, label=(prob >= self.threshold).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def case_outputs(out_dir: Path, case_id: str, save_probabilities: bool, overlay: bool) -> dict[str, Path]:
+    """The files one case writes (the label map last, so that it marks a finished case)."""
+    outputs = {}
+    if save_probabilities:
+        outputs["probability"] = out_dir / f"{case_id}_prob.nii.gz"
+    if overlay:
+        outputs["overlay"] = out_dir / f"{case_id}_overlay.png"
+    outputs["label"] = out_dir / f"{case_id}.nii.gz"
+    return outputs
+
+
+@dataclass
+class InferenceSummary:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (case id, message)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failed else 0
+
+    def line(self) -> str:
+        return (f"{len(self.done)} case(s) done, {len(self.failed)} failed, "
+                f"{len(self.done) + len(self.failed)} in total, {self.seconds:.1f} s")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Any]:
+    """A rich progress bar across cases on stderr (only on a terminal: logs get one line per case)."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal, transient=True) as bar:
+        task = bar.add_task("segmenting", total=total)
+        yield lambda: bar.advance(task)
+
+
+def _run_case(
+    case: InputCase, predictor: Predictor, out_dir: Path, save_probabilities: bool, overlay: bool, overwrite: bool,
+) -> dict[str, Any]:
+    outputs = case_outputs(out_dir, case.case_id, save_probabilities, overlay)
+    if case.problem is None:
+        source = os.path.realpath(case.path)
+        for path in outputs.values():
+            if os.path.realpath(path) == source:
+                raise InferenceError(f"{case.label}: the output {path} would replace the input; choose another --out")
+        if not overwrite:
+            for path in outputs.values():
+                if path.exists():
+                    raise InferenceError(f"{case.label}: {path} exists; not overwritten (use --overwrite)")
+    volume = read_case(case)
+    result = predictor.predict(volume.data, volume.affine)
+    if "probability" in outputs:
+        write_nifti(outputs["probability"], result.probability, volume.affine, volume.zooms, np.float32)
+    if "overlay" in outputs:
+        write_overlay(outputs["overlay"], volume, result.label, predictor.models.preprocessing.hu_window,
+                      title=f"{case.case_id} (threshold {predictor.threshold:g})")
+    write_nifti(outputs["label"], result.label, volume.affine, volume.zooms, np.uint8)
+    voxels = int(result.label.sum(dtype=np.int64))
+    vox_mm3 = voxel_volume_mm3(volume.affine)
+    return {"case_id": case.case_id, "input": case.label, "output": outputs["label"].name, "voxels": voxels,
+            "voxel_volume_mm3": round(vox_mm3, 6), "volume_ml": voxels * vox_mm3 / 1000.0}
+
+
+def run_inference(
+    model: str | os.PathLike[str] | InferenceModels,
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]] = (),
+    method: str | None = None,
+    *,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    device: str = "cpu",
+    threshold: float | None = None,
+    roi_size: Sequence[int] | None = None,
+    save_probabilities: bool = False,
+    overlay: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> InferenceSummary:
+    """Segment every input case into ``out_dir``; see the module docstring.
+
+    Model problems raise (before any output exists); a problem with one case is reported in one line on
+    stderr (with ``progress``) and recorded in the summary, and the other cases still run.
+    """
+    start = time.perf_counter()
+    if not inputs:
+        raise InferenceError("no input given (NIfTI files, folders of them, or DICOM series folders)")
+    loaded = model if isinstance(model, InferenceModels) else load_models(model, adapters, method)
+    predictor = Predictor(loaded, device=device, sw_batch_size=sw_batch_size, overlap=overlap, threshold=threshold,
+                          roi_size=roi_size)
+    cases = find_inputs(inputs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InferenceError(f"{out}: --out exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = read_volume_rows(out)
+    except MedloraError:
+        if not overwrite:
+            raise
+        rows = {}  # --overwrite: an unreadable table is replaced
+    summary = InferenceSummary()
+    say = (lambda text, err=False: print(text, file=sys.stderr if err else sys.stdout, flush=True)) if progress \
+        else (lambda text, err=False: None)
+    if progress:
+        say(f"medlora infer: {len(cases)} case(s), {len(loaded.models)} model(s) "
+            f"({loaded.architecture.backbone}, {loaded.spatial_dims}D), device {predictor.device} -> {out}")
+    with _progress(progress, len(cases)) as advance:
+        for case in cases:
+            t0 = time.perf_counter()
+            try:
+                row = _run_case(case, predictor, out, save_probabilities, overlay, overwrite)
+            except MedloraError as exc:
+                summary.failed.append((case.case_id, str(exc)))
+                say(f"medlora: error: {exc}", err=True)
+            except Exception as exc:  # one broken case must not stop the others (e.g. a volume too big)
+                message = f"{case.label}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+                summary.failed.append((case.case_id, message))
+                say(f"medlora: error: {message}", err=True)
+            else:
+                summary.done.append(row)
+                rows[case.case_id] = row
+                write_volume_tables(out, rows)  # after every case: an interrupted run keeps its table
+                say(f"{case.case_id}: {row['volume_ml']:.2f} mL ({row['voxels']} voxels) -> "
+                    f"{out / row['output']} ({time.perf_counter() - t0:.1f} s)")
+            if advance is not None:
+                advance()
+    summary.seconds = time.perf_counter() - start
+    if progress:
+        say(summary.line())
+    return summary
