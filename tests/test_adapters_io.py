@@ -229,7 +229,7 @@ def test_export_loads_in_peft_with_the_same_outputs(method, tmp_path):
     ours = inject(copy.deepcopy(base), AdapterConfig(method, rank=2, alpha=4, targets=_peft_targets()))
     randomise_(ours)
     export_peft(ours, tmp_path / "peft")
-    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text(encoding="utf-8"))
     assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == (method == "dora")
 
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
@@ -275,7 +275,7 @@ def test_export_refuses_what_peft_cannot_represent(tmp_path):
 
 
 def test_import_refuses_pickled_peft_weights(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}), encoding="utf-8")
     torch.save({}, tmp_path / "adapter_model.bin")
     with pytest.raises(AdapterFileError, match="only a pickled adapter_model.bin, which medlora never loads"):
         import_peft(MixedNet(), tmp_path)

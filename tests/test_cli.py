@@ -10,7 +10,8 @@ from medlora.cli import main
 
 
 def test_help_lists_the_commands():
-    proc = subprocess.run([sys.executable, "-m", "medlora.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "medlora.cli", "--help"], capture_output=True, encoding="utf-8",
+                          errors="replace")
     assert proc.returncode == 0
     for command in ("adapters", "fit", "data", "crossval", "report"):
         assert command in proc.stdout
@@ -27,7 +28,7 @@ def test_adapters_lists_every_method_with_its_options(capsys):
 def test_data_phantoms_writes_a_dataset_and_refuses_to_clobber(tmp_path, capsys):
     out = tmp_path / "sah"
     assert main(["data", "phantoms", "--out", str(out), "--domain", "sah", "--cases", "2", "--seed", "3"]) == 0
-    meta = json.loads((out / "dataset.json").read_text())
+    meta = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert meta["numTraining"] == 2 and sorted(p.name for p in (out / "labelsTr").iterdir()) == [
         "SAH_000.nii.gz", "SAH_001.nii.gz"]
     before = (out / "imagesTr" / "SAH_000_0000.nii.gz").read_bytes()

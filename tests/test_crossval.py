@@ -36,12 +36,12 @@ TINY = {
 
 def write_config(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump({**TINY, **changes}))
+    path.write_text(yaml.safe_dump({**TINY, **changes}), encoding="utf-8")
     return path
 
 
 def summaries(run: Path) -> dict[str, dict]:
-    return {str(p.parent.relative_to(run / "jobs")): json.loads(p.read_text())
+    return {str(p.parent.relative_to(run / "jobs")): json.loads(p.read_text(encoding="utf-8"))
             for p in sorted((run / "jobs").glob("*/fold_*/summary.json"))}
 
 
@@ -70,7 +70,7 @@ def test_study_runs_resumes_and_is_deterministic(tmp_path, capsys):
     # an interrupted job leaves a folder without summary.json: it is redone from scratch
     partial = run / "jobs" / "full" / "fold_0"
     partial.mkdir(parents=True)
-    (partial / "junk.txt").write_text("half-written")
+    (partial / "junk.txt").write_text("half-written", encoding="utf-8")
     assert main(["crossval", "--config", str(config), "--out", str(run)]) == 0
     assert not (partial / "junk.txt").exists()
     assert (run / "jobs" / "cp_dora_r2" / "fold_1" / "summary.json").stat().st_mtime_ns == kept
@@ -85,7 +85,7 @@ def test_study_runs_resumes_and_is_deterministic(tmp_path, capsys):
     assert done["no_finetune/fold_0"]["medlora"]["trainable_params"] == 0
     assert (run / "jobs" / "cp_dora_r1" / "fold_0" / "adapter.safetensors").is_file()
     assert (run / "jobs" / "full" / "fold_0" / "model.safetensors").is_file()
-    folds = json.loads((run / "splits_final.json").read_text())
+    folds = json.loads((run / "splits_final.json").read_text(encoding="utf-8"))
     evaluated = [c["case_id"] for c in s["metric_per_case"]]
     assert evaluated == folds[0]["val"]
 
@@ -93,10 +93,10 @@ def test_study_runs_resumes_and_is_deterministic(tmp_path, capsys):
     with open(run / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 * 4  # 6 jobs x 4 target cases (each case held out once)
-    report = (run / "report.md").read_text()
+    report = (run / "report.md").read_text(encoding="utf-8")
     assert "CP-DoRA r2" in report and (run / "plots").is_dir()
     (run / "report.md").unlink()
-    assert main(["report", str(run)]) == 0 and (run / "report.md").read_text() == report
+    assert main(["report", str(run)]) == 0 and (run / "report.md").read_text(encoding="utf-8") == report
 
     # same config and seed, fresh folder: the same numbers (pretraining included)
     again = tmp_path / "again"

@@ -83,14 +83,14 @@ def test_hidden_temporaries_are_ignored(copy):
 
 
 def test_explicit_dataset_listing_in_json(copy):
-    meta = json.loads((copy / "dataset.json").read_text())
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
     shutil.move(copy / "imagesTr", copy / "scans")
     meta["dataset"] = {
         c: {"images": [f"scans/{c}_0000.nii.gz"], "label": f"labelsTr/{c}.nii.gz"}
         for c in ("SAH_000", "SAH_002")
     }
     meta["numTraining"] = 2
-    (copy / "dataset.json").write_text(json.dumps(meta))
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     index = validate_dataset(copy)
     assert index.case_ids == ["SAH_000", "SAH_002"]
     assert index.cases[0].images == (copy / "scans" / "SAH_000_0000.nii.gz",)
@@ -105,14 +105,14 @@ def test_missing_dataset_json(copy):
 
 
 def test_dataset_json_not_json(copy):
-    (copy / "dataset.json").write_text("{not json")
+    (copy / "dataset.json").write_text("{not json", encoding="utf-8")
     _raises(copy, "dataset.json", "not valid JSON")
 
 
 def test_dataset_json_missing_key(copy):
-    meta = json.loads((copy / "dataset.json").read_text())
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
     del meta["labels"]
-    (copy / "dataset.json").write_text(json.dumps(meta))
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     _raises(copy, "dataset.json", "'labels'")
 
 
@@ -132,9 +132,9 @@ def test_image_removed_leaves_orphan_label(copy):
 
 
 def test_missing_channel_file(copy):
-    meta = json.loads((copy / "dataset.json").read_text())
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
     meta["channel_names"] = {"0": "CT", "1": "CT_bone"}
-    (copy / "dataset.json").write_text(json.dumps(meta))
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     _raises(copy, "SAH_000_0001.nii.gz", "missing image file", "case SAH_000", check_voxels=False)
 
 
@@ -144,9 +144,9 @@ def test_bad_image_name(copy):
 
 
 def test_num_training_mismatch(copy):
-    meta = json.loads((copy / "dataset.json").read_text())
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
     meta["numTraining"] = 5
-    (copy / "dataset.json").write_text(json.dumps(meta))
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
     _raises(copy, "dataset.json", "numTraining is 5", "3 case(s)", check_voxels=False)
 
 
@@ -299,7 +299,7 @@ def test_splits_roundtrip_and_ensure(copy):
     splits = ensure_splits(copy, k=3)
     assert splits == make_splits(["SAH_000", "SAH_001", "SAH_002"], k=3)
     assert load_splits(copy) == splits
-    assert json.loads((copy / "splits_final.json").read_text()) == splits
+    assert json.loads((copy / "splits_final.json").read_text(encoding="utf-8")) == splits
     custom = [{"train": ["SAH_000", "SAH_001"], "val": ["SAH_002"]}]
     write_splits(copy, custom)
     assert ensure_splits(copy, k=3) == custom  # a user-provided file wins
@@ -309,10 +309,10 @@ def test_bad_splits_files(copy, tmp_path):
     path = tmp_path / "splits_final.json"
     with pytest.raises(DatasetError, match="splits file not found"):
         load_splits(path)
-    path.write_text(json.dumps([{"train": ["a"]}]))
+    path.write_text(json.dumps([{"train": ["a"]}]), encoding="utf-8")
     with pytest.raises(DatasetError, match=r"split 0 must be"):
         load_splits(path)
-    path.write_text(json.dumps([{"train": ["a", "b"], "val": ["b"]}]))
+    path.write_text(json.dumps([{"train": ["a", "b"], "val": ["b"]}]), encoding="utf-8")
     with pytest.raises(DatasetError, match="case b in both train and val"):
         load_splits(path)
     with pytest.raises(DatasetError, match="names case SAH_999"):

@@ -344,7 +344,7 @@ def make_run_dir(files: dict[str, Path], root: Path, finished: int = 2) -> Path:
                          data=DataSpec(patch_size=[8, 8, 4], inference_roi=ROI3),
                          methods=[MethodEntry("no_finetune"), MethodEntry("cp_dora", ranks=[4])])
     (root / "pretrain").mkdir(parents=True)
-    (root / "study.json").write_text(json.dumps(asdict(config)))
+    (root / "study.json").write_text(json.dumps(asdict(config)), encoding="utf-8")
     (root / "pretrain" / "base.safetensors").write_bytes(files["base"].read_bytes())
     for fold, adapter in enumerate(("a1", "a2")):
         for job in ("no_finetune", "cp_dora_r4"):
@@ -353,7 +353,7 @@ def make_run_dir(files: dict[str, Path], root: Path, finished: int = 2) -> Path:
             if job == "cp_dora_r4":
                 (folder / "adapter.safetensors").write_bytes(files[adapter].read_bytes())
             if fold < finished:
-                (folder / "summary.json").write_text("{}")
+                (folder / "summary.json").write_text("{}", encoding="utf-8")
     return root
 
 
@@ -445,7 +445,7 @@ def test_volume_table_is_voxels_times_voxel_volume(files, tmp_path):
     infer(files, [files["ras"], tmp_path / "obl.nii.gz"], tmp_path / "out")
     with open(tmp_path / "out" / "volumes.csv", newline="") as fh:
         rows = {r["case_id"]: r for r in csv.DictReader(fh)}
-    table = {r["case_id"]: r for r in json.loads((tmp_path / "out" / "volumes.json").read_text())}
+    table = {r["case_id"]: r for r in json.loads((tmp_path / "out" / "volumes.json").read_text(encoding="utf-8"))}
     assert sorted(rows) == sorted(table) == ["obl", "ras"]
     for case, src in (("ras", files["ras"]), ("obl", tmp_path / "obl.nii.gz")):
         voxels = int(labels(tmp_path / "out" / f"{case}.nii.gz").sum())
@@ -456,4 +456,5 @@ def test_volume_table_is_voxels_times_voxel_volume(files, tmp_path):
     assert np.prod([0.7, 0.9, 4.0]) == pytest.approx(float(rows["obl"]["voxel_volume_mm3"]), rel=1e-6)
     # a later run into the same folder keeps the other cases' rows
     infer(files, [files["ras"]], tmp_path / "out", overwrite=True)
-    assert [r["case_id"] for r in json.loads((tmp_path / "out" / "volumes.json").read_text())] == ["obl", "ras"]
+    table = json.loads((tmp_path / "out" / "volumes.json").read_text(encoding="utf-8"))
+    assert [r["case_id"] for r in table] == ["obl", "ras"]

@@ -165,7 +165,7 @@ def test_affine_is_ras_with_centred_origin():
 
 def test_write_dataset_layout_json_and_nifti(tmp_path):
     root = write_dataset(tmp_path / "Dataset901_SAH", "sah", 3, seed=5, shape=SHAPE, spacing=SPACING)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert meta["channel_names"] == {"0": "CT"}
     assert meta["labels"] == {"background": 0, "hemorrhage": 1}
     assert meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
@@ -198,7 +198,7 @@ def test_write_dataset_is_idempotent_and_refuses_to_clobber(tmp_path):
     with pytest.raises(FileExistsError, match="dataset.json"):
         write_dataset(root, "tbi", 2, seed=2, shape=SHAPE, spacing=SPACING)
     write_dataset(root, "sah", 2, seed=2, shape=SHAPE, spacing=SPACING, overwrite=True)
-    assert json.loads((root / "dataset.json").read_text())["medlora"]["domain"] == "sah"
+    assert json.loads((root / "dataset.json").read_text(encoding="utf-8"))["medlora"]["domain"] == "sah"
 
 
 def test_bad_arguments_raise_clear_errors():

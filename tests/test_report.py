@@ -128,7 +128,7 @@ def test_report_tables_plots_and_agreeing_findings(tmp_path):
     info = {"name": "phantom study", "dataset": "SAH phantoms", "folds": 2, "seed": 0, "finetune_epochs": 3,
             "expected_jobs": 8, "job_names": ["no_finetune", "full", "cp_lora_r4", "lora_r16"]}
     report = build_report(run, info)
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     assert report == run / "report.md"
 
     study = "\n".join(_section(text, "Study"))
@@ -169,11 +169,11 @@ def test_report_tables_plots_and_agreeing_findings(tmp_path):
     assert "✘" not in text
 
     # a later rebuild without study info keeps the header (saved beside the results)
-    assert "SAH phantoms" in build_report(run).read_text()
+    assert "SAH phantoms" in build_report(run).read_text(encoding="utf-8")
 
 
 def test_findings_flag_contradictions(tmp_path):
-    text = build_report(make_run(tmp_path, CONTRADICT)).read_text()
+    text = build_report(make_run(tmp_path, CONTRADICT)).read_text(encoding="utf-8")
     assert "✘ contradicts" in _finding(text, "1") and "NOT worse" in _finding(text, "1")
     assert "✘ contradicts" in _finding(text, "2") and "−0.100" in _finding(text, "2")
     assert "✘ contradicts" in _finding(text, "5") and "does NOT find" in _finding(text, "5")
@@ -185,7 +185,7 @@ def test_findings_rank_and_cp(tmp_path, r8_better):
     dice = {"full": [0.5] * 5 + [NAN], "module_decoder": [0.55] * 5 + [NAN],
             "lora_r4": low if r8_better else high, "lora_r8": high if r8_better else low,
             "cp_lora_r4": [0.68] * 5 + [NAN]}
-    text = build_report(make_run(tmp_path, dice)).read_text()
+    text = build_report(make_run(tmp_path, dice)).read_text(encoding="utf-8")
     rank = _finding(text, "4")
     assert ("✔ agrees" if r8_better else "✘ contradicts") in rank and "r4 " in rank and "r8 " in rank
     cp = _finding(text, "3")
@@ -198,7 +198,7 @@ def test_findings_rank_and_cp(tmp_path, r8_better):
 def test_corrupt_summary_is_one_line_error_naming_the_file(tmp_path):
     run = make_run(tmp_path, AGREE)
     bad = run / "jobs" / "full" / "fold_1" / "summary.json"
-    bad.write_text('{"metric_per_case": [')
+    bad.write_text('{"metric_per_case": [', encoding="utf-8")
     with pytest.raises(ValueError, match="corrupt summary.json") as info:
         collect(run)
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
@@ -221,6 +221,6 @@ def test_summarise_job_is_nan_aware(tmp_path):
 
     path = tmp_path / "out" / "summary.json"
     write_json_atomic(summary, path)
-    assert "NaN" in path.read_text()
-    assert math.isnan(json.loads(path.read_text())["metric_per_case"][1]["metrics"]["1"]["Dice"])
+    assert "NaN" in path.read_text(encoding="utf-8")
+    assert math.isnan(json.loads(path.read_text(encoding="utf-8"))["metric_per_case"][1]["metrics"]["1"]["Dice"])
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]

@@ -117,7 +117,7 @@ def test_print_config_and_wrong_config_key(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "method: salt" in out and "svd_rank: 4" in out and "patch_size" in out
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  adaptr:\n    method: lora\n")
+    bad.write_text("model:\n  adaptr:\n    method: lora\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config", str(bad)])
     assert exc.value.code != 0
@@ -126,7 +126,7 @@ def test_print_config_and_wrong_config_key(capsys, tmp_path):
 
 def test_unknown_adapter_method_in_config_is_rejected(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  adapter:\n    method: lroa\n")
+    bad.write_text("model:\n  adapter:\n    method: lroa\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config", str(bad)])
     assert exc.value.code == 2
@@ -179,8 +179,8 @@ def test_ddp_on_two_cpu_processes(phantoms, base_weights, tmp_path):
                     "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
                     "--data.fold", "all")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "medlora.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "medlora.cli", *args], env=env, capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics_rows(tmp_path)
     cases = [float(r["val/cases"]) for r in rows if r.get("val/cases")]

@@ -155,7 +155,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             directory / "adapter_model.bin").exists() else ""
         raise AdapterFileError(f"{directory}: no {WEIGHTS_NAME}{legacy}")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path}: invalid JSON ({exc})") from None
     if config.get("peft_type") != "LORA":

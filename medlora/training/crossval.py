@@ -154,7 +154,7 @@ class Study:
         record = self.out / "study.json"
         current = asdict(self.config)
         if record.exists():
-            previous = json.loads(record.read_text())
+            previous = json.loads(record.read_text(encoding="utf-8"))
             if previous != json.loads(json.dumps(current)):
                 raise StudyConfigError(
                     f"{self.out}: this run folder holds a different study (see {record}); use another --out"

@@ -129,6 +129,9 @@ class SegmentationModule(pl.LightningModule):
         if loss not in ("dice_ce", "soft_dice"):
             raise ValueError(f"loss must be 'dice_ce' or 'soft_dice', got {loss!r}")
         self.save_hyperparameters()
+        if isinstance(adapter, AdapterConfig):
+            # plain data in the checkpoint, so that it loads with torch.load(weights_only=True)
+            self.hparams["adapter"] = adapter.to_dict()
         args = {"spatial_dims": spatial_dims, **(backbone_args or {})}
         self.model = create_model(backbone, **args)
         if pretrained:

@@ -175,7 +175,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise StudyConfigError(f"{path}: study config not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise StudyConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     try:
