@@ -325,6 +325,7 @@ def wait_for_idle(max_busy: float, max_wait: float) -> float:
     foreign load, see :func:`run_child`).
     """
     start = time.perf_counter()
+    announced = False
     while True:
         a = _cpu_seconds()
         time.sleep(1.0)
@@ -333,6 +334,9 @@ def wait_for_idle(max_busy: float, max_wait: float) -> float:
             return 0.0
         if (b[0] - a[0]) / (b[1] - a[1]) < max_busy or time.perf_counter() - start > max_wait:
             return time.perf_counter() - start
+        if not announced:
+            print(f"  (other processes are using the CPU; waiting up to {max_wait:.0f} s)", file=sys.stderr, flush=True)
+            announced = True
         time.sleep(4.0)
 
 
