@@ -1,3 +1,11 @@
-"""Built-in adapter methods; importing this package registers them."""
+"""Built-in adapter methods, one module per method family; importing this package registers them.
 
-from . import conv_lora, cp_lora, dora, lora, lora_c, salt  # noqa: F401
+Every module in this package is imported, so a new method is added by dropping a file here.
+"""
+
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
