@@ -43,6 +43,11 @@ class MethodSpec:
     # True when the adapted weight equals W0 exactly at initialisation.
     starts_at_base: bool = True
     uses_rank: bool = True
+    # False when W_eff cannot be written into a plain layer (e.g. input-dependent routing); merge() refuses.
+    mergeable: bool = True
+    # For the methods table: what trains, and which layer types the method applies to.
+    trains: str = ""
+    layer_types: str = "Linear, ConvNd, ConvTransposeNd"
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -57,6 +62,9 @@ def register_method(
     alpha_over_rank: float = 1.0,
     starts_at_base: bool = True,
     uses_rank: bool = True,
+    mergeable: bool = True,
+    trains: str = "",
+    layer_types: str = "Linear, ConvNd, ConvTransposeNd",
 ) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
     """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
 
@@ -77,6 +85,9 @@ def register_method(
             alpha_over_rank=alpha_over_rank,
             starts_at_base=starts_at_base,
             uses_rank=uses_rank,
+            mergeable=mergeable,
+            trains=trains,
+            layer_types=layer_types,
         )
         return build
 

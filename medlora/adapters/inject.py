@@ -122,9 +122,17 @@ def merge(model: nn.Module) -> nn.Module:
     """Evaluate every adapter once and write ``W_eff`` into its layer, leaving plain layers only.
 
     Exact: the merged layer computes with the very weight the adapted layer used. Parameters keep the
-    ``requires_grad`` they had as frozen base weights.
+    ``requires_grad`` they had as frozen base weights. Raises ``ValueError`` (and changes nothing) when
+    an adapter's method is not mergeable.
     """
-    for _, module, _ in list(iter_adapters(model)):
+    adapted = list(iter_adapters(model))
+    unmergeable = sorted({reparam.config.method for _, _, reparam in adapted if not reparam.config.spec.mergeable})
+    if unmergeable:
+        raise ValueError(
+            f"adapter method(s) {', '.join(unmergeable)} cannot be merged into plain layers "
+            "(the update depends on the input); keep the adapters attached or remove() them"
+        )
+    for _, module, _ in adapted:
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 
