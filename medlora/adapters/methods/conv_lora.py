@@ -22,6 +22,7 @@ from ..config import register_method
     "conv_lora",
     summary="loralib ConvLoRA: rank r*k1, A (r*k1)x(I*k1), B (O*k2..kd)x(r*k1)",
     citation="Aleem et al. 2024 (ISBI), arXiv 2402.04964; microsoft/LoRA loralib ConvLoRA",
+    trains="lora_A (r*k1 x I*k1), lora_B (O*k2..kd x r*k1)",
 )
 class ConvLoRA(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:

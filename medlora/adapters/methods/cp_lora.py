@@ -37,6 +37,7 @@ class CPLoRAOptions:
     options=CPLoRAOptions,
     summary="rank-R CP decomposition of dW over (O, I, k1..kd); trainable R(O + I + sum k)",
     citation="Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; CP: Kolda & Bader 2009",
+    trains="CP factors U_O (O x R), U_I (I x R), U_j (k_j x R)",
 )
 class CPLoRA(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: CPLoRAOptions) -> None:

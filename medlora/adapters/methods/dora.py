@@ -72,6 +72,7 @@ def _register_dora(name: str, inner_name: str, citation: str) -> None:
         summary=f"DoRA magnitude/direction wrapper around {inner_name}; trainable {inner_name} + O",
         citation=citation,
         alpha_over_rank=inner_spec.alpha_over_rank,
+        trains=f"{inner_name} factors + magnitude m (O)",
     )(build)
 
 

@@ -20,6 +20,7 @@ from ..config import register_method
     "lora",
     summary="low-rank update of the O x (I*prod k) weight matrix; trainable r(O + I*prod k)",
     citation="Hu et al. 2021, arXiv 2106.09685",
+    trains="lora_A (r x I*prod k), lora_B (O x r)",
 )
 class LoRA(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:

@@ -23,6 +23,7 @@ from ..config import register_method
     summary="LoRA-C: rank r on the (O*k1) x (I*k2..kd) unfolding; trainable r(O*k1 + I*k2..kd)",
     citation="Ding et al. 2024, arXiv 2410.16954 (layer-wise LoRA-C)",
     alpha_over_rank=2.0,
+    trains="lora_A (r x I*k2..kd), lora_B (O*k1 x r)",
 )
 class LoRAC(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:

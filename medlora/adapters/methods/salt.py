@@ -85,6 +85,7 @@ class SALTOptions:
     options=SALTOptions,
     summary="SALT: scale/shift top r_s singular values + rank-r LoRA on the residual spectrum block",
     citation="Elsayed, Hashmi et al. 2025, arXiv 2503.16055",
+    trains="scale a, shift b of the top r_s singular values; residual factors X, Y",
 )
 class SALT(_SpectralReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: SALTOptions) -> None:
@@ -126,6 +127,7 @@ class SALT(_SpectralReparam):
     summary="S-SAM: scale and shift every singular value, W = U diag(relu(a S + b)) V^T; trainable 2k",
     citation="Paranjape et al. 2024 (MICCAI), arXiv 2408.06447",
     uses_rank=False,
+    trains="scale a, shift b of every singular value (2k)",
 )
 class SingularValueShift(_SpectralReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:
