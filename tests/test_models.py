@@ -177,7 +177,7 @@ def test_group_parameter_counts(mv2d: MultiViewUNet) -> None:
 def test_group_aliases(mv2d: MultiViewUNet) -> None:
     for alias, name in {"top": "shallow", "bottom": "deep", "left": "encoder", "right": "decoder"}.items():
         assert group_module_names(mv2d, alias) == group_module_names(mv2d, name)
-    with pytest.raises(ValueError, match="known groups"):
+    with pytest.raises(ValueError, match="has no module group .middle.; it has: shallow, deep"):
         group_parameters(mv2d, "middle")
 
 

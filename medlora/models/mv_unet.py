@@ -361,14 +361,6 @@ def _authors_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _canonical_group(group: str) -> str:
-    name = GROUP_ALIASES.get(group, group)
-    if name not in GROUP_NAMES:
-        known = ", ".join([*GROUP_NAMES, *GROUP_ALIASES])
-        raise ValueError(f"unknown module group {group!r}; known groups: {known}")
-    return name
-
-
 def module_groups(model: nn.Module) -> dict[str, list[str]]:
     """Module-name prefixes of each named group of ``model``.
 
@@ -382,11 +374,15 @@ def module_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _prefixes(model: nn.Module, group: str) -> list[str]:
+    """Prefixes of ``group``; ``"a+b"`` is the union of groups ``a`` and ``b`` (e.g. ``mask_decoder+norms``)."""
     groups = module_groups(model)
-    name = _canonical_group(group)
-    if name not in groups:
-        raise ValueError(f"{type(model).__name__} has no module group {group!r}; it has: {', '.join(groups)}")
-    return groups[name]
+    prefixes: list[str] = []
+    for part in (p.strip() for p in group.split("+")):
+        name = GROUP_ALIASES.get(part, part) if "shallow" in groups else part
+        if name not in groups:
+            raise ValueError(f"{type(model).__name__} has no module group {part!r}; it has: {', '.join(groups)}")
+        prefixes += groups[name]
+    return prefixes
 
 
 def _in_prefixes(name: str, prefixes: Sequence[str]) -> bool:

@@ -6,7 +6,9 @@ so MONAI networks take MONAI's own argument names. Registered here:
 * ``mv_unet``: :class:`~medlora.models.mv_unet.MultiViewUNet`, the seed authors' network
   (kayvanlabs/Transfer-Learning-SAH-Seg ``mv.py``; Minoccheri et al. 2025, arXiv 2508.01772);
 * ``unet``, ``dynunet``, ``segresnet``, ``swin_unetr``: ``monai.networks.nets`` UNet, DynUNet, SegResNet,
-  SwinUNETR.
+  SwinUNETR;
+* ``sam``: Segment Anything (ViT-B/L/H or a tiny variant) on 2D CT slices, official checkpoints load
+  (:mod:`medlora.models.sam`).
 
 Defaults are for one-channel CT in and a binary mask out as a single logit channel (sigmoid), the
 convention of the MV net, so losses and post-processing do not depend on the backbone; pass
@@ -132,3 +134,12 @@ def swin_unetr(**kwargs: Any) -> nn.Module:
     cfg: dict[str, Any] = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "feature_size": 24}
     cfg.update(kwargs)
     return SwinUNETR(**cfg)
+
+
+@register_model("sam")
+def sam(**kwargs: Any) -> nn.Module:
+    """Segment Anything for CT slices (:class:`~medlora.models.sam.SamSegmenter`): ``variant`` ``vit_b``
+    (default), ``vit_l``, ``vit_h`` or ``tiny``; ``checkpoint`` loads an official SAM or MedSAM file."""
+    from medlora.models.sam import SamSegmenter
+
+    return SamSegmenter(**kwargs)

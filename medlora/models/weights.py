@@ -6,6 +6,7 @@ otherwise, so a checkpoint cannot execute code.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -34,10 +35,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # MedSAM / SAM-Med2D training files
+        state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items()}
+    for prefix in ("model.", "module."):  # Lightning checkpoints; DataParallel/DDP-wrapped saves
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     if any(".parametrizations." in k for k in state):
         raise WeightsError(
             f"{path}: holds adapter parameters (a checkpoint of an adapter run); load its base weights and "
@@ -47,8 +51,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a full set of pretrained weights into ``model`` (strict: every key must fit)."""
+    """Load a full set of pretrained weights into ``model`` (strict: every key must fit).
+
+    A model may define ``adapt_state_dict(state) -> (state, notes)`` to fit files made for another
+    configuration (e.g. SAM at another input size); each note is logged.
+    """
     state = read_state_dict(path)
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):
+        state, notes = adapt(state)
+        for note in notes:
+            logging.getLogger("medlora").info("%s: %s", path, note)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
