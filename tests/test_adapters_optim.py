@@ -1,0 +1,224 @@
+"""Training rules (medlora.adapters.optim) against independent float64 numpy computations of the papers' updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from medlora.adapters import AdapterConfig, inject
+from medlora.adapters.optim import build_optimizer, describe_rule, list_rules, lora_pairs
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*rank 2 on 0")
+
+RULES = ["adamw", "ffa", "stable_lora", "allora", "lora_pro", "altlora"]
+S = 2.0  # alpha / r with alpha = 4, r = 2
+LR = 0.05
+
+
+def _toy(alpha: float = 4.0):
+    """Linear 3 -> 4 (no bias), LoRA rank 2 (A 2x3, B 4x2), B made non-zero so every term of every rule matters."""
+    torch.manual_seed(1)
+    layer = nn.Linear(3, 4, bias=False).double()
+    model = nn.Sequential(layer)
+    inject(model, AdapterConfig("lora", rank=2, alpha=alpha))
+    (pair,) = lora_pairs(model)
+    with torch.no_grad():
+        pair.B.copy_(torch.randn(4, 2, dtype=torch.float64) * 0.5)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    w0 = layer.parametrizations["weight"].original.detach().numpy().copy()
+    return model, pair, x, y, w0
+
+
+def _np_grads(w0, a, b, s, x, y):
+    """Loss sum((x W^T - y)^2) with W = W0 + s B A: gradients of A and B computed by hand."""
+    w = w0 + s * b @ a
+    g_w = 2.0 * (x @ w.T - y).T @ x  # dL/dW, 4 x 3
+    return s * b.T @ g_w, s * g_w @ a.T
+
+
+def _run(rule: str, steps: int, alpha: float = 4.0, **options):
+    model, pair, x, y, w0 = _toy(alpha)
+    a0, b0 = pair.A.detach().numpy().copy(), pair.B.detach().numpy().copy()
+    opt = build_optimizer(model, rule, lr=LR, **options)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum().backward()
+        opt.step()
+    return (a0, b0, w0, x.numpy(), y.numpy()), (pair.A.detach().numpy(), pair.B.detach().numpy())
+
+
+def _adam(state, g, betas=(0.9, 0.999), eps=1e-8):
+    state["t"] = state.get("t", 0) + 1
+    state["m"] = betas[0] * state.get("m", 0.0) + (1 - betas[0]) * g
+    state["v"] = betas[1] * state.get("v", 0.0) + (1 - betas[1]) * g * g
+    t = state["t"]
+    return (state["m"] / (1 - betas[0] ** t)) / (np.sqrt(state["v"] / (1 - betas[1] ** t)) + eps)
+
+
+def test_adamw_matches_hand_computation():
+    (a, b, w0, x, y), (a1, b1) = _run("adamw", 2)
+    sa, sb = {}, {}
+    for _ in range(2):
+        ga, gb = _np_grads(w0, a, b, S, x, y)
+        a = a * (1 - LR * 0.01) - LR * _adam(sa, ga)
+        b = b * (1 - LR * 0.01) - LR * _adam(sb, gb)
+    np.testing.assert_allclose(a1, a, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b1, b, rtol=1e-10, atol=1e-12)
+
+
+def test_ffa_freezes_a_and_trains_b():
+    (a, b, w0, x, y), (a1, b1) = _run("ffa", 2)
+    np.testing.assert_array_equal(a1, a)
+    sb = {}
+    for _ in range(2):
+        _, gb = _np_grads(w0, a, b, S, x, y)
+        b = b * (1 - LR * 0.01) - LR * _adam(sb, gb)
+    np.testing.assert_allclose(b1, b, rtol=1e-10, atol=1e-12)
+
+
+def test_stable_lora_shrinks_a_then_stops():
+    ratio = 0.1
+    (a, b, w0, x, y), (a1, b1) = _run("stable_lora", 3, shrink_ratio=ratio)
+    sa, sb, keep = {}, {}, True
+    for _ in range(3):
+        ga, gb = _np_grads(w0, a, b, S, x, y)  # gradients at the point before the shrink
+        if keep and np.linalg.norm(a) >= (a.size / b.size) * np.linalg.norm(b):
+            a = a * (1 - ratio)
+        else:
+            keep = False
+        a = a * (1 - LR * 0.01) - LR * _adam(sa, ga)
+        b = b * (1 - LR * 0.01) - LR * _adam(sb, gb)
+    np.testing.assert_allclose(a1, a, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b1, b, rtol=1e-10, atol=1e-12)
+
+
+def test_stable_lora_stops_for_good():
+    model, pair, x, y, _ = _toy()
+    with torch.no_grad():
+        pair.B.mul_(100.0)  # ||A|| < (|A|/|B|) ||B|| from the start
+    opt = build_optimizer(model, "stable_lora", lr=0.0, shrink_ratio=0.5, weight_decay=0.0)
+    a0 = pair.A.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).sum().backward()
+        opt.step()
+    assert opt.keep_shrinking == [False]
+    torch.testing.assert_close(pair.A.detach(), a0)
+
+
+def test_allora_per_row_learning_rate():
+    eta = 3.0
+    with pytest.warns(UserWarning, match="scaling-free"):
+        _run("allora", 1, eta=eta)
+    (a, b, w0, x, y), (a1, b1) = _run("allora", 2, alpha=2.0, eta=eta)  # alpha = rank: scale 1
+    sa, sb = {}, {}
+    for _ in range(2):
+        ga, gb = _np_grads(w0, a, b, 1.0, x, y)
+        ca = np.array([1 / np.sqrt(np.sum(row**2) + 1 / eta**2) for row in a])[:, None]
+        cb = np.array([1 / np.sqrt(np.sum(row**2) + 1 / eta**2) for row in b])[:, None]
+        a = a - LR * ca * _adam(sa, ga)
+        b = b - LR * cb * _adam(sb, gb)
+    np.testing.assert_allclose(a1, a, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b1, b, rtol=1e-10, atol=1e-12)
+
+
+def test_lora_pro_matches_official_form():
+    """The official closed form (g_A written as s B^T g, 1/s^2 factors, scipy's Sylvester solver)."""
+    (a, b, w0, x, y), (a1, b1) = _run("lora_pro", 3, delta=0.0)
+    state = {}
+    for t in range(1, 4):
+        ga, gb = _np_grads(w0, a, b, S, x, y)
+        g = _adam(state, S * b @ ga + S * gb @ a)
+        btb_inv, aat_inv = np.linalg.inv(b.T @ b), np.linalg.inv(a @ a.T)
+        g_a_equiv = S * b.T @ g
+        new_ga = btb_inv @ g_a_equiv / S**2
+        new_gb = (np.eye(4) - b @ btb_inv @ b.T) @ g @ a.T @ aat_inv / S
+        if t > 1:
+            x_ = scipy.linalg.solve_sylvester(b.T @ b, a @ a.T, -btb_inv @ g_a_equiv @ a.T / S**2)
+            new_ga = new_ga + x_ @ a
+            new_gb = new_gb - b @ x_
+        a, b = a - LR * new_ga, b - LR * new_gb
+    np.testing.assert_allclose(a1, a, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b1, b, rtol=1e-6, atol=1e-9)
+
+
+def test_lora_pro_product_follows_the_full_adam_update():
+    """The low-rank step reproduces the projection of the full-matrix Adam step onto {B X + Y A}."""
+    (a, b, w0, x, y), (a1, b1) = _run("lora_pro", 1, delta=0.0)
+    ga, gb = _np_grads(w0, a, b, S, x, y)
+    g = _adam({}, S * b @ ga + S * gb @ a)
+    p_b = b @ np.linalg.inv(b.T @ b) @ b.T
+    p_a = a.T @ np.linalg.inv(a @ a.T) @ a
+    projected = p_b @ g + (np.eye(4) - p_b) @ g @ p_a
+    first_order = S * (b @ (a1 - a) + (b1 - b) @ a)
+    np.testing.assert_allclose(first_order, -LR * projected, rtol=1e-6, atol=1e-9)
+
+
+def test_altlora_matches_hand_computation():
+    betas, reg, wd = (0.9, 0.98), 1e-3, 1e-5
+    (a, b, w0, x, y), (a1, b1) = _run("altlora", 3, betas=betas)
+    ma, mb = np.zeros_like(a), np.zeros_like(b)
+    b_prev, a_prev = np.zeros_like(b), np.zeros_like(a)
+    for t in range(1, 4):
+        ga, gb = _np_grads(w0, a, b, S, x, y)
+        pre_a = np.linalg.inv(b.T @ b + reg * np.eye(2))
+        ma = betas[0] * (pre_a @ b.T @ b_prev) @ ma + (1 - betas[0]) * pre_a @ ga
+        b_prev = b.copy()
+        a = (a - LR * ma / (1 - betas[0] ** t)) * (1 - LR * wd)
+        pre_b = np.linalg.inv(a @ a.T + reg * np.eye(2))  # the new A
+        mb = betas[0] * mb @ (a_prev @ a.T @ pre_b) + (1 - betas[0]) * gb @ pre_b
+        a_prev = a.copy()
+        b = (b - LR * mb / (1 - betas[0] ** t)) * (1 - LR * wd)
+    np.testing.assert_allclose(a1, a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b1, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rules_reduce_a_toy_regression_loss_on_conv(rule, method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 3, 3, padding=1))
+    x, y = torch.randn(4, 2, 5, 5), torch.randn(4, 3, 5, 5)
+    inject(model, AdapterConfig(method, rank=2, alpha=2.0))
+    opt = build_optimizer(model, rule, lr=0.05 if rule != "altlora" else 0.2)
+    losses = []
+    for _ in range(15):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.97 * losses[0], losses
+
+
+def test_dora_magnitude_trains_with_adamw_inside_the_rule():
+    model = nn.Sequential(nn.Linear(3, 4))
+    inject(model, AdapterConfig("dora", rank=2))
+    opt = build_optimizer(model, "lora_pro", lr=0.1)
+    (pair,) = lora_pairs(model)
+    magnitude = next(p for n, p in model.named_parameters() if n.endswith("magnitude"))
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1, 1]
+    assert opt.param_groups[0]["params"][0] is magnitude and opt.param_groups[1]["params"][0] is pair.A
+    before = magnitude.detach().clone()
+    model(torch.randn(2, 3)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(before, magnitude.detach())
+
+
+def test_errors_and_descriptions():
+    assert sorted(RULES) == list_rules()
+    model = nn.Sequential(nn.Linear(3, 4))
+    inject(model, AdapterConfig("svd"))
+    build_optimizer(model, "adamw")
+    with pytest.raises(ValueError, match="lora_A and lora_B"):
+        build_optimizer(model, "lora_pro")
+    with pytest.raises(ValueError, match="unknown option"):
+        build_optimizer(model, "adamw", shrink_ratio=0.1)
+    with pytest.raises(ValueError, match="unknown training rule"):
+        build_optimizer(model, "sgdx")
+    for rule in RULES:
+        assert "paper:" in describe_rule(rule)
