@@ -11,6 +11,7 @@ anisotropic kernel). No medical or training-framework imports live here.
 
 from .base import AdditiveReparam, Reparam
 from .config import AdapterConfig, MethodSpec, describe_method, get_method, list_methods, option, register_method
+from .data_init import initialise_from_data
 from .inject import (
     LayerReport,
     ParameterReport,
@@ -44,6 +45,7 @@ __all__ = [
     "export_peft",
     "get_method",
     "import_peft",
+    "initialise_from_data",
     "inject",
     "iter_adapters",
     "layout_of",

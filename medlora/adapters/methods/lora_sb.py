@@ -1,0 +1,76 @@
+"""LoRA-SB: LoRA-XS's frozen-A/B, trainable r x r architecture, started at the approximated first update.
+
+Ponkshe, Singhal et al., "Initialization Using Update Approximation is a Silver Bullet for Extremely Efficient
+Low-Rank Fine-Tuning", arXiv 2411.19557; official code RaghavSinghal10/lora-sb. ``dW = s B R A`` with
+``A: r x I*prod k`` and ``B: O x r`` frozen and only ``R: r x r`` trained (LoRA-XS, Balazy et al., arXiv
+2405.17604). Initialisation ("update approximation"): the first AdamW step of full fine-tuning,
+``G_hat = -eta * sign(G)`` with ``G`` the mean ``dL/dW0`` (:func:`medlora.adapters.initialise_from_data`) and
+``eta = lr / warmup_steps`` (the reference's ``lr / (warmup_ratio * total_steps)``, lr 1e-4); its rank-r SVD
+``G_hat ~ U_r diag(S_r) V_r^T`` (``svd_lowrank``, niter 10) gives ``B = U_r``, ``A = V_r^T``, ``R = diag(S_r) / s``.
+The model starts at ``W0 + G_hat_r`` (not at ``W0``; the paper keeps the base weight), trainable r^2 per layer.
+
+Differences from the reference: it sets ``alpha = r`` (s = 1) and ``R = diag(S_r)``; here ``R`` absorbs ``1/s`` so
+any alpha gives the same start (identical at the default alpha = r). The reference takes the SVD of ``G_hat^T``
+and transposes back; that is the same factorisation. Applies to conv layers through the matricised weight (the
+reference is Linear-only; for a conv R is a 1x1 map between the frozen k-conv A and 1x1 conv B).
+
+No data-free fallback: until :func:`~medlora.adapters.initialise_from_data` runs (or a trained adapter is loaded)
+the factors hold NaN and the first forward raises a ``RuntimeError`` saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..base import AdditiveReparam
+from ..config import option, register_method
+from ..data_init import DataInitReparam
+from .pissa import check_rank, frozen, top_svd
+
+
+@dataclass
+class LoRASBOptions:
+    lr: float = option(1e-4, "learning rate of the approximated first AdamW step (reference: 1e-4)")
+    warmup_steps: float = option(
+        1.0, "eta = lr / warmup_steps: the first step of a linear warm-up (reference: warmup_ratio * total steps)"
+    )
+    niter: int | None = option(10, "svd_lowrank subspace iterations (reference: 10); None: exact SVD")
+
+
+@register_method(
+    "lora_sb",
+    options=LoRASBOptions,
+    summary="LoRA-SB: frozen A, B and trainable r x r R (LoRA-XS) initialised to the first full-FT update "
+            "(needs initialise_from_data)",
+    citation="Ponkshe, Singhal et al. 2024, arXiv 2411.19557",
+    starts_at_base=False,
+    trains="lora_R (r x r); lora_A, lora_B frozen",
+)
+class LoRASB(DataInitReparam, AdditiveReparam):
+    def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: LoRASBOptions) -> None:
+        super().__init__(scaling)
+        out_channels, fan_in = w0.shape[0], math.prod(w0.shape[1:])
+        check_rank("lora_sb", rank, min(out_channels, fan_in), w0)
+        self.lora_A = frozen(rank, fan_in, like=w0)
+        self.lora_B = frozen(out_channels, rank, like=w0)
+        self.lora_R = nn.Parameter(torch.full((rank, rank), float("nan"), dtype=w0.dtype, device=w0.device))
+        self.rank = rank
+        self.options = options
+
+    def _uninitialised_marker(self) -> torch.Tensor:
+        return self.lora_R
+
+    def init_from_gradient(self, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        eta = self.options.lr / self.options.warmup_steps
+        update = -eta * torch.sign(grad.flatten(1))
+        u, s, vh = top_svd(update, self.rank, self.options.niter)
+        self.lora_A.copy_(vh)
+        self.lora_B.copy_(u)
+        self.lora_R.copy_(torch.diag(s) / self.scaling)
+
+    def delta(self, w0: torch.Tensor) -> torch.Tensor:
+        return (self.lora_B @ self.lora_R @ self.lora_A * self.scaling).view(w0.shape)
