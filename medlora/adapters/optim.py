@@ -34,8 +34,11 @@ Rules (``describe_rule(name)`` lists each rule's options and the papers' default
   (``B``'s preconditioner uses the new ``A``): ``g_A' = (B^T B + lam I)^-1 g_A``, momentum carried into the new
   subspace ``m_A <- beta1 P_A m_A + (1 - beta1) g_A'`` with ``P_A = (B^T B + lam I)^-1 B^T B_prev``,
   ``A -= lr m_A / (1 - beta1^t)``; symmetrically ``g_B' = g_B (A A^T + lam I)^-1``,
-  ``P_B = A_prev A^T (A A^T + lam I)^-1``, ``m_B <- beta1 m_B P_B + (1 - beta1) g_B'``. ``second_moment=True``
-  adds the Adam denominator of the authors' code (AltLoRA+). Decoupled weight decay after the update, as there.
+  ``P_B = A_prev A^T (A A^T + lam I)^-1``, ``m_B <- beta1 m_B P_B + (1 - beta1) g_B'``. Decoupled weight decay
+  after the update, as the authors' code. The step is a preconditioned gradient (no Adam normalisation), so it
+  wants a larger ``lr`` than AdamW.
+- ``altlora_plus``: AltLoRA+ (same paper): the same with the Adam denominator ``sqrt(v_hat) + eps`` of a second
+  moment of ``g_A'`` / ``g_B'`` (not transported), as in the authors' ``altlora`` optimiser code; AdamW-like ``lr``.
 """
 
 from __future__ import annotations
@@ -479,5 +482,17 @@ class AltLoRA(_PairOptimizer):
                "momentum transported between subspaces",
                citation="Yu et al. 2025, arXiv 2505.12455; LucasXinYu/AltLoRA")
 def _build_altlora(model, pairs, lr, o: AltLoRAOptions) -> torch.optim.Optimizer:
+    return AltLoRA(model, pairs, lr, o)
+
+
+@dataclass
+class AltLoRAPlusOptions(AltLoRAOptions):
+    second_moment: bool = option(True, "AltLoRA+: divide by the root of a second moment, as the authors' code")
+
+
+@register_rule("altlora_plus", options=AltLoRAPlusOptions,
+               summary="AltLoRA+: AltLoRA with an Adam-style second moment of the preconditioned gradients",
+               citation="Yu et al. 2025, arXiv 2505.12455; LucasXinYu/AltLoRA")
+def _build_altlora_plus(model, pairs, lr, o: AltLoRAPlusOptions) -> torch.optim.Optimizer:
     return AltLoRA(model, pairs, lr, o)
 
