@@ -31,6 +31,13 @@ class Reparam(nn.Module):
         """The effective weight in canonical layout."""
         raise NotImplementedError
 
+    def attach(self, module: nn.Module) -> None:
+        """Called by ``inject`` once this reparameterisation is on ``module.weight`` (e.g. to add a forward hook
+        for an input-dependent branch); the default does nothing."""
+
+    def detach(self, module: nn.Module) -> None:
+        """Called by ``merge``/``remove`` before this reparameterisation leaves ``module``; undoes ``attach``."""
+
     def extra_repr(self) -> str:
         return f"method={self.config.method!r}, rank={self.config.rank}"
 

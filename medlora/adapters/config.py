@@ -48,6 +48,8 @@ class MethodSpec:
     # For the methods table: what trains, and which layer types the method applies to.
     trains: str = ""
     layer_types: str = "Linear, ConvNd, ConvTransposeNd"
+    # Builds state shared by all layers of one inject() call (see medlora.adapters.shared); None: none.
+    build_shared: Callable[..., torch.nn.Module] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -65,12 +67,17 @@ def register_method(
     mergeable: bool = True,
     trains: str = "",
     layer_types: str = "Linear, ConvNd, ConvTransposeNd",
+    shared: Callable[..., torch.nn.Module] | None = None,
 ) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
     """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
 
     The builder is called as ``build(w0, rank=, scaling=, options=)`` with ``w0`` the frozen weight in
     canonical ``(O, I/groups, *k)`` layout and returns an ``nn.Module`` mapping that weight to the
     effective weight (see :class:`medlora.adapters.base.Reparam`).
+
+    ``shared``, if given, is called once per ``inject`` as ``shared(layers, config)`` with ``layers`` the
+    selected ``(name, canonical w0, per-layer AdapterConfig)`` in module order; it returns a
+    :class:`medlora.adapters.shared.SharedState` that every layer's builder then receives as ``shared=``.
     """
 
     def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
@@ -88,6 +95,7 @@ def register_method(
             mergeable=mergeable,
             trains=trains,
             layer_types=layer_types,
+            build_shared=shared,
         )
         return build
 

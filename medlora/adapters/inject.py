@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from .base import Reparam
 from .config import AdapterConfig
 from .layout import SUPPORTED_LAYER_TYPES, layout_of
+from .shared import attach_shared, shared_parameter_ids, shared_states
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -100,14 +101,22 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     scaling = config.scaling()
+    plan = []
     for name, module in layers:
         layout = layout_of(module)
         assert layout is not None
-        w0 = layout.to_canonical(module.weight.detach())
-        reparam = spec.build(w0, rank=config.rank, scaling=scaling, options=options)
+        plan.append((name, module, layout, layout.to_canonical(module.weight.detach())))
+    shared = None
+    if spec.build_shared is not None:  # one state for all selected layers (see medlora.adapters.shared)
+        shared = spec.build_shared([(name, w0, config) for name, _, _, w0 in plan], config)
+    for name, module, layout, w0 in plan:
+        extra = {} if shared is None else {"shared": shared}
+        reparam = spec.build(w0, rank=config.rank, scaling=scaling, options=options, **extra)
         reparam.layout = layout
         reparam.config = config
         n_adapter = sum(p.numel() for p in reparam.parameters())
+        if shared is not None:
+            attach_shared(reparam, shared)
         if n_adapter >= module.weight.numel():
             warnings.warn(
                 f"{config.method} rank {config.rank} on {name} {tuple(module.weight.shape)}: "
@@ -115,6 +124,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 stacklevel=2,
             )
         parametrize.register_parametrization(module, "weight", reparam)
+        reparam.attach(module)
     return model
 
 
@@ -132,14 +142,16 @@ def merge(model: nn.Module) -> nn.Module:
             f"adapter method(s) {', '.join(unmergeable)} cannot be merged into plain layers "
             "(the update depends on the input); keep the adapters attached or remove() them"
         )
-    for _, module, _ in adapted:
+    for _, module, reparam in adapted:
+        reparam.detach(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Detach every adapter and restore the original weights ``W0`` (the adapters are discarded)."""
-    for _, module, _ in list(iter_adapters(model)):
+    for _, module, reparam in list(iter_adapters(model)):
+        reparam.detach(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
     return model
 
@@ -166,6 +178,8 @@ class ParameterReport:
     total_base_params: int = 0
     total_trainable_params: int = 0
     adapter_params: int = 0
+    # Trainable parameters shared by several layers (Uni-LoRA's global vector), counted once, not per layer.
+    shared_trainable_params: int = 0
 
     @property
     def percent(self) -> float:
@@ -177,6 +191,7 @@ class ParameterReport:
             "total_base_params": self.total_base_params,
             "total_trainable_params": self.total_trainable_params,
             "adapter_params": self.adapter_params,
+            "shared_trainable_params": self.shared_trainable_params,
             "percent": self.percent,
         }
 
@@ -187,6 +202,8 @@ class ParameterReport:
              f"{r.base_params:,}", f"{r.trainable_params:,}", f"{r.percent:.1f}")
             for r in self.layers
         ]
+        if self.shared_trainable_params:
+            rows.append(("(shared by the layers)", "", "", "", "", f"{self.shared_trainable_params:,}", ""))
         rows.append(("TOTAL (model)", "", "", "", f"{self.total_base_params:,}",
                      f"{self.total_trainable_params:,}", f"{self.percent:.2f}"))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
@@ -208,9 +225,13 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """
     report = ParameterReport()
     adapter_ids: set[int] = set()
-    for name, module, reparam in iter_adapters(model):
-        params = list(reparam.parameters())
-        adapter_ids.update(id(p) for p in params)
+    adapted = list(iter_adapters(model))
+    shared_ids = shared_parameter_ids(r for _, _, r in adapted)
+    for shared in shared_states(r for _, _, r in adapted):
+        report.shared_trainable_params += sum(p.numel() for p in shared.parameters() if p.requires_grad)
+    for name, module, reparam in adapted:
+        adapter_ids.update(id(p) for p in reparam.parameters())
+        params = [p for p in reparam.parameters() if id(p) not in shared_ids]
         w0 = base_weight(module)
         bias = getattr(module, "bias", None)
         report.layers.append(

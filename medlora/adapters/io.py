@@ -24,6 +24,7 @@ from ..errors import MedloraError
 from ..fileio import atomic_save_safetensors
 from .config import AdapterConfig
 from .inject import adapters_of, base_weight, inject, iter_adapters, remove
+from .shared import own_parameters, shared_states
 
 FORMAT = "medlora.adapter/1"
 
@@ -49,13 +50,30 @@ def base_fingerprint(model: nn.Module, layer_names: list[str] | None = None) -> 
     return digest.hexdigest()
 
 
+SHARED_PREFIX = "shared::"
+
+
+def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors an adapter file holds: ``<layer>.<name>`` for each layer's own parameters and the
+    buffers it lists in ``saved_buffers``, ``shared::<group>.<name>`` once per shared state."""
+    adapted = list(iter_adapters(model))
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, _, reparam in adapted:
+        for pname, p in own_parameters(reparam):
+            tensors[f"{layer}.{pname}"] = p
+        buffers = dict(reparam.named_buffers(recurse=False))
+        for bname in getattr(reparam, "saved_buffers", ()):
+            tensors[f"{layer}.{bname}"] = buffers[bname]
+    for index, shared in enumerate(shared_states(r for _, _, r in adapted)):
+        for name, t in shared.adapter_tensors():
+            tensors[f"{SHARED_PREFIX}{index}.{name}"] = t
+    return tensors
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<layer>.<adapter parameter>": tensor}`` for every adapter parameter of ``model``."""
-    return {
-        f"{layer}.{pname}": p.detach().contiguous().clone()
-        for layer, _, reparam in iter_adapters(model)
-        for pname, p in reparam.named_parameters()
-    }
+    """``{"<layer>.<adapter parameter>": tensor}`` for every adapter parameter of ``model`` (shared tensors
+    under ``shared::<group>.<name>``)."""
+    return {key: t.detach().contiguous().clone() for key, t in _adapter_tensors(model).items()}
 
 
 EXTRA_PREFIX = "extra::"
@@ -97,6 +115,10 @@ def save_adapter(
             "weight_shape": list(w0.shape),
             "base_sha256": weight_fingerprint(w0),
         }
+    groups = [
+        {"config": shared.config.to_dict(), "layers": list(shared.layer_names)}
+        for shared in shared_states(r for _, _, r in adapted)
+    ]
     meta = {
         "format": FORMAT,
         "medlora_version": __version__,
@@ -106,6 +128,8 @@ def save_adapter(
         "extra": extra_metadata or {},
         "extra_tensors": sorted(extra_tensors or []),
     }
+    if groups:
+        meta["shared"] = groups
     atomic_save_safetensors({**adapter_state(model), **extras}, path, {"format": "pt", "medlora": json.dumps(meta)})
     return path
 
@@ -185,8 +209,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         return model
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     try:
+        grouped: set[str] = set()
+        for group in meta.get("shared", []):
+            # A shared state spans exactly the layers of one inject call: rebuild it with one call again.
+            names = list(group["layers"])
+            grouped.update(names)
+            exact = AdapterConfig.from_dict({**group["config"], "targets": [f"re:{re.escape(n)}" for n in names],
+                                             "target_types": None, "exclude": None})
+            inject(model, exact)
+            for n in names:
+                reparam = adapters_of(modules[n])
+                reparam.config = AdapterConfig.from_dict(meta["configs"][layers[n]["config"]])
+            shared_states([adapters_of(modules[names[0]])])[0].config = AdapterConfig.from_dict(group["config"])
         for idx, cfg in enumerate(meta["configs"]):
-            names = [n for n, info in layers.items() if info["config"] == idx]
+            names = [n for n, info in layers.items() if info["config"] == idx and n not in grouped]
+            if not names:
+                continue
             saved = AdapterConfig.from_dict(cfg)
             exact = AdapterConfig.from_dict({**cfg, "targets": [f"re:{re.escape(n)}" for n in names],
                                              "target_types": None, "exclude": None})
@@ -212,10 +250,7 @@ def _copy_extras(model: nn.Module, extras: dict[str, torch.Tensor]) -> None:
 
 
 def _copy_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {}
-    for layer, _, reparam in iter_adapters(model):
-        for pname, p in reparam.named_parameters():
-            expected[f"{layer}.{pname}"] = p
+    expected = _adapter_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -1,0 +1,120 @@
+"""RandLoRA: a full-rank update from shared frozen random bases and small trainable diagonal scalings.
+
+Albert et al., "RandLoRA: Full-rank parameter-efficient fine-tuning of large models", ICLR 2025,
+arXiv 2502.00987. For a layer with canonical weight ``O x n`` (n = I*prod k), ``lo = min(O, n)``,
+``hi = max(O, n)`` and ``N = ceil(lo / r)`` bases (so that ``N r >= lo``: the update can reach full rank):
+
+    M  = sum_i B_i diag(lambda_i) A diag(gamma_i)        (hi x lo),     dW = s * M   (n <= O)
+                                                                        dW = s * M^T (n > O)
+
+with frozen random ``B_i: hi x r`` and one frozen random ``A: r x lo`` shared by the N bases (the authors' and
+PEFT's memory-saving choice), trainable ``lambda: r x N`` and ``gamma: N x lo``, ``s = alpha / r``. The bases
+are drawn once per ``inject`` at the largest shapes of the selected layers and sliced per layer, as PEFT's
+``randlora``: ``A`` is stored ``(r, 1, lo_max)``, ``B`` is ``(hi_max, N_max, r)``, and the i-th B basis pairs
+with the A rows in PEFT's flattening order (``B.flatten(1) @ (lambda[:, :, None] * A * gamma).flatten(0, 1)``;
+since the bases are i.i.d. random this is the paper's sum with the random columns relabelled). Defaults as
+PEFT: r = 32, alpha = 640 (s = 20), ``lambda = 0`` and ``gamma = 1 / max(N, lo)`` so training starts at ``W0``
+(the authors' code zeroes gamma and sets lambda constant instead: also ``W0``). Dense bases are kaiming-uniform
+(a = sqrt 5) drawn in bfloat16 from ``seed`` and divided by their standard deviation, the same numbers as PEFT
+for the same ``projection_prng_key``; ``sparse``/``very_sparse`` give ternary bases (density 1/3 and
+``1/sqrt(lo_max)``). PEFT's custom autograd function, which avoids storing the scaled A, is not used: autograd
+keeps the ``r x N x lo`` scaled basis, small for convolution kernels. Convolutions use the ``O x (I*prod k)``
+matricisation (PEFT's RandLoRA takes Linear only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..base import AdditiveReparam
+from ..config import AdapterConfig, option, register_method
+from ..shared import SharedState
+
+
+@dataclass
+class RandLoRAOptions:
+    seed: int = option(0, "seed of the shared frozen random bases (PEFT's projection_prng_key)")
+    sparse: bool = option(False, "ternary {-1, 0, 1} bases with density 1/3 (then divided by their std)")
+    very_sparse: bool = option(False, "ternary bases with density 1/sqrt(min dimension) (overrides sparse)")
+    save_projection: bool = option(True, "store the bases in adapter files; False: regenerate them from seed")
+
+
+def n_bases(out_features: int, in_features: int, rank: int) -> int:
+    return math.ceil(min(out_features, in_features) / rank)
+
+
+def _kaiming_bf16(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.bfloat16)
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+
+
+def _ternary(shape: tuple[int, ...], generator: torch.Generator, sparsity: float) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, dtype=torch.float32)
+    out = torch.zeros(shape, dtype=torch.float32)
+    out[u < 1 / (2 * sparsity)] = -1
+    out[u > 1 - 1 / (2 * sparsity)] = 1
+    return out
+
+
+def build_randlora_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], config: AdapterConfig) -> SharedState:
+    options = config.method_options()
+    like = layers[0][1]
+    rank = max(own.rank for _, _, own in layers)
+    fan_out = max(w0.shape[0] for _, w0, _ in layers)
+    fan_in = max(math.prod(w0.shape[1:]) for _, w0, _ in layers)
+    hi, lo = max(fan_out, fan_in), min(fan_out, fan_in)
+    n = math.ceil(lo / min(own.rank for _, _, own in layers))
+    generator = torch.Generator(device="cpu").manual_seed(options.seed)
+    if options.sparse or options.very_sparse:
+        sparsity = math.sqrt(lo) if options.very_sparse else 3
+        a = _ternary((rank, 1, lo), generator, sparsity)
+        b = _ternary((hi, n, rank), generator, sparsity)
+    else:
+        a = _kaiming_bf16((rank, 1, lo), generator)
+        b = torch.cat([_kaiming_bf16((hi, 1, rank), generator) for _ in range(n)], dim=1)
+    a, b = a / a.std(), b / b.std()
+    shared = SharedState(config, [name for name, _, _ in layers])
+    shared.register_buffer("randlora_A", a.to(like.device, like.dtype))
+    shared.register_buffer("randlora_B", b.to(like.device, like.dtype))
+    shared.saved_buffers = ("randlora_A", "randlora_B") if options.save_projection else ()
+    return shared
+
+
+@register_method(
+    "randlora",
+    options=RandLoRAOptions,
+    summary="RandLoRA: full-rank sum of shared frozen random bases with trainable diagonal scalings",
+    citation="Albert et al. 2025, arXiv 2502.00987",
+    alpha_over_rank=20.0,
+    trains="randlora_lambda (r x N), randlora_gamma (N x min(O, I*prod k)); bases frozen and shared",
+    shared=build_randlora_bases,
+)
+class RandLoRA(AdditiveReparam):
+    shared: SharedState
+
+    def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: RandLoRAOptions,
+                 shared: SharedState) -> None:
+        super().__init__(scaling)
+        self.rank, self.out_features, self.fan_in = rank, w0.shape[0], math.prod(w0.shape[1:])
+        lo = min(self.out_features, self.fan_in)
+        self.n_bases = n_bases(self.out_features, self.fan_in, rank)
+        factory = {"dtype": w0.dtype, "device": w0.device}
+        self.randlora_lambda = nn.Parameter(torch.zeros(rank, self.n_bases, **factory))
+        self.randlora_gamma = nn.Parameter(torch.full((self.n_bases, lo), 1 / max(self.n_bases, lo), **factory))
+
+    def delta(self, w0: torch.Tensor) -> torch.Tensor:
+        lo, hi = min(self.out_features, self.fan_in), max(self.out_features, self.fan_in)
+        a = self.shared.randlora_A[: self.rank, : self.n_bases, :lo]
+        b = self.shared.randlora_B[:hi, : self.n_bases, : self.rank]
+        scaled_a = self.randlora_lambda[:, :, None] * a * self.randlora_gamma[None]
+        m = b.flatten(1) @ scaled_a.flatten(0, 1)
+        if self.fan_in > self.out_features:
+            m = m.T
+        return (m * self.scaling).reshape(w0.shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bases={self.n_bases}"
