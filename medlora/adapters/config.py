@@ -167,6 +167,19 @@ class AdapterConfig:
     options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "method-specific options, see describe_method(method)"}
     )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "layer-name pattern -> rank for the layers it matches (as PEFT's rank_pattern); "
+                  "the first matching pattern wins"},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "layer-name pattern -> alpha (as PEFT's alpha_pattern)"}
+    )
+    options_pattern: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={"help": "layer-name pattern -> option overrides, e.g. {'mlp.*': {'svd_rank': 50}} for SALT's "
+                  "per-layer-type ranks"},
+    )
 
     def __post_init__(self) -> None:
         spec = get_method(self.method)
@@ -184,6 +197,17 @@ class AdapterConfig:
             raise ValueError(
                 f"unknown option(s) {', '.join(unknown)} for adapter method {self.method!r}; valid: {valid}"
             )
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.options_pattern = {k: dict(v) for k, v in (self.options_pattern or {}).items()}
+        for pattern, rank in self.rank_pattern.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"AdapterConfig.rank_pattern[{pattern!r}] must be a positive integer, got {rank!r}")
+        for pattern, overrides in self.options_pattern.items():
+            bad = sorted(set(overrides) - known)
+            if bad:
+                raise ValueError(f"unknown option(s) {', '.join(bad)} in options_pattern[{pattern!r}] for adapter "
+                                 f"method {self.method!r}; valid: {', '.join(sorted(known)) or 'none'}")
 
     @property
     def spec(self) -> MethodSpec:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,6 +87,27 @@ def select_layers(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn
     return selected
 
 
+def layer_config(config: AdapterConfig, name: str) -> AdapterConfig:
+    """The configuration of layer ``name``: rank, alpha and options from the first matching pattern of
+    ``rank_pattern``, ``alpha_pattern`` and ``options_pattern`` (the patterns themselves are dropped)."""
+    if not (config.rank_pattern or config.alpha_pattern or config.options_pattern):
+        return config
+
+    def first(patterns: dict[str, Any]) -> Any:
+        return next((v for p, v in patterns.items() if _matches(name, p)), None)
+
+    rank, alpha, options = first(config.rank_pattern), first(config.alpha_pattern), first(config.options_pattern)
+    return dataclasses.replace(
+        config,
+        rank=config.rank if rank is None else rank,
+        alpha=config.alpha if alpha is None else alpha,
+        options={**config.options, **(options or {})},
+        rank_pattern={},
+        alpha_pattern={},
+        options_pattern={},
+    )
+
+
 def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Freeze every base parameter of ``model`` and attach ``config``'s adapter to the selected layers.
 
@@ -93,33 +116,31 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     A layer can hold one adapter; calling ``inject`` again with other targets adds adapters there.
     """
     spec = config.spec
-    options = config.method_options()
     layers = select_layers(model, config)
     taken = [name for name, m in layers if adapters_of(m) is not None]
     if taken:
         raise ValueError(f"layer(s) already adapted: {', '.join(taken[:10])}; merge or remove them first")
     for p in model.parameters():
         p.requires_grad_(False)
-    scaling = config.scaling()
     plan = []
     for name, module in layers:
         layout = layout_of(module)
         assert layout is not None
-        plan.append((name, module, layout, layout.to_canonical(module.weight.detach())))
+        plan.append((name, module, layout, layout.to_canonical(module.weight.detach()), layer_config(config, name)))
     shared = None
     if spec.build_shared is not None:  # one state for all selected layers (see medlora.adapters.shared)
-        shared = spec.build_shared([(name, w0, config) for name, _, _, w0 in plan], config)
-    for name, module, layout, w0 in plan:
+        shared = spec.build_shared([(name, w0, own) for name, _, _, w0, own in plan], config)
+    for name, module, layout, w0, own in plan:
         extra = {} if shared is None else {"shared": shared}
-        reparam = spec.build(w0, rank=config.rank, scaling=scaling, options=options, **extra)
+        reparam = spec.build(w0, rank=own.rank, scaling=own.scaling(), options=own.method_options(), **extra)
         reparam.layout = layout
-        reparam.config = config
+        reparam.config = own
         n_adapter = sum(p.numel() for p in reparam.parameters())
         if shared is not None:
             attach_shared(reparam, shared)
         if n_adapter >= module.weight.numel():
             warnings.warn(
-                f"{config.method} rank {config.rank} on {name} {tuple(module.weight.shape)}: "
+                f"{config.method} rank {own.rank} on {name} {tuple(module.weight.shape)}: "
                 f"{n_adapter} adapter parameters >= the layer's {module.weight.numel()} weights",
                 stacklevel=2,
             )

@@ -522,6 +522,10 @@ class SamSegmenter(Sam):
             repeated three times).
         input_window: the HU range that the data pipeline scaled to [0, 1] (``data.hu_window``).
         checkpoint: an official/MedSAM checkpoint (plain state dict or ``{"model": ...}``) to load.
+        box_jitter: training boxes derived from labels are enlarged by a random 0..``box_jitter`` pixels per
+            side (MedSAM jitters by up to 20 px at 1024 px).
+        box_full_prob: share of training slices prompted with the whole-slice box instead of the label's box
+            (always for slices without foreground), so that inference without boxes stays in distribution.
         spatial_dims, in_channels: accepted for the registry's conventions; must be 2 and 1.
     """
 
@@ -534,6 +538,8 @@ class SamSegmenter(Sam):
         windows: Sequence[Sequence[float]] = DEFAULT_CT_WINDOWS,
         input_window: Sequence[float] = DEFAULT_INPUT_WINDOW,
         checkpoint: str | None = None,
+        box_jitter: float = 5.0,
+        box_full_prob: float = 0.5,
         spatial_dims: int = 2,
         in_channels: int = 1,
         **overrides: Any,
@@ -560,6 +566,7 @@ class SamSegmenter(Sam):
         self.image_size = cfg["image_size"]
         self.windows = [(float(level), float(width)) for level, width in windows]
         self.input_window = (float(input_window[0]), float(input_window[1]))
+        self.box_jitter, self.box_full_prob = float(box_jitter), float(box_full_prob)
         if checkpoint:
             from .weights import load_weights
 
@@ -583,6 +590,26 @@ class SamSegmenter(Sam):
     def full_boxes(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         return x.new_tensor([0.0, 0.0, w - 1.0, h - 1.0]).expand(x.shape[0], 4)
+
+    def training_boxes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Box prompts (N, 4) for training slices from their (N, 1, H, W) labels: the foreground's bounding
+        box enlarged by a random jitter, or the whole slice (empty slices; ``box_full_prob`` of the others)."""
+        n, _, h, w = labels.shape
+        boxes = self.full_boxes(labels.float())
+        fg = labels[:, 0] > 0
+        use_label = fg.flatten(1).any(1) & (torch.rand(n, device=labels.device) >= self.box_full_prob)
+        rows, cols = fg.any(2), fg.any(1)  # (N, H), (N, W)
+        out = []
+        for i in range(n):
+            if not use_label[i]:
+                out.append(boxes[i])
+                continue
+            ys, xs = rows[i].nonzero()[:, 0], cols[i].nonzero()[:, 0]
+            box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).to(boxes.dtype)
+            shift = torch.rand(4, device=labels.device, dtype=boxes.dtype) * self.box_jitter
+            box = box + shift * box.new_tensor([-1.0, -1.0, 1.0, 1.0])
+            out.append(torch.minimum(torch.maximum(box, box.new_zeros(4)), box.new_tensor([w - 1.0, h - 1.0] * 2)))
+        return torch.stack(out)
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 1:

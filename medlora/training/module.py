@@ -176,7 +176,11 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
-        loss = self.loss_fn(self.model(image), label)
+        if getattr(self.model, "prompt", None) == "box":  # promptable backbones (SAM): boxes from the labels
+            logits = self.model(image, boxes=self.model.training_boxes(label))
+        else:
+            logits = self.model(image)
+        loss = self.loss_fn(logits, label)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
         return loss
 
@@ -190,6 +194,7 @@ class SegmentationModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
+        self.check_input_window()
         if self.trainer.is_global_zero and self.is_adapter_run:
             report = parameter_report(self.model)
             rank_zero_info(f"adapters: {len(report.layers)} layers, {report.total_trainable_params:,} trainable of "
@@ -199,6 +204,16 @@ class SegmentationModule(pl.LightningModule):
         self.fit_seconds = time.perf_counter() - self._fit_start
         if self.is_adapter_run and self.trainer.is_global_zero:
             self.write_adapter(self.adapter_file())
+
+    def check_input_window(self) -> None:
+        """A backbone that maps intensities back to HU (SAM's CT windows) must see the data's HU window."""
+        expected = getattr(self.model, "input_window", None)
+        window = self.preprocessing()["hu_window"]
+        if expected is not None and [float(v) for v in window] != [float(v) for v in expected]:
+            raise ValueError(
+                f"data.hu_window {list(window)} differs from the backbone's input_window {list(expected)}: set both "
+                "to the same HU range (SAM configs use [-1024, 3071] and window inside the model)"
+            )
 
     # ------------------------------------------------------------------------------------ adapter files
 

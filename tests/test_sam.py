@@ -1,0 +1,289 @@
+"""SAM backbone: official key layout and outputs, checkpoint adaptation, the CT wrapper, adapters on it."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medlora.adapters import AdapterConfig, inject, iter_adapters, load_adapter, merge, parameter_report, save_adapter
+from medlora.models import create_model, group_parameters
+from medlora.models.sam import SamSegmenter
+from medlora.models.weights import WeightsError, load_weights
+
+
+def official_modeling():
+    """``segment_anything.modeling`` without the package ``__init__`` (which imports torchvision)."""
+    loaded = sys.modules.get("segment_anything.modeling")  # MONAI's optional imports may have loaded it already
+    if loaded is not None and hasattr(loaded, "Sam"):
+        return loaded
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None:
+        pytest.skip("segment-anything (the official implementation) is not installed")
+    for name in [n for n in sys.modules if n == "segment_anything" or n.startswith("segment_anything.")]:
+        del sys.modules[name]
+    pkg = types.ModuleType("segment_anything")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["segment_anything"] = pkg
+    import segment_anything.modeling as modeling
+
+    return modeling
+
+
+def official_tiny(num_multimask_outputs: int = 3):
+    """The official classes configured like our ``tiny`` variant."""
+    m = official_modeling()
+    size, patch, dim = 64, 8, 32
+    return m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            img_size=size, patch_size=patch, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4, out_chans=dim,
+            qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, global_attn_indexes=(1, 3),
+            window_size=4,
+        ),
+        prompt_encoder=m.PromptEncoder(embed_dim=dim, image_embedding_size=(size // patch,) * 2,
+                                       input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=num_multimask_outputs, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+        ),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+    ).eval()
+
+
+def randomise(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial values everywhere (official inits leave zeros, e.g. relative positions)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_same_outputs_as_official_implementation() -> None:
+    official = official_tiny()
+    randomise(official)
+    ours = SamSegmenter("tiny", num_classes=3).eval()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    boxes = torch.tensor([[5.0, 7.0, 40.0, 50.0]])
+    points = (torch.tensor([[[10.0, 12.0], [30.0, 33.0]]]), torch.tensor([[1, 0]]))
+    mask = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        emb = official.image_encoder(x)
+        torch.testing.assert_close(ours.image_encoder(x), emb, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.prompt_encoder.get_dense_pe(), official.prompt_encoder.get_dense_pe())
+        for prompts in ({"points": None, "boxes": boxes, "masks": None},
+                        {"points": points, "boxes": None, "masks": None},
+                        {"points": points, "boxes": boxes, "masks": mask},
+                        {"points": None, "boxes": None, "masks": None}):
+            sparse, dense = official.prompt_encoder(**prompts)
+            sparse_ours, dense_ours = ours.prompt_encoder(**prompts)
+            torch.testing.assert_close(sparse_ours, sparse)
+            torch.testing.assert_close(dense_ours, dense)
+            for multimask in (True, False):
+                expected = official.mask_decoder(emb[:1], official.prompt_encoder.get_dense_pe(), sparse, dense,
+                                                 multimask)
+                got = ours.mask_decoder(emb[:1], ours.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
+                torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-4)
+
+
+def vit_b_reference_shapes() -> dict[str, tuple[int, ...]]:
+    """Some ViT-B checkpoint shapes, written down from the official layout (not from our model)."""
+    shapes = {
+        "image_encoder.patch_embed.proj.weight": (768, 3, 16, 16),
+        "image_encoder.pos_embed": (1, 64, 64, 768),
+        "image_encoder.neck.0.weight": (256, 768, 1, 1),
+        "image_encoder.neck.2.weight": (256, 256, 3, 3),
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix": (2, 128),
+        "prompt_encoder.mask_downscaling.0.weight": (4, 1, 2, 2),
+        "mask_decoder.mask_tokens.weight": (4, 256),
+        "mask_decoder.iou_token.weight": (1, 256),
+        "mask_decoder.output_upscaling.0.weight": (256, 64, 2, 2),
+        "mask_decoder.output_hypernetworks_mlps.3.layers.2.weight": (32, 256),
+        "mask_decoder.iou_prediction_head.layers.2.weight": (4, 256),
+        "mask_decoder.transformer.layers.1.cross_attn_token_to_image.q_proj.weight": (128, 256),
+        "mask_decoder.transformer.final_attn_token_to_image.out_proj.weight": (256, 128),
+    }
+    for i in range(12):
+        rel = 127 if i in (2, 5, 8, 11) else 27  # global blocks see 64x64 tokens, the others 14x14 windows
+        shapes[f"image_encoder.blocks.{i}.attn.qkv.weight"] = (2304, 768)
+        shapes[f"image_encoder.blocks.{i}.attn.rel_pos_h"] = (rel, 64)
+        shapes[f"image_encoder.blocks.{i}.mlp.lin1.weight"] = (3072, 768)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def vit_b_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A randomly initialised ViT-B checkpoint in the official layout, as a plain state dict and in MedSAM's
+    ``{"model": ...}`` wrapping with DDP ``module.`` prefixes."""
+    folder = tmp_path_factory.mktemp("sam")
+    try:
+        modeling = official_modeling()
+        from segment_anything.build_sam import build_sam_vit_b
+
+        assert modeling is not None
+        state = build_sam_vit_b(checkpoint=None).state_dict()
+    except pytest.skip.Exception:
+        state = SamSegmenter("vit_b").state_dict()  # still checks our own layout against the written shapes
+    plain, medsam = folder / "sam_vit_b.pth", folder / "medsam_vit_b.pth"
+    torch.save(state, plain)
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, medsam)
+    return {"plain": plain, "medsam": medsam}  # the plain layout is loaded by the tiny-model tests
+
+
+def test_vit_b_checkpoint_loads_strictly(vit_b_files: dict[str, Path]) -> None:
+    state = torch.load(vit_b_files["plain"], weights_only=True)
+    for key, shape in vit_b_reference_shapes().items():
+        assert tuple(state[key].shape) == shape, key
+    # SAM ViT-B: 93,735,472 parameters + the 2 x 128 random Fourier matrix (a buffer)
+    assert sum(v.numel() for v in state.values()) == 93_735_472 + 256
+    model = create_model("sam", variant="vit_b", prompt="box", checkpoint=str(vit_b_files["medsam"]))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_checkpoint_for_other_size_and_head_is_adapted(tmp_path: Path) -> None:
+    source = SamSegmenter("tiny", num_classes=3)
+    randomise(source, seed=1)
+    path = tmp_path / "tiny.pth"
+    torch.save(source.state_dict(), path)
+    target = SamSegmenter("tiny", image_size=128, num_classes=1)
+    fresh_tokens = target.mask_decoder.mask_tokens.weight.detach().clone()
+    load_weights(target, path)
+    own, src = target.state_dict(), source.state_dict()
+    # pos_embed: 8x8 -> 16x16 tokens, bilinear (checked against an explicit interpolation of one channel)
+    pe = src["image_encoder.pos_embed"]
+    expected = F.interpolate(pe[..., 5][None], size=(16, 16), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(own["image_encoder.pos_embed"][..., 5], expected)
+    # global blocks (1, 3): tables for 2*16-1 offsets; windowed blocks keep their 2*4-1
+    assert own["image_encoder.blocks.1.attn.rel_pos_h"].shape == (31, 32)
+    assert torch.equal(own["image_encoder.blocks.0.attn.rel_pos_h"], src["image_encoder.blocks.0.attn.rel_pos_h"])
+    table = src["image_encoder.blocks.3.attn.rel_pos_w"]
+    for j in (0, 15, 30):  # linear interpolation along the offset axis, sample by sample
+        pos = (j + 0.5) * table.shape[0] / 31 - 0.5
+        lo = min(max(math.floor(pos), 0), table.shape[0] - 1)
+        hi, frac = min(lo + 1, table.shape[0] - 1), min(max(pos - lo, 0.0), 1.0)
+        expected_row = table[lo] * (1 - frac) + table[hi] * frac
+        torch.testing.assert_close(own["image_encoder.blocks.3.attn.rel_pos_w"][j], expected_row)
+    # 2 mask tokens instead of 4: the head stays as initialised, the rest is the checkpoint's
+    assert torch.equal(target.mask_decoder.mask_tokens.weight, fresh_tokens)
+    assert torch.equal(own["mask_decoder.transformer.layers.0.norm1.weight"],
+                       src["mask_decoder.transformer.layers.0.norm1.weight"])
+    assert target(torch.rand(1, 1, 40, 40)).shape == (1, 1, 40, 40)
+
+
+def test_wrong_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "unet.pt"
+    torch.save(create_model("mv_unet", spatial_dims=2, level=1, width=4).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"unet\.pt: weights do not fit this model"):
+        create_model("sam", variant="tiny", checkpoint=str(path))
+
+
+def test_ct_windows_and_output_geometry() -> None:
+    model = SamSegmenter("tiny", windows=[[40, 80], [80, 200], [600, 2800]], input_window=[-1024, 3071]).eval()
+    hu = torch.tensor([-1024.0, 0.0, 20.0, 40.0, 100.0, 180.0, 1000.0, 3071.0])
+    x = ((hu + 1024) / 4095).view(1, 1, 1, -1)
+    chans = model.window_channels(x)[0, :, 0]
+    for c, (level, width) in enumerate([(40, 80), (80, 200), (600, 2800)]):
+        lo = level - width / 2
+        expected = [min(max((v - lo) / width, 0.0), 1.0) for v in hu.tolist()]
+        torch.testing.assert_close(chans[c], torch.tensor(expected), atol=1e-5, rtol=0)
+    out = model(torch.rand(3, 1, 48, 40))
+    assert out.shape == (3, 1, 48, 40)
+    single = SamSegmenter("tiny", windows=[[40, 80]])
+    assert torch.equal(single.window_channels(x)[0, 0], single.window_channels(x)[0, 2])
+    with pytest.raises(ValueError, match="spatial_dims=3"):
+        SamSegmenter("tiny", spatial_dims=3)
+    with pytest.raises(ValueError, match="num_classes must be 1"):
+        SamSegmenter("tiny", prompt="box", num_classes=2)
+
+
+def test_box_mode_scales_boxes_to_the_encoder_and_defaults_to_the_whole_slice() -> None:
+    torch.manual_seed(0)
+    model = SamSegmenter("tiny", prompt="box").eval()
+    randomise(model, seed=2)
+    x = torch.rand(2, 1, 32, 32)
+    boxes = torch.tensor([[4.0, 6.0, 20.0, 24.0], [0.0, 0.0, 31.0, 31.0]])
+    with torch.no_grad():
+        out = model(x, boxes=boxes)
+        # by hand: encoder at 64 px, boxes scaled by 64/32, official single-mask output, upsampled to 32 px
+        emb = model.image_encoder(model.encoder_input(x))
+        sparse, dense = model.prompt_encoder(None, boxes * 2, None)
+        masks, _ = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
+        torch.testing.assert_close(out, F.interpolate(masks, size=(32, 32), mode="bilinear", align_corners=False))
+        torch.testing.assert_close(model(x)[1:], out[1:])  # no boxes: the whole slice
+    labels = torch.zeros(3, 1, 32, 32)
+    labels[0, 0, 10:15, 5:9] = 1
+    model.box_full_prob, model.box_jitter = 0.0, 0.0
+    got = model.training_boxes(labels)
+    assert got[0].tolist() == [5.0, 10.0, 8.0, 14.0]  # x0, y0, x1, y1 of the foreground
+    assert got[1].tolist() == [0.0, 0.0, 31.0, 31.0]  # empty slice: whole-slice box
+
+
+SAM_LAYERS = ["image_encoder.blocks.*.attn.qkv", "image_encoder.blocks.*.attn.proj",
+              "image_encoder.blocks.*.mlp.lin1", "image_encoder.blocks.*.mlp.lin2"]
+
+
+def test_salt_with_per_layer_type_ranks_and_the_trainable_report(tmp_path: Path) -> None:
+    model = SamSegmenter("tiny")
+    other = copy.deepcopy(model)
+    config = AdapterConfig("salt", rank=4, targets=SAM_LAYERS, options={"svd_rank": 16},
+                           options_pattern={"image_encoder.blocks.*.mlp.*": {"svd_rank": 8}})
+    inject(model, config)
+    for p in group_parameters(model, "norms+pos_embed"):
+        p.requires_grad_(True)
+    ranks = {name: r.svd_rank for name, _, r in iter_adapters(model)}
+    assert len(ranks) == 16
+    assert all(r == (8 if ".mlp." in name else 16) for name, r in ranks.items())
+    report = parameter_report(model)
+    k_attn, k_mlp = 64, 64  # min(O, I) of every adapted layer of the tiny model
+    per_block = 2 * (2 * 16 + 2 * 4 * (k_attn - 16)) + 2 * (2 * 8 + 2 * 4 * (k_mlp - 8))
+    assert report.adapter_params == 4 * per_block
+    norms_and_pe = sum(p.numel() for p in group_parameters(model, "norms+pos_embed"))
+    assert report.total_trainable_params == 4 * per_block + norms_and_pe
+    with torch.no_grad():
+        for _, _, reparam in iter_adapters(model):
+            reparam.salt_shift.add_(0.01)
+    save_adapter(model, tmp_path / "salt.safetensors")
+    load_adapter(other, tmp_path / "salt.safetensors")
+    assert {n: r.svd_rank for n, _, r in iter_adapters(other)} == ranks
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+
+
+def test_samed_qv_lora_matches_the_per_projection_formula() -> None:
+    torch.manual_seed(0)
+    model = SamSegmenter("tiny").eval()
+    qkv = model.image_encoder.blocks[0].attn.qkv
+    w0, b0 = qkv.weight.detach().clone(), qkv.bias.detach().clone()
+    inject(model, AdapterConfig("lora", rank=2, alpha=2, targets=SAM_LAYERS[:1],
+                                options={"fused_outputs": 3, "adapt_outputs": [0, 2]}))
+    reparam = dict((n, r) for n, _, r in iter_adapters(model))["image_encoder.blocks.0.attn.qkv"]
+    with torch.no_grad():
+        reparam.lora_B.normal_()
+    a_q, a_v = reparam.lora_A[:2], reparam.lora_A[2:]
+    b_q, b_v = reparam.lora_B[:64], reparam.lora_B[64:]
+    x = torch.randn(5, 64)
+    base = x @ w0.T + b0
+    expected = torch.cat([base[:, :64] + x @ a_q.T @ b_q.T, base[:, 64:128], base[:, 128:] + x @ a_v.T @ b_v.T], 1)
+    torch.testing.assert_close(qkv(x), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert reparam.lora_A.numel() + reparam.lora_B.numel() == 2 * 2 * (64 + 64)
+    loss = qkv(x).square().sum()
+    loss.backward()
+    assert qkv.parametrizations.weight.original.grad is None
+    merged = qkv(x).detach()
+    merge(model)
+    torch.testing.assert_close(model.image_encoder.blocks[0].attn.qkv(x), merged)
+    with pytest.raises(ValueError, match="adapt_outputs"):
+        inject(SamSegmenter("tiny"), AdapterConfig("dora", rank=2, targets=SAM_LAYERS[:1],
+                                                    options={"fused_outputs": 5, "adapt_outputs": [0]}))
