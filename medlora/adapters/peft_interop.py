@@ -8,6 +8,10 @@ de-facto adapter format. Tensor keys are ``base_model.model.<module path>.lora_A
 magnitude (shape ``(O,)`` for Linear, ``(1, O, 1, ..)`` for convolutions) is the same per-output-channel
 vector. Nothing here imports PEFT: files are written and read directly, so PEFT is needed only by
 whoever loads them there.
+
+PEFT's ``vera``, ``randlora`` and ``unilora`` formats (peft 0.21) are covered too, for Linear and transformers'
+Conv1D layers (the only layers PEFT gives these methods); see the section at the end of this module. Convolutions
+adapted with them in medlora raise a ``ValueError`` on export: PEFT has no such layer to load them into.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ..fileio import atomic_save_safetensors, atomic_write_bytes
 from .config import AdapterConfig
 from .inject import iter_adapters
 from .io import AdapterFileError
+from .layout import _is_hf_conv1d
+from .shared import shared_states
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -62,7 +68,7 @@ def _peft_compatible(name: str, module: nn.Module) -> str | None:
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's ``lora``/``dora`` adapters as a PEFT adapter directory.
+    """Write the model's ``lora``/``dora`` (or ``vera``/``randlora``/``unilora``) adapters as a PEFT directory.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` on the same base model then computes the same
     outputs. Layers or methods PEFT cannot represent raise ``ValueError`` naming the layer.
@@ -72,9 +78,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     if not adapted:
         raise ValueError("the model has no adapters to export")
     methods = {r.config.method for _, _, r in adapted}
+    if len(methods) == 1 and next(iter(methods)) in _SHARED_METHODS:
+        config, tensors = _export_shared(adapted, next(iter(methods)))
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, {"format": "pt"})
+        atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        return directory
     if not methods <= set(_PEFT_METHODS) or len(methods) > 1:
         raise ValueError(
-            f"PEFT export supports one of {sorted(_PEFT_METHODS)} per file; this model holds {sorted(methods)}"
+            f"PEFT export supports one of {sorted(_PEFT_METHODS)} (or of {sorted(_SHARED_METHODS)}) per file; "
+            f"this model holds {sorted(methods)}"
         )
     rslora = {r.config.use_rslora for _, _, r in adapted}
     if len(rslora) > 1:
@@ -141,7 +154,7 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Attach the LoRA/DoRA adapter of a PEFT adapter directory to ``model`` (the plain base model).
+    """Attach the LoRA/DoRA (or VeRA, RandLoRA, Uni-LoRA) adapter of a PEFT directory to ``model`` (the plain base).
 
     The adapted model then computes what ``peft.PeftModel.from_pretrained(model, directory)`` computes.
     Only safetensors files are read (a pickled ``adapter_model.bin`` is refused).
@@ -158,8 +171,12 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path}: invalid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters import")
+    peft_type = config.get("peft_type")
+    if peft_type in _SHARED_TYPES:
+        return _import_shared(model, config, _read_peft_tensors(weights_path), config_path, weights_path)
+    if peft_type != "LORA":
+        raise AdapterFileError(f"{config_path}: peft_type {peft_type!r}; LORA, VERA, RANDLORA and UNILORA adapters "
+                               "import")
     for key, allowed in _UNSUPPORTED_KEYS.items():
         if config.get(key, allowed[0]) not in allowed:
             raise AdapterFileError(f"{config_path}: {key}={config[key]!r} is not supported by medlora")
@@ -219,4 +236,198 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                 target.copy_(source.reshape(target.shape))
             if use_dora:
                 reparam.magnitude.copy_(parts["lora_magnitude_vector"].reshape(-1))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VeRA, RandLoRA and Uni-LoRA (PEFT 0.21 ``peft_type`` VERA, RANDLORA, UNILORA)
+#
+# Their math is the same in both libraries (see the method modules): VeRA ``(lambda_b B) (lambda_d A)`` with no
+# scale, RandLoRA ``s B.flatten(1) @ (lambda A gamma).flatten(0, 1)`` (transposed when in > out), Uni-LoRA
+# ``B @ A`` read from one vector. PEFT applies them to Linear and transformers' Conv1D only, so only those layers
+# export; all layers must come from one ``inject`` call (one shared state) with one rank. Shared tensors are
+# written as PEFT writes them (``base_model.vera_A``, ``base_model.randlora_A`` plus its per-layer copies,
+# ``base_model.unilora_theta_d``); exports always include the bases (``save_projection``) and Uni-LoRA's
+# indices and scales (``save_indices``), so the file does not depend on either library's random generators.
+# Imports without them regenerate them from the seed, which gives PEFT's numbers (same generator calls).
+
+_SHARED_METHODS = {"vera": "VERA", "randlora": "RANDLORA", "unilora": "UNILORA"}
+_SHARED_TYPES = {v: k for k, v in _SHARED_METHODS.items()}
+_PER_LAYER_KEYS = {
+    "vera": ("vera_lambda_b", "vera_lambda_d"),
+    "randlora": ("randlora_lambda", "randlora_gamma"),
+    "unilora": ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
+}
+_GLOBAL_KEYS = {"vera": ("vera_A", "vera_B"), "randlora": ("randlora_A", "randlora_B"), "unilora": ("unilora_theta_d",)}
+_PEFT_DEFAULT_RANK = {"vera": 256, "randlora": 32, "unilora": 4}
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
+
+def _export_shared(adapted: list, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    problems = [f"{name}: PEFT's {method} adapts Linear and transformers' Conv1D only, not "
+                f"{type(m).__name__.replace('Parametrized', '')}" for name, m, _ in adapted if not _linear_like(m)]
+    if problems:
+        raise ValueError("cannot export to PEFT: " + "; ".join(problems[:5]))
+    names = [name for name, _, _ in adapted]
+    states = shared_states(r for _, _, r in adapted)
+    if len(states) != 1 or states[0].layer_names != names:
+        raise ValueError(f"PEFT export of {method} needs every adapted layer to come from one inject() call "
+                         f"(one shared state); this model holds {len(states)}")
+    cfgs = [r.config for _, _, r in adapted]
+    ranks = {c.rank for c in cfgs}
+    options = {json.dumps(c.to_dict()["options"], sort_keys=True) for c in cfgs}
+    alphas = {c.resolved_alpha() for c in cfgs}
+    if len(ranks) > 1 or len(options) > 1 or len(alphas) > 1:
+        raise ValueError(f"PEFT's {method} has one rank, alpha and option set for all layers; this model has ranks "
+                         f"{sorted(ranks)}, alphas {sorted(alphas)}")
+    if any(c.use_rslora for c in cfgs):
+        raise ValueError(f"PEFT's {method} has no rsLoRA scale")
+    kinds = {_is_hf_conv1d(m) for _, m, _ in adapted}
+    if len(kinds) > 1:
+        raise ValueError("PEFT export needs all layers to be nn.Linear or all transformers Conv1D (fan_in_fan_out)")
+    opts = cfgs[0].method_options()
+    shared = states[0]
+    config: dict[str, Any] = {
+        "peft_type": _SHARED_METHODS[method],
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": cfgs[0].rank,
+        "target_modules": "^(" + "|".join(re.escape(n) for n in names) + ")$",
+        "fan_in_fan_out": kinds.pop(),
+        "bias": "none",
+        "modules_to_save": None,
+        "init_weights": True,
+        "inference_mode": True,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+
+    def put(key: str, value: torch.Tensor) -> None:
+        tensors[key] = value.detach().clone().contiguous()  # safetensors refuses shared storage
+
+    if method in ("vera", "randlora"):
+        config.update(projection_prng_key=opts.seed, save_projection=True)
+        if method == "vera":
+            config.update(vera_dropout=0.0, d_initial=opts.d_initial)
+        else:
+            config.update(randlora_alpha=cfgs[0].resolved_alpha(), randlora_dropout=0.0, sparse=opts.sparse,
+                          very_sparse=opts.very_sparse)
+        for name, _, reparam in adapted:
+            for key in _PER_LAYER_KEYS[method]:
+                put(f"{PREFIX}{name}.{key}", getattr(reparam, key))
+            if method == "randlora":  # PEFT also writes each layer's view of the shared bases
+                for key in _GLOBAL_KEYS[method]:
+                    put(f"{PREFIX}{name}.{key}", getattr(shared, key))
+        for key in _GLOBAL_KEYS[method]:
+            put(f"base_model.{key}", getattr(shared, key))
+    else:
+        config.update(theta_d_length=opts.theta_d_length, proj_seed=opts.seed, init_theta_d_bound=opts.init_bound,
+                      save_indices=True, unilora_dropout=0.0)
+        put("base_model.unilora_theta_d", shared.unilora_theta_d)
+        for name, _, reparam in adapted:
+            start, stop = reparam.offset, reparam.offset + reparam.size_A + reparam.size_B
+            idx_a, idx_b = shared.unilora_indices[start:stop].split([reparam.size_A, reparam.size_B])
+            sc_a, sc_b = shared.unilora_scales[start:stop].split([reparam.size_A, reparam.size_B])
+            put(f"{PREFIX}{name}.unilora_indices_A", idx_a.view(reparam.rank, reparam.fan_in))
+            put(f"{PREFIX}{name}.unilora_indices_B", idx_b.view(-1, reparam.rank))
+            put(f"{PREFIX}{name}.unilora_scales_A", sc_a.view(reparam.rank, reparam.fan_in))
+            put(f"{PREFIX}{name}.unilora_scales_B", sc_b.view(-1, reparam.rank))
+    return config, tensors
+
+
+def _read_peft_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise AdapterFileError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+
+
+def _peft_target_names(model: nn.Module, target_modules: Any) -> list[str]:
+    """PEFT's matching (``check_target_module_exists``) over the Linear/Conv1D layers of ``model``."""
+    names = [n for n, m in model.named_modules() if n and _linear_like(m)]
+    if isinstance(target_modules, str):
+        return [n for n in names if re.fullmatch(target_modules, n)]
+    wanted = list(target_modules or [])
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _import_shared(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   config_path: Path, weights_path: Path) -> nn.Module:
+    method = _SHARED_TYPES[config["peft_type"]]
+    for key, allowed in (("modules_to_save", (None, [])), ("bias", ("none",)), ("layers_to_transform", (None,)),
+                         ("exclude_modules", (None, [], ""))):
+        if config.get(key, allowed[0]) not in allowed:
+            raise AdapterFileError(f"{config_path}: {key}={config[key]!r} is not supported by medlora")
+    per_layer_keys, global_keys = _PER_LAYER_KEYS[method], _GLOBAL_KEYS[method]
+    pattern = re.compile(r"^base_model\.model\.(.+)\.(" + "|".join(per_layer_keys + global_keys) + r")$")
+    per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    shared_tensors: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        match = pattern.match(key)
+        if key.startswith("base_model.") and key[len("base_model."):] in global_keys:
+            shared_tensors[key[len("base_model."):]] = value
+        elif match is not None and match.group(2) in per_layer_keys:
+            per_layer[match.group(1)][match.group(2)] = value
+        elif match is None:  # (a per-layer copy of a shared basis, as RandLoRA writes, is skipped)
+            raise AdapterFileError(f"{weights_path}: unexpected tensor {key!r} for a {config['peft_type']} adapter")
+    modules = dict(model.named_modules())
+    order = [n for n in modules if n in per_layer]
+    if method == "unilora" and not per_layer:  # indices not saved: the layers come from target_modules
+        order = _peft_target_names(model, config.get("target_modules"))
+    missing = sorted(set(per_layer) - set(modules))
+    if missing:
+        raise AdapterFileError(f"{weights_path}: adapter targets layer {missing[0]!r}, which this model does not have")
+    if not order:
+        raise AdapterFileError(f"{weights_path}: no layer of this model is targeted by the adapter")
+    for name in order:
+        if not _linear_like(modules[name]):
+            raise AdapterFileError(f"{weights_path}: {name} is a {type(modules[name]).__name__}; PEFT's {method} "
+                                   "adapts Linear and transformers' Conv1D only")
+        if per_layer and set(per_layer[name]) != set(per_layer_keys):
+            raise AdapterFileError(f"{weights_path}: layer {name!r} has tensors {sorted(per_layer[name])}, "
+                                   f"expected {sorted(per_layer_keys)}")
+    rank = int(config.get("r", _PEFT_DEFAULT_RANK[method]))
+    alpha = None
+    if method == "vera":
+        options = {"seed": config.get("projection_prng_key", 0), "d_initial": config.get("d_initial", 0.1),
+                   "save_projection": bool(config.get("save_projection", True))}
+    elif method == "randlora":
+        options = {"seed": config.get("projection_prng_key", 0), "sparse": bool(config.get("sparse", False)),
+                   "very_sparse": bool(config.get("very_sparse", False)),
+                   "save_projection": bool(config.get("save_projection", True))}
+        alpha = float(config.get("randlora_alpha", 640))
+    else:
+        options = {"theta_d_length": config.get("theta_d_length", 256), "seed": config.get("proj_seed", 42),
+                   "init_bound": config.get("init_theta_d_bound", 0.02),
+                   "save_indices": bool(config.get("save_indices", False))}
+    from .inject import inject
+
+    inject(model, AdapterConfig(method=method, rank=rank, alpha=alpha, options=options,
+                                targets=[f"re:{re.escape(n)}" for n in order]))
+    adapted = [(n, m, r) for n, m, r in iter_adapters(model) if n in set(order)]
+    shared = shared_states(r for _, _, r in adapted)[0]
+
+    def copy(target: torch.Tensor, source: torch.Tensor, what: str) -> None:
+        if tuple(source.shape) != tuple(target.shape):
+            raise AdapterFileError(f"{weights_path}: {what} has shape {tuple(source.shape)}, expected "
+                                   f"{tuple(target.shape)} (different rank, seed-sized bases or layer set)")
+        target.copy_(source)
+
+    with torch.no_grad():
+        for key, value in shared_tensors.items():
+            copy(getattr(shared, key), value, f"base_model.{key}")
+        if method == "unilora":
+            if per_layer:
+                parts = [per_layer[n] for n, _, _ in adapted]
+                indices = torch.cat([p[f"unilora_indices_{f}"].flatten() for p in parts for f in "AB"])
+                scales = torch.cat([p[f"unilora_scales_{f}"].flatten() for p in parts for f in "AB"])
+                copy(shared.unilora_indices, indices, "unilora_indices")
+                copy(shared.unilora_scales, scales.to(shared.unilora_scales.dtype), "unilora_scales")
+        else:
+            for name, _, reparam in adapted:
+                for key in per_layer_keys:
+                    copy(getattr(reparam, key), per_layer[name][key], f"{name}.{key}")
     return model
