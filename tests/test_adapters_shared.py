@@ -495,6 +495,18 @@ def test_flylora_round_trip_and_remove(tmp_path):
     assert torch.equal(model(x), base(x))  # the forward hooks are gone too
 
 
-def test_flylora_refuses_grouped_conv():
+def test_flylora_refuses_grouped_and_transposed_conv_without_half_adapting():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="groups=2"):
-        inject(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), AdapterConfig("flylora", rank=4, options={"top_k": 2}))
+        inject(model, AdapterConfig("flylora", rank=4, options={"top_k": 2}))
+    assert not list(iter_adapters(model)) and not model[0]._forward_hooks
+    with pytest.raises(ValueError, match="ConvTranspose2d"):
+        inject(nn.Sequential(nn.ConvTranspose2d(4, 4, 2)), AdapterConfig("flylora", rank=4))
+
+
+def test_flylora_default_top_k_keeps_the_official_ratio():
+    model = nn.Sequential(nn.Linear(64, 4), nn.Linear(4, 4))
+    inject(model, AdapterConfig("flylora", rank=32, targets=["0"]))
+    assert adapters_of(model[0]).top_k == 8 and adapters_of(model[0]).scaling == 2.0
+    inject(model, AdapterConfig("flylora", rank=2, targets=["1"]))
+    assert adapters_of(model[1]).top_k == 1

@@ -130,22 +130,30 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     shared = None
     if spec.build_shared is not None:  # one state for all selected layers (see medlora.adapters.shared)
         shared = spec.build_shared([(name, w0, own) for name, _, _, w0, own in plan], config)
-    for name, module, layout, w0, own in plan:
-        extra = {} if shared is None else {"shared": shared}
-        reparam = spec.build(w0, rank=own.rank, scaling=own.scaling(), options=own.method_options(), **extra)
-        reparam.layout = layout
-        reparam.config = own
-        n_adapter = sum(p.numel() for p in reparam.parameters())
-        if shared is not None:
-            attach_shared(reparam, shared)
-        if n_adapter >= module.weight.numel():
-            warnings.warn(
-                f"{config.method} rank {own.rank} on {name} {tuple(module.weight.shape)}: "
-                f"{n_adapter} adapter parameters >= the layer's {module.weight.numel()} weights",
-                stacklevel=2,
-            )
-        parametrize.register_parametrization(module, "weight", reparam)
-        reparam.attach(module)
+    attached: list[tuple[nn.Module, Reparam]] = []
+    try:
+        for name, module, layout, w0, own in plan:
+            extra = {} if shared is None else {"shared": shared}
+            reparam = spec.build(w0, rank=own.rank, scaling=own.scaling(), options=own.method_options(), **extra)
+            reparam.layout = layout
+            reparam.config = own
+            n_adapter = sum(p.numel() for p in reparam.parameters())
+            if shared is not None:
+                attach_shared(reparam, shared)
+            if n_adapter >= module.weight.numel():
+                warnings.warn(
+                    f"{config.method} rank {own.rank} on {name} {tuple(module.weight.shape)}: "
+                    f"{n_adapter} adapter parameters >= the layer's {module.weight.numel()} weights",
+                    stacklevel=2,
+                )
+            parametrize.register_parametrization(module, "weight", reparam)
+            attached.append((module, reparam))
+            reparam.attach(module)
+    except BaseException:
+        for module, reparam in reversed(attached):  # leave no half-adapted model behind
+            reparam.detach(module)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        raise
     return model
 
 

@@ -9,7 +9,8 @@ NeurIPS 2025 (official code gfyddha/FlyLoRA, ``flylora.py``). Inspired by the fl
 (``rho = k / r`` by default); ``B: O x r`` starts at zero and trains; ``d`` (r) is a routing bias that is not
 trained by gradient: after each training forward it moves by ``bias_lr * sign(mean(c) - c)`` with ``c`` the
 number of tokens (voxels) routed to each component (auxiliary-loss-free load balancing, as the official code).
-Defaults as the official code: r = 32, k = 8, alpha = 2r.
+Defaults as the official code: r = 32, k = 8, alpha = 2r; for other ranks k defaults to r // 4 (at least 1),
+the same ratio.
 
 The update depends on the input, so it cannot be merged into a plain weight: the method is registered with
 ``mergeable=False`` and ``merge`` raises. The weight itself is left as ``W0`` (the reparameterisation is the
@@ -35,7 +36,9 @@ from ..layout import _is_hf_conv1d
 
 @dataclass
 class FlyLoRAOptions:
-    top_k: int = option(8, "number k of rank components each token/voxel activates (official default 8)")
+    top_k: int | None = option(
+        None, "number k of rank components each token/voxel activates; None: max(1, r // 4), the official 8 of r = 32"
+    )
     sparsity_ratio: float | None = option(None, "fraction rho of nonzeros per row of A; None: top_k / r")
     bias_lr: float = option(1e-3, "step u of the routing-bias update d += u sign(mean(c) - c) in training")
 
@@ -55,10 +58,11 @@ class FlyLoRA(Reparam):
 
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: FlyLoRAOptions) -> None:
         super().__init__()
-        if not 1 <= options.top_k <= rank:
-            raise ValueError(f"flylora: top_k must be in 1..rank={rank}, got {options.top_k}")
+        top_k = options.top_k if options.top_k is not None else max(1, rank // 4)
+        if not 1 <= top_k <= rank:
+            raise ValueError(f"flylora: top_k must be in 1..rank={rank}, got {top_k}")
         fan_in = math.prod(w0.shape[1:])
-        rho = options.sparsity_ratio if options.sparsity_ratio is not None else options.top_k / rank
+        rho = options.sparsity_ratio if options.sparsity_ratio is not None else top_k / rank
         p = max(1, int(fan_in * rho))
         a = torch.zeros(rank, fan_in, dtype=w0.dtype, device=w0.device)
         for row in range(rank):
@@ -67,7 +71,7 @@ class FlyLoRA(Reparam):
         self.register_buffer("lora_A", a)
         self.register_buffer("route_bias", torch.zeros(rank, dtype=w0.dtype, device=w0.device))
         self.lora_B = nn.Parameter(torch.zeros(w0.shape[0], rank, dtype=w0.dtype, device=w0.device))
-        self.rank, self.top_k, self.bias_lr, self.scaling = rank, options.top_k, options.bias_lr, scaling
+        self.rank, self.top_k, self.bias_lr, self.scaling = rank, top_k, options.bias_lr, scaling
         self._hook = None
 
     def effective(self, w0: torch.Tensor) -> torch.Tensor:
