@@ -26,7 +26,10 @@ from .inject import (
 )
 from .io import AdapterFileError, base_fingerprint, load_adapter, read_adapter_file, save_adapter
 from .layout import WeightLayout, layout_of
+from .merging import merge_adapters
+from .methods.paca import paca_save_activations
 from .peft_interop import export_peft, import_peft
+from .squeeze import RankAnnealer, RankSchedule, set_active_rank, squeeze, truncate_rank
 
 __all__ = [
     "AdapterConfig",
@@ -35,6 +38,8 @@ __all__ = [
     "LayerReport",
     "MethodSpec",
     "ParameterReport",
+    "RankAnnealer",
+    "RankSchedule",
     "Reparam",
     "WeightLayout",
     "adapters_of",
@@ -52,10 +57,15 @@ __all__ = [
     "list_methods",
     "load_adapter",
     "merge",
+    "merge_adapters",
     "option",
+    "paca_save_activations",
     "parameter_report",
     "read_adapter_file",
     "register_method",
     "remove",
     "save_adapter",
+    "set_active_rank",
+    "squeeze",
+    "truncate_rank",
 ]
