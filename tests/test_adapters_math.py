@@ -155,7 +155,8 @@ def randomise_(reparam: nn.Module, shift_std: float = 0.5) -> None:
 
 
 def test_all_methods_are_registered():
-    assert sorted(METHODS) == list_methods()
+    # the methods checked here against dense references; the other families have their own test files
+    assert set(METHODS) <= set(list_methods())
 
 
 @pytest.mark.parametrize("layer_name", list(LAYERS))
