@@ -510,3 +510,21 @@ def test_flylora_default_top_k_keeps_the_official_ratio():
     assert adapters_of(model[0]).top_k == 8 and adapters_of(model[0]).scaling == 2.0
     inject(model, AdapterConfig("flylora", rank=2, targets=["1"]))
     assert adapters_of(model[1]).top_k == 1
+
+
+def test_two_shared_groups_round_trip(tmp_path):
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig("unilora", targets=["fc"], rank=2, options={"theta_d_length": 8}))
+    inject(model, AdapterConfig("unilora", targets=["conv", "up"], rank=1, options={"theta_d_length": 12, "seed": 1}))
+    perturb(model)
+    assert parameter_report(model).adapter_params == 8 + 12  # (a second inject freezes the first group)
+    path = save_adapter(model, tmp_path / "two.safetensors")
+    meta, tensors = read_adapter_file(path)
+    assert [g["layers"] for g in meta["shared"]] == [["fc"], ["conv", "up"]]
+    loaded = copy.deepcopy(base)
+    load_adapter(loaded, path)
+    assert shared_of(adapters_of(loaded.conv)) is shared_of(adapters_of(loaded.up))
+    assert shared_of(adapters_of(loaded.conv)) is not shared_of(adapters_of(loaded.fc))
+    assert torch.equal(loaded(*inputs()), model(*inputs()))
