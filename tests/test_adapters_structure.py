@@ -296,3 +296,32 @@ def test_paca_saving_path_keeps_only_chosen_channels():
     # merged or removed: the layer is an ordinary conv again
     merge(model)
     assert model(x).shape == x.shape
+
+
+def test_dylora_one_rank_per_step_and_frozen_lower_components():
+    """draw_dylora_rank: one b for every layer; W = W0 + alpha / b B[:, :b] A[:b]; only component b trains."""
+    from medlora.adapters import draw_dylora_rank
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    inject(model, AdapterConfig("dylora", rank=4, alpha=8))
+    for layer in model:
+        randomise(adapters_of(layer))
+    model.train()
+    generator = torch.Generator().manual_seed(3)
+    seen = set()
+    for _ in range(12):
+        drawn = draw_dylora_rank(model, generator)
+        assert len(set(drawn.values())) == 1
+        b = drawn["0"]
+        seen.add(b)
+        for layer in model:
+            reparam = adapters_of(layer)
+            w = layer.weight  # one training-mode evaluation of the parametrization
+            w0, bb, aa = (t.detach().numpy() for t in (base_weight(layer), reparam.lora_B, reparam.lora_A))
+            np.testing.assert_allclose(w.detach().numpy(), w0 + 8 / b * bb[:, :b] @ aa[:b], rtol=1e-12, atol=1e-12)
+            w.sum().backward()
+            grad_rows = reparam.lora_A.grad.abs().sum(1).numpy()
+            assert (grad_rows > 0).tolist() == [i == b - 1 for i in range(4)]
+            assert (reparam.lora_B.grad.abs().sum(0).numpy() > 0).tolist() == [i == b - 1 for i in range(4)]
+            reparam.lora_A.grad = reparam.lora_B.grad = None
+    assert seen == {1, 2, 3, 4}

@@ -27,6 +27,7 @@ from .inject import (
 from .io import AdapterFileError, base_fingerprint, load_adapter, read_adapter_file, save_adapter
 from .layout import WeightLayout, layout_of
 from .merging import merge_adapters
+from .methods.dylora import draw_dylora_rank
 from .methods.paca import paca_save_activations
 from .peft_interop import export_peft, import_peft
 from .squeeze import RankAnnealer, RankSchedule, set_active_rank, squeeze, truncate_rank
@@ -47,6 +48,7 @@ __all__ = [
     "base_weight",
     "candidate_layers",
     "describe_method",
+    "draw_dylora_rank",
     "export_peft",
     "get_method",
     "import_peft",

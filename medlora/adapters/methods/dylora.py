@@ -10,10 +10,11 @@ treated as constants for that step. After training any rank ``r <= R`` is used a
 ``medlora.adapters.truncate_rank(model, r)`` turns the adapters into plain rank-r ``lora`` adapters (the
 same weights, a PEFT-exportable file). Without an active rank, evaluation uses the full rank R.
 
-Differences from the paper: each adapted layer draws its own b at each training forward (LyCORIS does
-this); the paper draws one b per step for the model. The rank is drawn only when the module is in
-training mode *and* gradients are enabled, so ``merge`` and ``torch.no_grad()`` evaluation are
-deterministic. With ``use_rslora`` the scale at rank b is ``alpha / sqrt(b)``.
+Sampling: the paper draws one b per step for the model; call :func:`draw_dylora_rank` once per step
+(before the forward) for that. Without it each adapted layer draws its own b at each training forward,
+as LyCORIS does. A rank is drawn only when the module is in training mode *and* gradients are enabled,
+so ``merge`` and ``torch.no_grad()`` evaluation are deterministic. With ``use_rslora`` the scale at rank b
+is ``alpha / sqrt(b)``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class DyLoRA(NestedRankLoRA):
             raise ValueError(f"dylora: r_min must be in 1..{rank}, got {options.r_min}")
         self.r_min, self.frozen = options.r_min, options.frozen
 
+        self.drawn_rank: int | None = None
+
     def rank_scale(self, r: int) -> float:
         ratio = self.max_rank / r  # alpha / r, written through the configured alpha / R
         use_rslora = getattr(getattr(self, "config", None), "use_rslora", False)
@@ -86,9 +89,30 @@ class DyLoRA(NestedRankLoRA):
             return self.truncated(w0, self.active_rank)
         if not (self.training and torch.is_grad_enabled()):
             return self.truncated(w0, self.max_rank)
-        b = int(torch.randint(self.r_min, self.max_rank + 1, ()).item())
+        b = self.drawn_rank or int(torch.randint(self.r_min, self.max_rank + 1, ()).item())
         a, bb = self.lora_A[:b], self.lora_B[:, :b]
         if self.frozen and b > 1:
             a = torch.cat([a[:-1].detach(), a[-1:]])
             bb = torch.cat([bb[:, :-1].detach(), bb[:, -1:]], dim=1)
         return (bb @ a).view(w0.shape) * self.rank_scale(b)
+
+
+def draw_dylora_rank(model: torch.nn.Module, generator: torch.Generator | None = None) -> dict[str, int]:
+    """Draw one rank for the next training steps of every ``dylora`` layer (the paper's one b per step).
+
+    One uniform number u is drawn and each layer takes ``b = r_min + floor(u * (R - r_min + 1))`` of its
+    own range (the same b when the layers share r_min and R). Call it once per step before the forward;
+    the draw holds until the next call. Returns ``{layer name: b}``.
+    """
+    from ..inject import iter_adapters
+
+    u = float(torch.rand((), generator=generator))
+    drawn = {}
+    for name, _, reparam in iter_adapters(model):
+        if isinstance(reparam, DyLoRA):
+            span = reparam.max_rank - reparam.r_min + 1
+            reparam.drawn_rank = reparam.r_min + min(int(u * span), span - 1)
+            drawn[name] = reparam.drawn_rank
+    if not drawn:
+        raise ValueError("the model has no dylora adapters")
+    return drawn

@@ -1,6 +1,7 @@
 """MatryoshkaLoRA: every nested rank of one LoRA trained in a single forward pass.
 
-Matryoshka LoRA (IST-DASLab), arXiv 2605.07850; official code IST-DASLab/MatryoshkaLoRA
+Modoranu, Safaryan & Alistarh, "MatryoshkaLoRA: Learning Accurate Hierarchical Low-Rank Representations for
+LLM Fine-Tuning", arXiv 2605.07850 (2026); official code IST-DASLab/MatryoshkaLoRA
 (``adapters/matryoshka.py``). Factors as LoRA (``lora_A: R x F`` kaiming-uniform, ``lora_B: O x R`` zeros).
 For the set of nested ranks ``S = {r_1 < ... < r_n} <= R`` (default every rank 1..R, as the authors'
 script) and per-rank scales ``s_r`` (``scale``: none 1, rank 1/r, sqrt 1/sqrt(r); the script uses sqrt):
@@ -40,7 +41,7 @@ class MatryoshkaOptions:
     options=MatryoshkaOptions,
     summary="MatryoshkaLoRA: all nested ranks of one LoRA trained at once (weights diag(P)), deploy any rank; "
             "trainable R(O + F)",
-    citation="IST-DASLab 2026, arXiv 2605.07850",
+    citation="Modoranu, Safaryan & Alistarh 2026, arXiv 2605.07850",
     trains="lora_A (R x F), lora_B (O x R)",
 )
 class MatryoshkaLoRA(NestedRankLoRA):
