@@ -11,7 +11,7 @@ from torch import nn
 from medlora.adapters import AdapterConfig, inject
 from medlora.adapters.optim import build_optimizer, describe_rule, list_rules, lora_pairs
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*rank 2 on 0")
+pytestmark = pytest.mark.filterwarnings("ignore:.*adapter parameters >=")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -225,6 +225,21 @@ def test_dora_magnitude_trains_with_adamw_inside_the_rule():
     model(torch.randn(2, 3)).pow(2).sum().backward()
     opt.step()
     assert not torch.equal(before, magnitude.detach())
+
+
+def test_only_plain_trainable_pairs_are_rule_pairs():
+    from medlora.adapters import list_methods
+
+    model = nn.Sequential(nn.Linear(6, 8))
+    inject(model, AdapterConfig("lora", rank=2))
+    assert len(lora_pairs(model)) == 1
+    lora_pairs(model)[0].A.requires_grad_(False)  # e.g. after FFA: no longer a pair for the other rules
+    assert lora_pairs(model) == []
+    for method in ("nlora", "lora_sb", "flylora"):  # a middle factor, or a frozen factor
+        if method in list_methods():
+            model = nn.Sequential(nn.Linear(16, 16))
+            inject(model, AdapterConfig(method, rank=8))
+            assert lora_pairs(model) == [], method
 
 
 def test_errors_and_descriptions():

@@ -81,18 +81,23 @@ class LoRAPair:
 
 
 def lora_pairs(model: nn.Module) -> list[LoRAPair]:
-    """Every ``(lora_A, lora_B)`` pair of the model's adapters (inside wrappers such as DoRA too)."""
+    """Every trainable ``(lora_A, lora_B)`` pair of the model's adapters (inside wrappers such as DoRA too).
+
+    A module qualifies when both factors are trainable 2-D parameters with matching rank and it has no other
+    ``lora_*`` factor (``nlora``'s middle ``lora_N`` or ``lora_sb``'s ``lora_R`` make ``dW`` something other than
+    ``s B A``); a method opts out explicitly with the class attribute ``lora_rule_compatible = False``.
+    """
     pairs = []
     for name, _, reparam in iter_adapters(model):
         for sub in reparam.modules():
             a, b = getattr(sub, "lora_A", None), getattr(sub, "lora_B", None)
-            if (
-                isinstance(a, nn.Parameter)
-                and isinstance(b, nn.Parameter)
-                and a.dim() == 2
-                and b.dim() == 2
-                and b.shape[1] == a.shape[0]
-            ):
+            if not (isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter)):
+                continue
+            if not getattr(sub, "lora_rule_compatible", True) or not (a.requires_grad and b.requires_grad):
+                continue
+            others = [n for n, _ in sub.named_parameters(recurse=False)
+                      if n.startswith("lora_") and n not in ("lora_A", "lora_B")]
+            if a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0] and not others:
                 pairs.append(LoRAPair(name, a, b, float(getattr(sub, "scaling", 1.0))))
     return pairs
 
