@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -240,6 +242,34 @@ def test_only_plain_trainable_pairs_are_rule_pairs():
             model = nn.Sequential(nn.Linear(16, 16))
             inject(model, AdapterConfig(method, rank=8))
             assert lora_pairs(model) == [], method
+
+
+@pytest.mark.parametrize("rule", ["stable_lora", "allora", "lora_pro", "altlora"])
+def test_state_dict_resumes_exactly(rule):
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        inject(model, AdapterConfig("dora", rank=2, alpha=2.0))
+        return model, build_optimizer(model, rule, lr=0.05)
+
+    x, y = torch.randn(6, 4), torch.randn(6, 3)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+
+    model, opt = setup()
+    steps(model, opt, 2)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, 2)
+    resumed, resumed_opt = setup()
+    resumed.load_state_dict(saved_model)
+    resumed_opt.load_state_dict(saved_opt)
+    steps(resumed, resumed_opt, 2)
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
 def test_errors_and_descriptions():
