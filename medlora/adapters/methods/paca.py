@@ -1,18 +1,23 @@
 """PaCA: partial connection adaptation, fine-tuning a few input connections of the weight itself.
 
-Woo et al., "PaCA: Partial Connection Adaptation for Efficient Fine-Tuning", ICLR 2025 (official code
-WooSunghyeon/paca). ``r`` randomly chosen input connections ``idx`` of ``W`` become trainable: the
-parameter ``paca_w = W0[:, idx] / s`` (``s = alpha / r``) and ``W_eff = W0`` with those connections
-replaced by ``s * paca_w``. There is no adapter branch; ``W_eff`` is the layer's weight, so it merges
-exactly.
+Woo et al., "PaCA: Partial Connection Adaptation for Efficient Fine-Tuning", ICLR 2025, arXiv 2503.01905
+(official code WooSunghyeon/paca). ``r`` randomly chosen input connections ``idx`` of ``W`` become
+trainable: the parameter ``paca_w = W0[:, idx] / s`` (``s = alpha / r``) and ``W_eff = W0`` with those
+connections replaced by ``s * paca_w``. There is no adapter branch; ``W_eff`` is the layer's weight, so
+it merges exactly.
 
-Connections: for ``nn.Linear`` an input column; for a convolution (``unit="channel"``, default) an input
-*channel* of the canonical ``(O, I/groups, *k)`` weight with all its kernel taps, so that the weight
-gradient needs only those input channels of the activation: ``grad paca_w = s * conv_weight_grad(x[:, idx],
-grad_y)``. :func:`paca_save_activations` switches the adapted ``Linear``/``ConvNd`` layers (not transposed,
-one group) to a custom autograd path that keeps only ``x[:, idx]`` (plus the weight) for backward instead
-of the whole input, the paper's activation-memory saving; gradients are the same. ``unit="column"`` picks
-columns of the ``O x (I*prod k)`` matricisation instead (single kernel taps; no activation saving).
+Connections: for ``nn.Linear`` an input column, as the paper; for a convolution (``unit="channel"``,
+default, our resolution for kernels) an input *channel* of the canonical ``(O, I/groups, *k)`` weight with
+all its kernel taps, so that the weight gradient needs only those input channels of the activation:
+``grad paca_w = s * conv_weight_grad(x[:, idx], grad_y)``. ``unit="column"`` picks columns of the
+``O x (I*prod k)`` matricisation instead (single kernel taps; no activation saving).
+
+:func:`paca_save_activations` switches the adapted ``Linear``/``ConvNd`` layers (not transposed, one
+group) to a custom autograd path that keeps only ``x[:, idx]`` (plus the weight) for backward instead of
+the whole input, the paper's activation-memory saving; outputs and gradients are the same. Measured on a
+conv-norm-LeakyReLU x2 block of 32-channel 3x3x3 convolutions at rank 8 on a 48^3 input (13.5 MiB):
+81.3 MiB saved for backward with the plain path (the same as weight-space LoRA), 61.0 MiB with the
+saving path (each adapted conv keeps 8 of its 32 input channels).
 
 The chosen indices are stored with the adapter as the integer, non-trainable parameter ``paca_index``
 so that a saved adapter reloads with its own connections. Start point: ``W0`` up to the round-off of
@@ -44,7 +49,7 @@ class PaCAOptions:
     options=PaCAOptions,
     summary="PaCA: train r randomly chosen input connections (columns / input channels) of W itself; "
             "trainable O*r (conv channel: O*r*prod k)",
-    citation="Woo et al. 2025 (ICLR), PaCA, official code WooSunghyeon/paca",
+    citation="Woo et al. 2025 (ICLR), arXiv 2503.01905",
     alpha_over_rank=2.0,
     trains="paca_w (the chosen input connections of W, O x r [x k]); paca_index is stored, not trained",
 )
