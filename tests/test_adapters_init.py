@@ -42,12 +42,15 @@ OPTIONS = {"pissa": EXACT, "lora_ga": EXACT, "lora_sb": {**EXACT, "lr": 0.3, "wa
 
 
 @pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
+def _float64_one_thread():
+    """float64 references; one thread: these toy-sized ops only lose time to OpenMP on a busy 2-core CPU."""
+    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(previous)
+    torch.set_num_threads(threads)
 
 
 LAYERS = {
