@@ -140,7 +140,8 @@ def squeeze(
 ) -> dict[str, float]:
     """Compress every ``lora``/``dora`` adapter of ``model`` above ``rank`` to ``rank``, in place (LoRA-Squeeze).
 
-    ``alpha`` is kept (so the scale becomes ``alpha / rank``); the factors absorb the difference. DoRA's
+    ``alpha`` is kept (so the scale becomes ``alpha / rank``; with ``alpha=None`` the method's alpha/r ratio
+    is kept); the factors absorb the difference. DoRA's
     magnitude is unchanged. Layers already at or below ``rank`` are left alone; other methods are a
     ``ValueError`` (nested-rank methods: use :func:`truncate_rank`). The factors become new parameter
     objects: each squeezed parameter in ``optimizers`` is replaced by its successor (with fresh optimiser
