@@ -72,7 +72,7 @@ def randomise_(model: nn.Module) -> None:
 
 
 def test_unknown_method_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown adapter method 'loraa'; available: conv_dora, conv_lora, cp_dora"):
+    with pytest.raises(ValueError, match=r"unknown adapter method 'loraa'; available: .*conv_dora, conv_lora, cp_dora"):
         AdapterConfig("loraa")
 
 

@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlora.adapters import AdapterConfig, inject, iter_adapters, load_adapter, merge, parameter_report, save_adapter
+from medlora.adapters import (
+    AdapterConfig,
+    export_peft,
+    inject,
+    iter_adapters,
+    load_adapter,
+    merge,
+    parameter_report,
+    save_adapter,
+)
 from medlora.models import create_model, group_parameters
 from medlora.models.sam import SamSegmenter
 from medlora.models.weights import WeightsError, load_weights
@@ -261,7 +270,7 @@ def test_salt_with_per_layer_type_ranks_and_the_trainable_report(tmp_path: Path)
         assert torch.equal(other(x), model(x))
 
 
-def test_samed_qv_lora_matches_the_per_projection_formula() -> None:
+def test_samed_qv_lora_matches_the_per_projection_formula(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SamSegmenter("tiny").eval()
     qkv = model.image_encoder.blocks[0].attn.qkv
@@ -281,9 +290,54 @@ def test_samed_qv_lora_matches_the_per_projection_formula() -> None:
     loss = qkv(x).square().sum()
     loss.backward()
     assert qkv.parametrizations.weight.original.grad is None
+    with pytest.raises(ValueError, match=r"attn\.qkv: LoRA on fused output blocks \[0, 2\]"):
+        export_peft(model, tmp_path / "peft")
     merged = qkv(x).detach()
     merge(model)
     torch.testing.assert_close(model.image_encoder.blocks[0].attn.qkv(x), merged)
     with pytest.raises(ValueError, match="adapt_outputs"):
         inject(SamSegmenter("tiny"), AdapterConfig("dora", rank=2, targets=SAM_LAYERS[:1],
                                                     options={"fused_outputs": 5, "adapt_outputs": [0]}))
+
+
+# ------------------------------------------------------------------------------------------ use
+
+
+def test_infer_runs_a_sam_adapter_slice_by_slice_in_the_input_geometry(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from medlora.data.dataset import save_nifti
+    from medlora.data.transforms import compose, preprocessing
+    from medlora.inference import run_inference
+    from medlora.training.module import predict_volume
+
+    args = {"variant": "tiny", "image_size": 32}
+    torch.manual_seed(0)
+    base = SamSegmenter(**args).eval()
+    randomise(base, seed=3)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "sam.safetensors"))
+    adapted = copy.deepcopy(base)
+    inject(adapted, AdapterConfig("salt", rank=2, targets=SAM_LAYERS, options={"svd_rank": 4}))
+    with torch.no_grad():
+        for _, _, reparam in iter_adapters(adapted):
+            reparam.salt_shift.normal_(0, 0.05)
+    window = [-1024.0, 3071.0]
+    prep = {"hu_window": window, "target_spacing": None, "roi_size": [16, 16], "threshold": 0.5}
+    save_adapter(adapted, tmp_path / "salt.safetensors", extra_metadata={
+        "backbone": "sam", "backbone_args": args, "spatial_dims": 2, "pretrained": None, "preprocessing": prep})
+    rng = np.random.default_rng(0)
+    volume = (rng.normal(40, 300, (20, 18, 5))).astype(np.float32)
+    affine = np.array([[-0.7, 0, 0, 10.0], [0, 0.9, 0, -8.0], [0, 0, 4.0, -15.0], [0, 0, 0, 1]])  # LAS
+    save_nifti(tmp_path / "case.nii.gz", volume, affine)
+    summary = run_inference(tmp_path / "sam.safetensors", [tmp_path / "case.nii.gz"], tmp_path / "out",
+                            adapters=[tmp_path / "salt.safetensors"], progress=False, save_probabilities=True)
+    assert summary.exit_code == 0
+    out = nib.load(str(tmp_path / "out" / "case.nii.gz"))
+    assert out.shape == volume.shape and np.allclose(out.affine, affine)
+    x = compose(preprocessing(keys=("image",), hu_window=window))({"image": str(tmp_path / "case.nii.gz")})["image"]
+    with torch.no_grad():
+        ref = predict_volume(adapted, x[None], 2, [16, 16])[0, 0].numpy()
+    prob = np.asarray(nib.load(str(tmp_path / "out" / "case_prob.nii.gz")).dataobj)
+    assert np.allclose(prob, ref[::-1], atol=1e-5)  # RAS processing, written back on the input's L->R flipped axis

@@ -93,6 +93,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     if len(rslora) > 1:
         raise ValueError("PEFT export needs the same use_rslora setting on every layer")
     problems = [p for name, m, _ in adapted if (p := _peft_compatible(name, m))]
+    problems += [f"{name}: LoRA on fused output blocks {lora.adapt_outputs} (SAMed q/v); PEFT adapts a whole layer"
+                 for name, _, r in adapted
+                 if getattr(lora := getattr(r, "inner", r), "adapt_outputs", None) is not None]
     if problems:
         raise ValueError("cannot export to PEFT: " + "; ".join(problems[:5]))
 
