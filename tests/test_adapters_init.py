@@ -156,7 +156,7 @@ def test_methods_are_registered_with_their_table_entries():
         spec = get_method(name)
         assert spec.mergeable and spec.trains and spec.citation and "Linear" in spec.layer_types
     assert {n for n in METHODS if not get_method(n).starts_at_base} == {"lora_sb", "nlora", "inttune"}
-    assert get_method("loldu").alpha_over_rank == 0.25
+    assert get_method("loldu").alpha_over_rank == 0.25 and get_method("lora_ga").alpha_over_rank == 2.0
 
 
 # ---------------------------------------------------------------- effective weight against a dense reference

@@ -7,7 +7,8 @@ niter=4)``. Direction ``ArB2r`` (default): ``B = U[:, r:2r]``, ``A = V^T[:r]``; 
 ``A = V^T[r:2r]``; ``ArBr``: ``B = U[:, 0:2r:2]``, ``A = V^T[1:2r:2]``; ``random``: a random split of the first 2r.
 Scale ``stable`` (default, gamma = 16): ``A, B *= O^(1/4) / sqrt(gamma)``; ``gd``: ``A, B /= s``; ``unit``: as is;
 ``weightS``: ``A, B *= mean(sqrt(S_W[:r] / s))`` with ``S_W`` the leading singular values of ``W0``.
-``W_eff = W0 + s (B A - B0 A0)`` with ``s = alpha / r``: the model starts at ``W0`` exactly; A and B train.
+``W_eff = W0 + s (B A - B0 A0)`` with ``s = alpha / r`` (default alpha = 2r: the reference's alpha 16 at its
+r = 8): the model starts at ``W0`` exactly; A and B train.
 
 As the reference code (and unlike PEFT's port, which folds ``S`` into B and scales only B). Differences: the
 reference subtracts ``s B0 A0`` from the stored base weight; here that offset is a frozen part of the adapter
@@ -47,6 +48,7 @@ class LoRAGAOptions:
     options=LoRAGAOptions,
     summary="LoRA-GA: LoRA initialised from the SVD of the estimated gradient dL/dW0 (needs initialise_from_data)",
     citation="Wang, Yu & Li 2024, arXiv 2407.05000",
+    alpha_over_rank=2.0,
     trains="lora_A (r x I*prod k), lora_B (O x r); frozen offset B0 A0",
 )
 class LoRAGA(DataInitReparam, OffsetLoRA):
