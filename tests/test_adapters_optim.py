@@ -248,11 +248,11 @@ def test_only_plain_trainable_pairs_are_rule_pairs():
 def test_state_dict_resumes_exactly(rule):
     def setup():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
         inject(model, AdapterConfig("dora", rank=2, alpha=2.0))
         return model, build_optimizer(model, rule, lr=0.05)
 
-    x, y = torch.randn(6, 4), torch.randn(6, 3)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
 
     def steps(model, opt, n):
         for _ in range(n):

@@ -335,7 +335,7 @@ class ALLoRA(_PairOptimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
+                t = int(state["step"])  # (a float tensor after load_state_dict)
                 state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 direction = (state["exp_avg"] / (1 - beta1**t)) / ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
@@ -397,7 +397,7 @@ class LoRAPro(_PairOptimizer):
                 state["full_exp_avg"] = torch.zeros(b.shape[0], a.shape[1], dtype=a.dtype, device=a.device)
                 state["full_exp_avg_sq"] = torch.zeros_like(state["full_exp_avg"])
             state["step"] += 1
-            t = state["step"]
+            t = int(state["step"])  # (a float tensor after load_state_dict)
             equivalent = s * (b @ ga + gb @ a)
             state["full_exp_avg"].mul_(beta1).add_(equivalent, alpha=1 - beta1)
             state["full_exp_avg_sq"].mul_(beta2).addcmul_(equivalent, equivalent, value=1 - beta2)
@@ -445,7 +445,7 @@ class AltLoRA(_PairOptimizer):
     def _update(self, p: torch.Tensor, g: torch.Tensor, transported: torch.Tensor, state: dict, group: dict) -> None:
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
-        t = state["step"]
+        t = int(state["step"])  # (a float tensor after load_state_dict)
         state["exp_avg"] = beta1 * transported + (1 - beta1) * g
         step = state["exp_avg"] / (1 - beta1**t)
         if self.second_moment:
