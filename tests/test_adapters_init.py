@@ -450,3 +450,18 @@ def test_rank_limits_are_clear_errors():
         inject_layer(nn.Linear(7, 5), AdapterConfig("lora_ga", rank=3))
     with pytest.raises(ValueError, match="pissa: rank 6 is too large"):
         inject_layer(nn.Linear(7, 5), AdapterConfig("pissa", rank=6))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_weights(method):
+    """SVD/LU run in float32 for bfloat16 weights; the factors come back in the weight's dtype."""
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8)).to(torch.bfloat16)
+    inject(model, AdapterConfig(method, rank=2))
+    x = torch.randn(6, 12, dtype=torch.bfloat16)
+    with torch.no_grad():
+        initialise_from_data(model, [x], lambda m, b: m(b).float().pow(2).mean())
+    for _, module, reparam in iter_adapters(model):
+        assert all(p.dtype == torch.bfloat16 for p in reparam.parameters())
+        if get_method(method).starts_at_base:
+            assert torch.equal(module.weight, base_weight(module))
+    assert torch.isfinite(model(x)).all()

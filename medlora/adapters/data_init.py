@@ -104,8 +104,9 @@ def initialise_from_data(
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 break
-            loss = loss_fn(model, batch)
-            grads = torch.autograd.grad(loss, originals, allow_unused=True)
+            with torch.enable_grad():  # also when called under torch.no_grad()
+                loss = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss, originals, allow_unused=True)
             for i, g in enumerate(grads):
                 if g is not None:
                     sums[i].add_(g.detach().to(sums[i].dtype))

@@ -22,7 +22,6 @@ the factors hold NaN and the first forward raises a ``RuntimeError`` saying so.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +75,7 @@ class LoRAGA(DataInitReparam, OffsetLoRA):
         elif opts.direction == "ArBr":
             b, a = u[:, 0:2 * r:2], vh[1:2 * r:2]
         else:
-            order = random.sample(range(2 * r), 2 * r)
+            order = torch.randperm(2 * r).tolist()  # the reference draws it with Python's random.sample
             a, b = vh[order[:r]], u[:, order[r:]]
         if opts.scale == "gd":
             a, b = a / self.scaling, b / self.scaling
