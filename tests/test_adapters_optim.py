@@ -285,3 +285,24 @@ def test_errors_and_descriptions():
         build_optimizer(model, "sgdx")
     for rule in RULES:
         assert "paper:" in describe_rule(rule)
+
+
+def test_methods_table_script_lists_every_method_and_rule():
+    import importlib.util
+    from pathlib import Path
+
+    from medlora.adapters import list_methods
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "methods_table.py"
+    spec = importlib.util.spec_from_file_location("methods_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    page = "intro\n<!-- methods-table:start -->\nstale-row\n<!-- methods-table:end -->\nmid\n" \
+           "<!-- rules-table:start -->\n<!-- rules-table:end -->\nend\n"
+    text = module.render(page)
+    assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end\n") and "stale-row" not in text
+    for name in list_methods():
+        assert f"| `{name}` |" in text
+    for name in list_rules():
+        assert f"| `{name}` |" in text
+    assert module.render(text) == text
