@@ -225,6 +225,22 @@ def test_lora_ga_factors_follow_the_reference_from_the_gradient(layer_name, dire
     assert torch.equal(layer.weight, base_weight(layer))  # the offset cancels s B0 A0 exactly
 
 
+def test_lora_ga_random_direction_splits_the_first_2r_singular_pairs():
+    rank = 2
+    layer, plain, batches, loss_fn = adapt_layer("lora_ga", "linear", rank=rank, direction="random", scale="unit")
+    u, _, vt = svd_np(plain_gradient(plain, batches, loss_fn))
+    p = params_np(layer)
+
+    def index(vector, basis):  # which of the first 2r singular vectors this is
+        hits = [j for j in range(2 * rank) if np.allclose(vector, basis[j], atol=1e-9)]
+        assert len(hits) == 1
+        return hits[0]
+
+    rows = {index(a, vt) for a in p["lora_A"]}
+    cols = {index(b, u.T) for b in p["lora_B"].T}
+    assert len(rows) == len(cols) == rank and rows | cols == set(range(2 * rank))
+
+
 @pytest.mark.parametrize("scale", ["gd", "unit", "weightS"])
 def test_lora_ga_scales(scale):
     layer, plain, batches, loss_fn = adapt_layer("lora_ga", "linear", rank=2, scale=scale)
