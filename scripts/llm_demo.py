@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--no-full", action="store_true", help="skip the full fine-tuning reference row")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="TinyLM pretraining steps (cached)")
-    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3, help="adapter learning rate")
     parser.add_argument("--full-lr", type=float, default=1e-3, help="full fine-tuning learning rate")
     parser.add_argument("--batch-size", type=int, default=8)

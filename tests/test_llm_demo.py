@@ -52,7 +52,7 @@ def test_demo_two_methods_and_a_rule(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = _demo().main([
         "--methods", "lora,dora", "--rules", "lora_pro", "--steps", "4", "--pretrain-steps", "5",
-        "--context", "32", "--cache-dir", str(tmp_path), "--json", str(out),
+        "--context", "32", "--rank", "4", "--cache-dir", str(tmp_path), "--json", str(out),
     ])
     printed = capsys.readouterr().out
     assert "| method | rule | trainable params | loss before | loss after | steps/s |" in printed
@@ -90,7 +90,7 @@ def test_demo_on_a_local_hugging_face_model(tmp_path):
                         bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     rows = _demo().main(["--model", str(tmp_path), "--methods", "lora", "--rules", "altlora_plus",
-                         "--steps", "3", "--context", "32", "--no-full"])
+                         "--steps", "3", "--context", "32", "--rank", "4", "--no-full"])
     assert [r["method"] for r in rows] == ["lora", "lora"]
     # GPT-2's attention/MLP are transformers Conv1D layers: c_attn, c_proj (x2), c_fc, rank 4
     assert rows[0]["trainable"] == 4 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
