@@ -306,3 +306,25 @@ def test_methods_table_script_lists_every_method_and_rule():
     for name in list_rules():
         assert f"| `{name}` |" in text
     assert module.render(text) == text
+
+
+@pytest.mark.parametrize("rule", ["ffa", "lora_pro"])
+def test_trained_adapter_round_trips_through_save_and_load(rule, tmp_path):
+    from medlora.adapters import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Tanh(), nn.ConvTranspose3d(4, 2, 2))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    inject(model, AdapterConfig("lora", rank=2))
+    opt = build_optimizer(model, rule, lr=0.05)
+    x = torch.randn(1, 2, 5, 5, 5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = nn.Sequential(nn.Conv3d(2, 4, 3), nn.Tanh(), nn.ConvTranspose3d(4, 2, 2))
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
