@@ -89,9 +89,9 @@ def run(base: nn.Module, method: str | None, rule: str, args, train_batches, eva
         if init is not None:
             init(model, train_batches[: args.init_batches], lm_loss)
         row["mergeable"] = spec.mergeable
+    optimizer = build_optimizer(model, rule, lr=lr)  # before counting: a rule may freeze factors (FFA)
     row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row["loss_before"] = evaluate(model, eval_batches)
-    optimizer = build_optimizer(model, rule, lr=lr)
     row["steps_per_s"] = train(model, optimizer, train_batches)
     row["loss_after"] = evaluate(model, eval_batches)
     return row

@@ -120,10 +120,11 @@ def run(base: nn.Module, method: str | None, rule: str, args, train_batches, eva
         init = data_initialiser()
         if init is not None:
             init(model, train_batches[: args.init_batches], loss_fn)
+    optimizer = build_optimizer(model, rule, lr=lr)  # before counting: a rule may freeze factors (FFA)
     row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row["percent"] = 100.0 * row["trainable"] / base_params
     row["loss_before"] = evaluate(model, eval_batches)
-    row["step_s"] = train(model, build_optimizer(model, rule, lr=lr), train_batches)
+    row["step_s"] = train(model, optimizer, train_batches)
     row["loss_after"] = evaluate(model, eval_batches)
     return row
 

@@ -51,15 +51,17 @@ def test_pretrained_checkpoint_is_cached(tmp_path):
 def test_demo_two_methods_and_a_rule(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rows = _demo().main([
-        "--methods", "lora,dora", "--rules", "lora_pro", "--steps", "4", "--pretrain-steps", "5",
+        "--methods", "lora,dora", "--rules", "lora_pro,ffa", "--steps", "4", "--pretrain-steps", "5",
         "--context", "32", "--rank", "4", "--cache-dir", str(tmp_path), "--json", str(out),
     ])
     printed = capsys.readouterr().out
     assert "| method | rule | trainable params | loss before | loss after | steps/s |" in printed
     assert [(r["method"], r["rule"]) for r in rows] == [
-        ("full fine-tuning", "adamw"), ("lora", "adamw"), ("dora", "adamw"), ("lora", "lora_pro")]
+        ("full fine-tuning", "adamw"), ("lora", "adamw"), ("dora", "adamw"), ("lora", "lora_pro"), ("lora", "ffa")]
     assert json.loads(out.read_text(encoding="utf-8")) == rows
-    full, lora, dora, _ = rows
+    full, lora, dora, pro, ffa = rows
+    assert pro["trainable"] == lora["trainable"]
+    assert ffa["trainable"] == 2 * (4 * 4 * 64 + 4 * (256 + 64))  # only the B factors
     # rank 4 on q/k/v/o (64x64) and fc1 (256x64), fc2 (64x256), two blocks
     assert lora["trainable"] == 2 * (4 * 4 * (64 + 64) + 2 * 4 * (64 + 256))
     assert dora["trainable"] == lora["trainable"] + 2 * (4 * 64 + 256 + 64)
@@ -95,3 +97,19 @@ def test_demo_on_a_local_hugging_face_model(tmp_path):
     # GPT-2's attention/MLP are transformers Conv1D layers: c_attn, c_proj (x2), c_fc, rank 4
     assert rows[0]["trainable"] == 4 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
     assert all(r["loss_after"] < r["loss_before"] for r in rows)
+
+
+def test_unet_table_script_smoke(tmp_path, capsys):
+    pytest.importorskip("monai")
+    spec = importlib.util.spec_from_file_location("methods_unet_table", ROOT / "scripts" / "methods_unet_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--methods", "lora,svd", "--rules", "ffa", "--steps", "3", "--pretrain-steps", "3",
+                        "--size", "8", "--json", str(tmp_path / "unet.json")])
+    assert [(r["method"], r["rule"]) for r in rows] == [
+        ("full fine-tuning", "adamw"), ("lora", "adamw"), ("svd", "adamw"), ("lora", "ffa")]
+    full, lora, svd, ffa = rows
+    assert full["percent"] == pytest.approx(100.0) and 0 < svd["percent"] < lora["percent"] < 100
+    assert ffa["trainable"] * 2 < lora["trainable"]  # FFA: A frozen
+    assert lora["loss_before"] == pytest.approx(full["loss_before"])
+    assert "| step time vs full FT |" in capsys.readouterr().out
