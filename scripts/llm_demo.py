@@ -109,7 +109,7 @@ def load_model(args):
     except ImportError:
         raise SystemExit("--model needs the transformers package (pip install transformers)") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()  # no dropout: the comparison is about the update rule
     tokens = torch.tensor(tokenizer(fine_text)["input_ids"], dtype=torch.long)
     # every Linear / Conv1D except the output head and embeddings
