@@ -341,3 +341,49 @@ def test_infer_runs_a_sam_adapter_slice_by_slice_in_the_input_geometry(tmp_path:
         ref = predict_volume(adapted, x[None], 2, [16, 16])[0, 0].numpy()
     prob = np.asarray(nib.load(str(tmp_path / "out" / "case_prob.nii.gz")).dataobj)
     assert np.allclose(prob, ref[::-1], atol=1e-5)  # RAS processing, written back on the input's L->R flipped axis
+
+
+def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from medlora.cli import main
+    from medlora.training.crossval import plan_jobs
+    from medlora.training.study_config import StudyConfigError, load_study_config
+
+    shipped = load_study_config(Path(__file__).resolve().parents[1] / "configs" / "study" / "sam_transfer.yaml")
+    assert {j.method for j in plan_jobs(shipped)} >= {"salt", "svd", "lora", "dora", "full"}
+    study = {
+        "name": "sam tiny", "seed": 0, "folds": 2,
+        "source": {"phantoms": {"domain": "tbi", "cases": 2, "seed": 0, "shape": [32, 32, 6], "spacing": [6, 6, 20]}},
+        "target": {"phantoms": {"domain": "sah", "cases": 4, "seed": 1, "shape": [32, 32, 6], "spacing": [6, 6, 20]}},
+        "model": {"backbone": "sam", "spatial_dims": 2, "backbone_args": {"variant": "tiny", "image_size": 32}},
+        "data": {"patch_size": [32, 32], "batch_size": 2, "hu_window": [-1024, 3071]},
+        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
+        "adapter_targets": {"targets": SAM_LAYERS},
+        "methods": [{"name": "salt", "ranks": [2], "options": {"svd_rank": 4}, "finetune": "norms+pos_embed",
+                     "options_pattern": {"image_encoder.blocks.*.mlp.*": {"svd_rank": 2}}},
+                    {"name": "lora", "ranks": [2], "targets": SAM_LAYERS[:1], "finetune": "mask_decoder",
+                     "options": {"fused_outputs": 3, "adapt_outputs": [0, 2]}}],
+    }
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["crossval", "--config", str(config), "--out", str(run), "--only", "pretrain"]) == 0
+    for job in ("salt_r2", "lora_r2"):
+        assert main(["crossval", "--config", str(config), "--out", str(run), "--only", f"job={job},fold=0"]) == 0
+    salt = json.loads((run / "jobs" / "salt_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
+    lora = json.loads((run / "jobs" / "lora_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
+    model = SamSegmenter("tiny", image_size=32)
+    norms_pe = sum(p.numel() for p in group_parameters(model, "norms+pos_embed"))
+    salt_adapters = 4 * (2 * (2 * 4 + 2 * 2 * 60) + 2 * (2 * 2 + 2 * 2 * 62))
+    assert salt["medlora"]["trainable_params"] == salt_adapters + norms_pe
+    decoder = sum(p.numel() for p in group_parameters(model, "mask_decoder"))
+    assert lora["medlora"]["trainable_params"] == 4 * 2 * 2 * (64 + 64) + decoder
+    assert len(salt["metric_per_case"]) == 2
+
+    bad = dict(study, methods=[{"name": "salt", "finetune": "norms+decoder"}])
+    config.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    with pytest.raises(StudyConfigError, match=r"methods\[0\]\.finetune: sam has no module group 'decoder'"):
+        load_study_config(config)

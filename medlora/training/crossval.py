@@ -270,7 +270,7 @@ class Study:
         kwargs: dict[str, Any] = {"pretrained": str(self.base_path), "loss": c.finetune.loss,
                                   "norm_stats": c.finetune.norm_stats}
         if job.family == "adapter":
-            kwargs.update(adapter=c.adapter_config(job.entry, job.rank), finetune="none",
+            kwargs.update(adapter=c.adapter_config(job.entry, job.rank), finetune=job.entry.finetune or "none",
                           lr=job.entry.lr or c.finetune.adapter_lr,
                           adapter_path=str(folder / "adapter.safetensors"))  # written at the end of fit
         elif job.family == "module":

@@ -17,7 +17,7 @@ import yaml
 
 from ..adapters import AdapterConfig, get_method, list_methods
 from ..errors import MedloraError
-from ..models import GROUP_NAMES
+from ..models import GROUP_ALIASES
 
 BASELINES = ("no_finetune", "full", "module")
 
@@ -82,6 +82,13 @@ class MethodEntry:
     group: str | None = field(default=None, metadata={"help": "module group for name: module"})
     alpha: float | None = field(default=None, metadata={"help": "adapter alpha (default: the method's)"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "adapter method options"})
+    options_pattern: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "layer-name pattern -> adapter option overrides (per layer type)"})
+    targets: list[str] | None = field(
+        default=None, metadata={"help": "adapter methods: layer patterns for this method (default: adapter_targets)"})
+    finetune: str | None = field(
+        default=None, metadata={"help": "adapter methods: module group(s) trained as well, 'a+b' for several "
+                                "(e.g. norms+pos_embed for SALT on SAM)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate for this method only"})
 
     def job_name(self, rank: int | None) -> str:
@@ -114,7 +121,26 @@ class StudyConfig:
     def adapter_config(self, entry: MethodEntry, rank: int | None) -> AdapterConfig:
         # methods without a rank (svd) take rank 1, which they ignore
         return AdapterConfig.from_dict({"method": entry.name, "rank": rank or 1, "alpha": entry.alpha,
-                                        "options": dict(entry.options), **self.adapter_targets})
+                                        "options": dict(entry.options),
+                                        "options_pattern": dict(entry.options_pattern),
+                                        **{**self.adapter_targets,
+                                           **({"targets": list(entry.targets)} if entry.targets else {})}})
+
+
+def _model_groups(config: StudyConfig) -> set[str] | None:
+    """The backbone's module-group names, from a weightless (meta-device) build; None if it cannot be built so."""
+    import torch
+
+    from ..models import create_model, module_groups
+
+    try:
+        with torch.device("meta"):
+            model = create_model(config.model.backbone, spatial_dims=config.model.spatial_dims,
+                                 **config.model.backbone_args)
+    except Exception:  # e.g. a backbone that loads a checkpoint while built: checked when the job runs
+        return None
+    names = set(module_groups(model))
+    return names | set(GROUP_ALIASES) if "shallow" in names else names
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -205,14 +231,20 @@ def _check(config: StudyConfig) -> None:
         raise StudyConfigError("study.methods: list at least one method")
     seen = set()
     adapters = set(list_methods())
+    groups = _model_groups(config)
     for i, entry in enumerate(config.methods):
         where = f"study.methods[{i}]"
         if entry.name not in BASELINES and entry.name not in adapters:
             raise StudyConfigError(
                 f"{where}.name: unknown method {entry.name!r} (valid: {', '.join(BASELINES + tuple(sorted(adapters)))})"
             )
-        if entry.name == "module" and entry.group not in GROUP_NAMES:
-            raise StudyConfigError(f"{where}.group: module-wise fine-tuning needs a group of {', '.join(GROUP_NAMES)}")
+        if entry.name == "module" and not entry.group:
+            raise StudyConfigError(f"{where}.group: module-wise fine-tuning needs a module group")
+        for key, value in (("group", entry.group), ("finetune", entry.finetune)):
+            unknown = [g for g in (value or "").split("+") if value and groups is not None and g.strip() not in groups]
+            if unknown:
+                raise StudyConfigError(f"{where}.{key}: {config.model.backbone} has no module group {unknown[0]!r} "
+                                       f"(groups: {', '.join(sorted(groups))})")
         if entry.name in adapters:
             if not entry.ranks or any(r < 1 for r in entry.ranks):
                 raise StudyConfigError(f"{where}.ranks: give positive ranks")
