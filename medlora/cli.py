@@ -10,7 +10,13 @@ from .errors import MedloraError
 
 def _adapters_command(args: argparse.Namespace) -> int:
     from .adapters import describe_method, list_methods
+    from .adapters.optim import describe_rule, list_rules
 
+    if args.rules:
+        print("\n\n".join(describe_rule(n) for n in list_rules()))
+        return 0
+    if args.method and args.method not in list_methods():
+        raise MedloraError(f"unknown adapter method {args.method!r}; available: {', '.join(list_methods())}")
     names = [args.method] if args.method else list_methods()
     print("\n\n".join(describe_method(n) for n in names))
     return 0
@@ -68,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapters", help="list the adapter methods and their options")
     p.add_argument("method", nargs="?", help="describe only this method")
+    p.add_argument("--rules", action="store_true", help="list the training rules (model.training_rule) instead")
     p.set_defaults(func=_adapters_command)
 
     for name in LIGHTNING_COMMANDS:

@@ -187,3 +187,29 @@ def test_ddp_on_two_cpu_processes(phantoms, base_weights, tmp_path):
     # 5 validation cases over 2 ranks: the sampler pads to 6; gathering and de-duplication restores 5
     assert cases == [5.0]
     assert (tmp_path / "checkpoints" / "adapter.safetensors").is_file()
+
+
+def test_gradient_initialised_adapter_with_a_training_rule(phantoms, base_weights, tmp_path):
+    """LoRA-GA gets its start from training batches at on_train_start; FFA keeps A there while B trains."""
+    adapter = ('{"method": "lora_ga", "rank": 2, "target_types": ["Conv2d"], "exclude": ["M3.TripleOut.6"]}')
+    main(fit_args([CONFIGS / "seed_2d_finetune_sah.yaml"], tmp_path, phantoms["sah"], 2,
+                  "--model.pretrained", str(base_weights[2]), "--model.adapter", adapter, "--model.finetune", "none",
+                  "--model.training_rule", "ffa", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                  "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch", "1"))
+    meta, tensors = read_adapter_file(tmp_path / "checkpoints" / "adapter.safetensors")
+    layers = sorted(meta["layers"])
+    assert layers and meta["configs"][0]["method"] == "lora_ga"
+    for layer in layers:
+        a, b = tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"]
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.equal(a, tensors[f"{layer}.offset_A"])  # FFA: A never moved from the gradient-SVD start
+    assert any(not torch.equal(tensors[f"{n}.lora_B"], tensors[f"{n}.offset_B"]) for n in layers)  # B trained
+
+
+@pytest.mark.parametrize("rule_options", ['{"nonsense": 1}'])
+def test_training_rule_options_are_checked(rule_options, phantoms, base_weights, tmp_path):
+    files = [CONFIGS / "seed_2d_finetune_sah.yaml", CONFIGS / "adapters" / "lora.yaml"]
+    with pytest.raises(ValueError, match="unknown option.*nonsense.*for training rule 'lora_pro'"):
+        main(fit_args(files, tmp_path, phantoms["sah"], 2, "--model.pretrained", str(base_weights[2]),
+                      "--model.training_rule", "lora_pro", "--model.training_rule_options", rule_options,
+                      "--trainer.fast_dev_run", "true"))

@@ -103,6 +103,9 @@ class SegmentationModule(pl.LightningModule):
         threshold: probability threshold for hard metrics.
         adapter_path: where to write the adapter file at the end of fit (default: ``adapter.safetensors``
             in the checkpoint folder).
+        training_rule: an adapter training rule of :mod:`medlora.adapters.optim` (``ffa``, ``stable_lora``,
+            ``allora``, ``lora_pro``, ``altlora``, ...) instead of Adam(W); ``training_rule_options`` are its
+            options (``medlora adapters --rules`` lists them), ``lr`` its learning rate.
     """
 
     def __init__(
@@ -122,6 +125,8 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: float = 0.25,
         threshold: float = 0.5,
         adapter_path: str | None = None,
+        training_rule: str | None = None,
+        training_rule_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if norm_stats not in ("update", "freeze"):
@@ -188,6 +193,11 @@ class SegmentationModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires grad (finetune: none and no adapter)")
+        if self.hparams.training_rule:
+            from ..adapters.optim import build_optimizer
+
+            return build_optimizer(self.model, rule=self.hparams.training_rule, lr=self.hparams.lr,
+                                   **dict(self.hparams.training_rule_options or {}))
         if self.hparams.weight_decay:
             return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         return torch.optim.Adam(params, lr=self.hparams.lr)
@@ -195,10 +205,30 @@ class SegmentationModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
         self.check_input_window()
+        self.initialise_adapters_from_data()
         if self.trainer.is_global_zero and self.is_adapter_run:
             report = parameter_report(self.model)
             rank_zero_info(f"adapters: {len(report.layers)} layers, {report.total_trainable_params:,} trainable of "
                            f"{report.total_base_params:,} parameters ({report.percent:.2f}%)")
+
+    def initialise_adapters_from_data(self) -> None:
+        """Adapters initialised from gradients (LoRA-GA, LoRA-SB) see a few training batches before anything else
+        (sanity validation included); not when resuming (global_step > 0: the checkpoint holds them)."""
+        from ..adapters.data_init import data_adapters, initialise_from_data
+
+        if not self.is_adapter_run or not data_adapters(self.model) or self.trainer.global_step > 0:
+            return
+        dm = self.trainer.datamodule
+        loader = dm.train_dataloader() if dm is not None else self.trainer.fit_loop._data_source.dataloader()
+
+        def loss_of(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            return self.loss_fn(model(torch.as_tensor(batch["image"])), torch.as_tensor(batch["label"]))
+
+        initialise_from_data(self.model, loader, loss_of, max_batches=self.data_init_batches)
+        rank_zero_info(f"adapters initialised from the gradients of up to {self.data_init_batches} training batches")
+
+    data_init_batches = 8
 
     def on_fit_end(self) -> None:
         self.fit_seconds = time.perf_counter() - self._fit_start
