@@ -387,3 +387,49 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump(bad), encoding="utf-8")
     with pytest.raises(StudyConfigError, match=r"methods\[0\]\.finetune: sam has no module group 'decoder'"):
         load_study_config(config)
+
+
+SAM_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sam"
+
+
+@pytest.fixture(scope="module")
+def sam_phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from medlora.data.phantoms import write_dataset
+
+    root = tmp_path_factory.mktemp("sam_phantoms")
+    return {d: write_dataset(root / d, d, 4, seed=0, shape=(32, 32, 6), spacing=(6.0, 6.0, 20.0))
+            for d in ("tbi", "sah")}
+
+
+def _sam_fit(files: list[Path], tmp: Path, data: Path, *extra: str) -> list[str]:
+    args = ["fit"]
+    for f in files:
+        args += ["--config", str(f)]
+    return args + ["--data.data_dir", str(data), "--data.patch_size", "[32, 32]", "--data.num_folds", "2",
+                   "--model.backbone_args.image_size", "32", "--trainer.default_root_dir", str(tmp),
+                   "--trainer.logger.init_args.save_dir", str(tmp), "--checkpoint.dirpath", str(tmp / "ck"),
+                   "--trainer.enable_progress_bar", "false", "--trainer.fast_dev_run", "true", *extra]
+
+
+@pytest.mark.parametrize("method", ["salt", "ssam", "lora_qv", "dora_qv", "full"])
+def test_sam_configs_fast_dev_run(method: str, sam_phantoms: dict[str, Path], tmp_path: Path) -> None:
+    from medlora.cli import main
+
+    base = tmp_path / "base.pt"
+    torch.save(SamSegmenter("tiny", image_size=32).state_dict(), base)
+    main(_sam_fit([SAM_CONFIGS / "finetune_sah_tiny.yaml", SAM_CONFIGS / f"{method}.yaml"], tmp_path,
+                  sam_phantoms["sah"], "--model.pretrained", str(base)))
+    if method != "full":
+        from medlora.adapters import read_adapter_file
+
+        meta, _ = read_adapter_file(tmp_path / "ck" / "adapter.safetensors")
+        assert meta["extra"]["backbone"] == "sam" and meta["extra"]["preprocessing"]["hu_window"] == [-1024, 3071]
+
+
+def test_sam_pretrain_config_and_the_window_check(sam_phantoms: dict[str, Path], tmp_path: Path) -> None:
+    from medlora.cli import main
+
+    main(_sam_fit([SAM_CONFIGS / "pretrain_tbi_tiny.yaml"], tmp_path / "ok", sam_phantoms["tbi"]))
+    with pytest.raises(ValueError, match=r"data.hu_window \[0.0, 140.0\] differs from the backbone's input_window"):
+        main(_sam_fit([SAM_CONFIGS / "pretrain_tbi_tiny.yaml"], tmp_path / "bad", sam_phantoms["tbi"],
+                      "--data.hu_window", "[0, 140]"))
