@@ -233,6 +233,10 @@ class ParameterReport:
         ]
         if self.shared_trainable_params:
             rows.append(("(shared by the layers)", "", "", "", "", f"{self.shared_trainable_params:,}", ""))
+        others = self.total_trainable_params - self.adapter_params
+        if others:  # unfrozen norms, position embeddings, a decoder... (the SALT paper's table counts them too)
+            pct = 100.0 * others / self.total_base_params if self.total_base_params else 0.0
+            rows.append(("other trainable (not adapters)", "", "", "", "", f"{others:,}", f"{pct:.2f}"))
         rows.append(("TOTAL (model)", "", "", "", f"{self.total_base_params:,}",
                      f"{self.total_trainable_params:,}", f"{self.percent:.2f}"))
         widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
