@@ -131,7 +131,7 @@ def test_unknown_adapter_method_in_config_is_rejected(capsys, tmp_path):
         main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), "--config", str(bad)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "model.adapter: unknown adapter method 'lroa'; available: conv_dora" in err
+    assert "model.adapter: unknown adapter method 'lroa'; available: bd_lora, bone, conv_dora" in err
 
 
 def test_missing_dataset_and_bad_weights_are_one_line_errors(capsys, phantoms, tmp_path):
