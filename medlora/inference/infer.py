@@ -416,7 +416,7 @@ class Predictor:
 
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Mean probability of the ensemble on the preprocessed grid: (X', Y', Z') float32 on the CPU."""
-        from ..training.module import predict_volume
+        from ..evaluation.predict import predict_volume
 
         # A plain tensor: MetaTensor bookkeeping on every window would cost time and carry nothing needed.
         x = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)[None].to(self.device)

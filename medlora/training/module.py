@@ -23,13 +23,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from monai.inferers import SliceInferer, sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from ..adapters import AdapterConfig, base_fingerprint, inject, iter_adapters, parameter_report, save_adapter
 from ..data.transforms import DEFAULT_HU_WINDOW
 from ..evaluation.metrics import case_metrics, nanmean_std
+from ..evaluation.predict import predict_volume
 from ..models import create_model, group_module_names, group_parameters, set_trainable
 from ..models.weights import load_weights
 
@@ -49,28 +49,6 @@ def expand_group_targets(model: nn.Module, targets: Sequence[str] | None) -> lis
         else:
             out.append(t)
     return out
-
-
-def predict_volume(
-    model: nn.Module,
-    image: torch.Tensor,
-    spatial_dims: int,
-    roi_size: Sequence[int],
-    sw_batch_size: int = 2,
-    overlap: float = 0.25,
-) -> torch.Tensor:
-    """Sigmoid probabilities for a (N, C, X, Y, Z) volume: sliding windows with Gaussian blending.
-
-    A 2D network runs on axial slices (MONAI ``SliceInferer`` over the last axis).
-    """
-    if spatial_dims == 3:
-        logits = sliding_window_inference(image, tuple(roi_size), sw_batch_size, model, overlap=overlap,
-                                          mode="gaussian")
-    else:
-        inferer = SliceInferer(roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, spatial_dim=2,
-                               overlap=overlap, mode="gaussian", progress=False)
-        logits = inferer(image, model)
-    return torch.sigmoid(torch.as_tensor(logits))
 
 
 def spacing_of(image: torch.Tensor) -> tuple[float, ...]:
