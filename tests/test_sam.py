@@ -365,13 +365,14 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
         "methods": [{"name": "salt", "ranks": [2], "options": {"svd_rank": 4}, "finetune": "norms+pos_embed",
                      "options_pattern": {"image_encoder.blocks.*.mlp.*": {"svd_rank": 2}}},
                     {"name": "lora", "ranks": [2], "targets": SAM_LAYERS[:1], "finetune": "mask_decoder",
-                     "options": {"fused_outputs": 3, "adapt_outputs": [0, 2]}}],
+                     "options": {"fused_outputs": 3, "adapt_outputs": [0, 2]}},
+                    {"name": "lora", "ranks": [2], "targets": SAM_LAYERS[:1], "training_rule": "ffa"}],
     }
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study), encoding="utf-8")
     run = tmp_path / "run"
     assert main(["crossval", "--config", str(config), "--out", str(run), "--only", "pretrain"]) == 0
-    for job in ("salt_r2", "lora_r2"):
+    for job in ("salt_r2", "lora_r2", "lora_ffa_r2"):
         assert main(["crossval", "--config", str(config), "--out", str(run), "--only", f"job={job},fold=0"]) == 0
     salt = json.loads((run / "jobs" / "salt_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
     lora = json.loads((run / "jobs" / "lora_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
@@ -382,7 +383,14 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     decoder = sum(p.numel() for p in group_parameters(model, "mask_decoder"))
     assert lora["medlora"]["trainable_params"] == 4 * 2 * 2 * (64 + 64) + decoder
     assert len(salt["metric_per_case"]) == 2
+    ffa = json.loads((run / "jobs" / "lora_ffa_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
+    assert ffa["medlora"]["label"] == "LoRA r2 + ffa"
+    assert ffa["medlora"]["trainable_params"] == 4 * 2 * 192  # FFA: only B (192 x 2 per qkv) trains
 
+    bad = dict(study, methods=[{"name": "lora", "training_rule": "lora_pr0"}])
+    config.write_text(yaml.safe_dump(bad), encoding="utf-8")
+    with pytest.raises(StudyConfigError, match=r"methods\[0\]\.training_rule: unknown training rule 'lora_pr0'"):
+        load_study_config(config)
     bad = dict(study, methods=[{"name": "salt", "finetune": "norms+decoder"}])
     config.write_text(yaml.safe_dump(bad), encoding="utf-8")
     with pytest.raises(StudyConfigError, match=r"methods\[0\]\.finetune: sam has no module group 'decoder'"):

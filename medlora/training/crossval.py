@@ -59,7 +59,8 @@ class Job:
         if self.method == "module":
             return f"module-wise ({self.entry.group})"
         base = METHOD_LABELS.get(self.method, self.method)
-        return base if self.rank is None else f"{base} r{self.rank}"
+        label = base if self.rank is None else f"{base} r{self.rank}"
+        return f"{label} + {self.entry.training_rule}" if self.entry.training_rule else label
 
     def matches(self, selector: dict[str, str]) -> bool:
         values = {"job": self.name, "method": self.method, "rank": str(self.rank), "fold": str(self.fold),
@@ -271,7 +272,8 @@ class Study:
                                   "norm_stats": c.finetune.norm_stats}
         if job.family == "adapter":
             kwargs.update(adapter=c.adapter_config(job.entry, job.rank), finetune=job.entry.finetune or "none",
-                          lr=job.entry.lr or c.finetune.adapter_lr,
+                          lr=job.entry.lr or c.finetune.adapter_lr, training_rule=job.entry.training_rule,
+                          training_rule_options=dict(job.entry.training_rule_options),
                           adapter_path=str(folder / "adapter.safetensors"))  # written at the end of fit
         elif job.family == "module":
             kwargs.update(finetune=job.entry.group, lr=job.entry.lr or c.finetune.lr)
@@ -280,7 +282,6 @@ class Study:
         with _quiet_lightning():
             module = self._module(**kwargs)
         dm = self._datamodule(self.target_dir, job.fold, seed)
-        trainable = 0 if job.family == "none" else module.trainable_parameter_count()
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
         train_seconds = 0.0
         if job.family != "none":
@@ -288,6 +289,8 @@ class Study:
             with _quiet_lightning():
                 _trainer(c.finetune.epochs, folder, progress).fit(module, dm)
             train_seconds = time.perf_counter() - start
+        # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
+        trainable = 0 if job.family == "none" else module.trainable_parameter_count()
         start = time.perf_counter()
         rows = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start

@@ -90,11 +90,16 @@ class MethodEntry:
         default=None, metadata={"help": "adapter methods: module group(s) trained as well, 'a+b' for several "
                                 "(e.g. norms+pos_embed for SALT on SAM)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate for this method only"})
+    training_rule: str | None = field(
+        default=None, metadata={"help": "adapter training rule (medlora adapters --rules), e.g. lora_pro; "
+                                "the job is named <method>_<rule>_r<rank>"})
+    training_rule_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "the rule's options"})
 
     def job_name(self, rank: int | None) -> str:
         if self.name == "module":
             return f"module_{self.group}"
-        return self.name if rank is None else f"{self.name}_r{rank}"
+        base = f"{self.name}_{self.training_rule}" if self.training_rule else self.name
+        return base if rank is None else f"{base}_r{rank}"
 
 
 @dataclass
@@ -245,6 +250,20 @@ def _check(config: StudyConfig) -> None:
             if unknown:
                 raise StudyConfigError(f"{where}.{key}: {config.model.backbone} has no module group {unknown[0]!r} "
                                        f"(groups: {', '.join(sorted(groups))})")
+        if entry.training_rule is not None:
+            from ..adapters.optim import get_rule
+
+            if entry.name not in adapters:
+                raise StudyConfigError(f"{where}.training_rule: only adapter methods take a training rule")
+            try:
+                spec = get_rule(entry.training_rule)
+            except ValueError as exc:
+                raise StudyConfigError(f"{where}.training_rule: {exc}") from None
+            known = {f.name for f in dataclasses.fields(spec.options_cls)}
+            bad = sorted(set(entry.training_rule_options) - known)
+            if bad:
+                raise StudyConfigError(f"{where}.training_rule_options: unknown option(s) {', '.join(bad)} for "
+                                       f"rule {entry.training_rule!r}; valid: {', '.join(sorted(known))}")
         if entry.name in adapters:
             if not entry.ranks or any(r < 1 for r in entry.ranks):
                 raise StudyConfigError(f"{where}.ranks: give positive ranks")
