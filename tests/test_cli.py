@@ -25,6 +25,21 @@ def test_adapters_lists_every_method_with_its_options(capsys):
     assert "options.svd_rank" in out and "arXiv 2503.16055" in out
 
 
+def test_adapters_lists_the_training_rules_and_rejects_an_unknown_method(capsys):
+    from medlora.adapters import list_methods
+    from medlora.adapters.optim import list_rules
+
+    assert main(["adapters", "--rules"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line and not line.startswith(" ")] == list_rules()
+    assert "lora_pro" in out and "arXiv 2407.18242" in out
+    assert main(["adapters", "pissa"]) == 0
+    assert capsys.readouterr().out.startswith("pissa: ")
+    assert main(["adapters", "lorra"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"medlora: error: unknown adapter method 'lorra'; available: {', '.join(list_methods())}"
+
+
 def test_data_phantoms_writes_a_dataset_and_refuses_to_clobber(tmp_path, capsys):
     out = tmp_path / "sah"
     assert main(["data", "phantoms", "--out", str(out), "--domain", "sah", "--cases", "2", "--seed", "3"]) == 0
