@@ -28,9 +28,6 @@ from medlora.adapters import (
     save_adapter,
 )
 
-# tiny toy layers: inject rightly warns that an adapter (with its frozen factors) outweighs such a layer
-pytestmark = pytest.mark.filterwarnings("ignore:.*adapter parameters >= the layer:UserWarning")
-
 METHODS = ["pissa", "lora_ga", "lora_sb", "loldu", "nlora", "slora", "inttune"]
 DATA_METHODS = {"lora_ga", "lora_sb"}
 TRAINS = {
@@ -38,19 +35,13 @@ TRAINS = {
     "nlora": {"lora_A", "lora_N", "lora_B"}, "slora": {"lora_A", "lora_N", "lora_B"}, "inttune": {"lora_N"},
 }
 EXACT = {"niter": None}  # exact SVDs so that numpy's SVD is a reference
+# tiny toy layers: inject rightly warns that an adapter (with its frozen factors) outweighs such a layer;
+# float64 references; one thread: toy-sized ops only lose time to OpenMP on a busy 2-core CPU
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*adapter parameters >= the layer:UserWarning"),
+    pytest.mark.usefixtures("float64_default", "one_thread"),
+]
 OPTIONS = {"pissa": EXACT, "lora_ga": EXACT, "lora_sb": {**EXACT, "lr": 0.3, "warmup_steps": 2.0}}
-
-
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    """float64 references; one thread: these toy-sized ops only lose time to OpenMP on a busy 2-core CPU."""
-    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-    torch.set_num_threads(threads)
 
 
 LAYERS = {

@@ -13,16 +13,8 @@ from torch import nn
 from medlora.adapters import AdapterConfig, inject
 from medlora.adapters.optim import build_optimizer, describe_rule, list_rules, lora_pairs
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*adapter parameters >=")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*adapter parameters >="), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a single thread avoids thread start-up and contention costs on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 RULES = ["adamw", "ffa", "stable_lora", "allora", "lora_pro", "altlora", "altlora_plus"]
 S = 2.0  # alpha / r with alpha = 4, r = 2

@@ -22,15 +22,10 @@ LAYERS = {
 
 
 # tiny test layers: adapters as large as the layer are intended here
-pytestmark = pytest.mark.filterwarnings("ignore:.*adapter parameters >= the layer:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*adapter parameters >= the layer:UserWarning"),
+    pytest.mark.usefixtures("float64_default"),
+]
 
 
 def canonical_np(weight: np.ndarray, layer: nn.Module) -> np.ndarray:

@@ -33,15 +33,7 @@ ROI3, ROI2 = [16, 16, 8], [16, 16]
 NATIVE = {"hu_window": [0.0, 140.0], "target_spacing": None, "roi_size": ROI3, "threshold": 0.5}
 RAS_AFFINE = np.array([[0.9, 0, 0, -10.0], [0, 0.8, 0, -8.0], [0, 0, 3.0, -15.0], [0, 0, 0, 1]])
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny volumes: thousands of small ops, each an OpenMP hand-off with 2 threads; on a shared, busy
-    # machine those hand-offs (not the arithmetic) dominated, 2 threads ran ~100x slower than 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantom(seed: int = 0, shape: tuple[int, ...] = SHAPE) -> np.ndarray:

@@ -125,10 +125,15 @@ def list_methods() -> list[str]:
 def describe_method(name: str) -> str:
     """A human-readable description of a method and its options with help text and defaults."""
     spec = get_method(name)
-    lines = [f"{spec.name}: {spec.summary}", f"  paper: {spec.citation}"]
-    for f in dataclasses.fields(spec.options_cls):
+    return describe_entry(spec.name, spec.summary, spec.citation, spec.options_cls, prefix="options.")
+
+
+def describe_entry(name: str, summary: str, citation: str, options_cls: type, prefix: str = "") -> str:
+    """``name: summary``, the paper, then each option of ``options_cls`` with its default and help text."""
+    lines = [f"{name}: {summary}", f"  paper: {citation}"]
+    for f in dataclasses.fields(options_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  options.{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+        lines.append(f"  {prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import option
+from .config import describe_entry, option
 from .inject import iter_adapters
 
 __all__ = [
@@ -144,11 +144,7 @@ def get_rule(name: str) -> RuleSpec:
 def describe_rule(name: str) -> str:
     """A rule's summary, paper and options with their defaults and help text."""
     spec = get_rule(name)
-    lines = [f"{spec.name}: {spec.summary}", f"  paper: {spec.citation}"]
-    for f in dataclasses.fields(spec.options_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+    return describe_entry(spec.name, spec.summary, spec.citation, spec.options_cls)
 
 
 def build_optimizer(model: nn.Module, rule: str = "adamw", lr: float = 1e-3, **options: Any) -> torch.optim.Optimizer:

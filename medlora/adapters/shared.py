@@ -36,6 +36,17 @@ class SharedState(nn.Module):
         self.saved_buffers: tuple[str, ...] = ()
         self._owned = False
 
+    @classmethod
+    def frozen_bases(cls, config: AdapterConfig, layers: Iterable[tuple], like: torch.Tensor, save: bool,
+                     **bases: torch.Tensor) -> SharedState:
+        """A group holding frozen random ``bases`` as buffers (dtype/device of ``like``), saved when ``save``
+        and otherwise regenerated from the method's seed on load."""
+        shared = cls(config, [layer[0] for layer in layers])
+        for name, value in bases.items():
+            shared.register_buffer(name, value.to(like.device, like.dtype))
+        shared.saved_buffers = tuple(bases) if save else ()
+        return shared
+
     def adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` for everything an adapter file holds for this group."""
         yield from self.named_parameters()

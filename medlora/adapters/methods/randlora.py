@@ -77,11 +77,7 @@ def build_randlora_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], 
         a = _kaiming_bf16((rank, 1, lo), generator)
         b = torch.cat([_kaiming_bf16((hi, 1, rank), generator) for _ in range(n)], dim=1)
     a, b = a / a.std(), b / b.std()
-    shared = SharedState(config, [name for name, _, _ in layers])
-    shared.register_buffer("randlora_A", a.to(like.device, like.dtype))
-    shared.register_buffer("randlora_B", b.to(like.device, like.dtype))
-    shared.saved_buffers = ("randlora_A", "randlora_B") if options.save_projection else ()
-    return shared
+    return SharedState.frozen_bases(config, layers, like, options.save_projection, randlora_A=a, randlora_B=b)
 
 
 @register_method(

@@ -52,11 +52,7 @@ def build_vera_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], conf
     generator = torch.Generator(device="cpu").manual_seed(options.seed)
     a = kaiming_uniform_gain2(rank, fan_in, generator)
     b = kaiming_uniform_gain2(fan_out, rank, generator)
-    shared = SharedState(config, [name for name, _, _ in layers])
-    shared.register_buffer("vera_A", a.to(like.device, like.dtype))
-    shared.register_buffer("vera_B", b.to(like.device, like.dtype))
-    shared.saved_buffers = ("vera_A", "vera_B") if options.save_projection else ()
-    return shared
+    return SharedState.frozen_bases(config, layers, like, options.save_projection, vera_A=a, vera_B=b)
 
 
 @register_method(
