@@ -20,7 +20,6 @@ random_state=12345)`` over the sorted case ids) without depending on scikit-lear
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -29,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from ..errors import MedloraError
 from ..fileio import atomic_write_bytes
+from .nifti import NiftiError, write_nifti
+from .nifti import load_nifti as _load_nifti
 
 __all__ = [
     "AFFINE_ATOL_MM",
@@ -116,47 +116,16 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def save_nifti(
-    path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray, dtype: np.dtype | type | None = None
-) -> Path:
-    """Atomically write a NIfTI-1 file (gzip if the name ends in ``.gz``) with qform = sform = ``affine``.
-
-    The gzip stream carries no timestamp, so the same array gives byte-identical files.
-    """
-    path = Path(path)
-    arr = np.asarray(data if dtype is None else np.asarray(data).astype(dtype, copy=False))
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(arr.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    raw = img.to_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
-    return atomic_write_bytes(path, raw)
+# One writer for every NIfTI file medlora writes (datasets and predictions): medlora.data.nifti.
+save_nifti = write_nifti
 
 
 def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI file fully into memory; any failure becomes a one-line :class:`DatasetError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
+    """Load a NIfTI file fully into memory: its voxels and affine; any failure is a one-line :class:`DatasetError`."""
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise DatasetError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
-        # Reading the whole array here is what surfaces truncated gzip streams.
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except DatasetError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # nibabel, gzip, zlib and numpy all raise different types for a bad file
-        raise DatasetError(
-            f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {_one_line(exc)})"
-        ) from exc
-    return data, affine
+        return _load_nifti(path)
+    except NiftiError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------- dataset.json
