@@ -517,6 +517,12 @@ def test_slice_position_tolerance():
         check_slice_positions(np.concatenate([positions[:10], positions[9:-1]]), iop, "x")
     descending = positions[::-1]  # stacked head to feet: fine as long as it is even
     assert check_slice_positions(descending, iop, "x") == 5.0
+    rotation = oblique_affine()[:3, :3] / np.linalg.norm(oblique_affine()[:3, :3], axis=0)
+    oblique_iop = np.concatenate([rotation[:, 0], rotation[:, 1]])  # slices along the rotated normal
+    normal = np.cross(rotation[:, 0], rotation[:, 1])
+    assert check_slice_positions(np.outer(z, normal) + [3.0, -2.0, 1.0], oblique_iop, "x") == pytest.approx(5.0)
+    with pytest.raises(InputError, match="shifted within the slice plane"):  # straight up is a shear here
+        check_slice_positions(positions, oblique_iop, "x")
 
 
 def test_dicom_folder_given_through_dotdot_gets_its_name(tmp_path):
