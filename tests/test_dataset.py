@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -91,9 +92,33 @@ def test_explicit_dataset_listing_in_json(copy):
     }
     meta["numTraining"] = 2
     (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
-    index = validate_dataset(copy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every file inside the dataset folder: no warning
+        index = validate_dataset(copy)
     assert index.case_ids == ["SAH_000", "SAH_002"]
     assert index.cases[0].images == (copy / "scans" / "SAH_000_0000.nii.gz",)
+
+
+def test_listing_outside_the_dataset_folder_warns_once(copy, tmp_path, monkeypatch):
+    """nnU-Net v2 uses absolute, ``../`` and ``$VAR`` paths; we use them too, but say so (one warning)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(copy / "imagesTr" / "SAH_001_0000.nii.gz", elsewhere / "SAH_001_0000.nii.gz")
+    shutil.move(copy / "labelsTr" / "SAH_002.nii.gz", elsewhere / "SAH_002.nii.gz")
+    monkeypatch.setenv("MEDLORA_TEST_ELSEWHERE", str(elsewhere))
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
+    meta["dataset"] = {
+        "SAH_000": {"images": ["imagesTr/SAH_000_0000.nii.gz"], "label": "labelsTr/SAH_000.nii.gz"},
+        "SAH_001": {"images": ["../elsewhere/SAH_001_0000.nii.gz"], "label": "labelsTr/SAH_001.nii.gz"},
+        "SAH_002": {"images": ["imagesTr/SAH_002_0000.nii.gz"], "label": "$MEDLORA_TEST_ELSEWHERE/SAH_002.nii.gz"},
+    }
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.warns(UserWarning) as record:
+        index = validate_dataset(copy)
+    (warning,) = [str(w.message) for w in record if "outside" in str(w.message)]
+    assert "\n" not in warning and warning.startswith(str(copy / "dataset.json"))
+    assert "2 file(s)" in warning and "case SAH_001" in warning and str(elsewhere / "SAH_001_0000.nii.gz") in warning
+    assert index.case("SAH_002").label == elsewhere / "SAH_002.nii.gz"
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -129,6 +154,23 @@ def test_missing_label_file(copy):
 def test_image_removed_leaves_orphan_label(copy):
     (copy / "imagesTr" / "SAH_002_0000.nii.gz").unlink()
     _raises(copy, os.path.join("labelsTr", "SAH_002.nii.gz"), "has no image", check_voxels=False)
+
+
+def test_image_in_a_subfolder_of_images_tr_is_named(copy):
+    (copy / "imagesTr" / "batch2").mkdir()
+    shutil.move(copy / "imagesTr" / "SAH_001_0000.nii.gz", copy / "imagesTr" / "batch2" / "SAH_001_0000.nii.gz")
+    msg = _raises(copy, os.path.join("imagesTr", "batch2", "SAH_001_0000.nii.gz"), "case SAH_001",
+                  "in a subfolder", check_voxels=False)
+    assert "has no image" not in msg
+
+
+def test_folder_named_like_an_image_is_named(copy):
+    path = copy / "imagesTr" / "SAH_001_0000.nii.gz"
+    path.unlink()
+    path.mkdir()
+    msg = _raises(copy, os.path.join("imagesTr", "SAH_001_0000.nii.gz"), "a folder, not a .nii.gz file",
+                  check_voxels=False)
+    assert "has no image" not in msg
 
 
 def test_missing_channel_file(copy):
@@ -193,6 +235,23 @@ def test_nan_voxel_in_float_image(copy):
     _rewrite(path, img)
     _raises(copy, os.path.join("imagesTr", "SAH_001_0000.nii.gz"), "case SAH_001", "non-finite", "1 NaN",
             "(3, 4, 5)")
+
+
+@pytest.mark.parametrize("transform, problem", [
+    (lambda hu: np.clip((hu + 1000.0) / 2000.0, 0.0, 1.0), "normalised or windowed"),
+    (lambda hu: hu + 2000.0, "no voxel below 500 HU"),
+], ids=["normalised", "shifted"])
+def test_training_images_must_be_ct_in_hu(copy, transform, problem):
+    """The plausibility test of ``medlora infer`` applies to the CT channel of training data too."""
+    path = copy / "imagesTr" / "SAH_001_0000.nii.gz"
+    hu = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    _rewrite(path, transform(hu), dtype=np.float32)
+    _raises(copy, os.path.join("imagesTr", "SAH_001_0000.nii.gz"), "case SAH_001", problem)
+    read_dataset(copy)  # structure only: no voxels read
+    meta = json.loads((copy / "dataset.json").read_text(encoding="utf-8"))
+    meta["channel_names"] = {"0": "MRI"}  # not CT: not in Hounsfield units, nothing to check
+    (copy / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    validate_dataset(copy)
 
 
 def test_two_dimensional_image(copy):

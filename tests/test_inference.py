@@ -260,8 +260,9 @@ def test_adapter_run_checkpoint_is_refused_with_advice(files, tmp_path, capsys):
 # -------------------------------------------------------------------------------------------- DICOM
 
 
-def write_dicom_series(image, folder: Path) -> None:
-    """One file per slice with the geometry tags SimpleITK's DicomSeriesFromArray example sets."""
+def write_dicom_series(image, folder: Path, shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> None:
+    """One file per slice with the geometry tags SimpleITK's DicomSeriesFromArray example sets; slice k's
+    ImagePositionPatient moves by ``k * shift_mm`` (a sheared stack, as a tilted gantry writes)."""
     import SimpleITK as sitk
 
     folder.mkdir(parents=True)
@@ -276,7 +277,8 @@ def write_dicom_series(image, folder: Path) -> None:
         sl = image[:, :, k]
         for tag, value in common:
             sl.SetMetaData(tag, value)
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        position = np.add(image.TransformIndexToPhysicalPoint((0, 0, k)), np.multiply(k, shift_mm))
+        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10f}" for v in position))
         sl.SetMetaData("0020|0013", str(k + 1))
         sl.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.2.{k + 1}")
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
@@ -299,6 +301,10 @@ def test_dicom_series_lands_on_the_dicom_geometry(files, tmp_path):
     infer(files, [tmp_path / "patient"], tmp_path / "out")
     out = nib.load(str(tmp_path / "out" / "CT1.nii.gz"))
     assert out.shape == tuple(read.GetSize()) and np.allclose(out.affine, expected, atol=1e-5)
+    # what a DICOM input's outputs are (inference.io docstring): NIfTI-1, qform = sform = code 1, pixdim = spacing
+    assert type(out) is nib.Nifti1Image and out.get_qform(coded=True)[1] == out.get_sform(coded=True)[1] == 1
+    assert np.array_equal(out.affine, expected.astype(np.float32))
+    assert np.array_equal(out.header.get_zooms(), np.float32(read.GetSpacing()))
     # the same voxels as a NIfTI file with that geometry give the same labels
     save_nifti(tmp_path / "same.nii.gz", sitk.GetArrayFromImage(read).transpose(2, 1, 0), expected)
     infer(files, [tmp_path / "same.nii.gz"], tmp_path / "out")
@@ -367,6 +373,7 @@ def test_crossval_run_folder_ensembles_the_fold_models(files, tmp_path, capsys):
                  str(files["ras"])]) == 2
     err = capsys.readouterr().err
     assert "fold_1" in err and "not finished" in err and not (tmp_path / "y").exists()
+    assert "--config" in err  # the hint must be a command that runs
 
 
 # --------------------------------------------------------------------------------------- bad inputs
@@ -450,3 +457,244 @@ def test_volume_table_is_voxels_times_voxel_volume(files, tmp_path):
     infer(files, [files["ras"]], tmp_path / "out", overwrite=True)
     table = json.loads((tmp_path / "out" / "volumes.json").read_text(encoding="utf-8"))
     assert [r["case_id"] for r in table] == ["obl", "ras"]
+
+
+# ------------------------------------------------------------------- issue 12: DICOM slice positions
+
+
+def dicom_image(spacing_z: float = 3.0):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.round(phantom()).astype(np.int16).transpose(2, 1, 0))
+    image.SetSpacing((0.9, 0.8, spacing_z))
+    image.SetOrigin((5.0, -7.0, 11.0))
+    return image
+
+
+@pytest.mark.parametrize("defect", ["missing_slice", "gantry_tilt"])
+def test_dicom_series_with_wrong_slice_positions_is_refused(files, tmp_path, capfd, defect):
+    """SimpleITK spreads the slices evenly (a missing slice) or stacks them straight (a tilt): both refused."""
+    write_dicom_series(dicom_image(), tmp_path / "in" / "good")
+    bad = tmp_path / "in" / "bad"
+    write_dicom_series(dicom_image(), bad, shift_mm=(0.0, 0.5, 0.0) if defect == "gantry_tilt" else (0, 0, 0))
+    if defect == "missing_slice":
+        (bad / "slice005.dcm").unlink()  # slices at 11, 14, ..., 26, 32, ... mm: one 6 mm step
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bad.nii.gz").write_bytes(b"sentinel")  # an earlier result: --overwrite must not replace it
+    capfd.readouterr()
+    code = main(["infer", "--model", str(files["base"]), "--adapter", str(files["a1"]), "--out", str(out),
+                 "--overwrite", str(tmp_path / "in" / "good"), str(bad), str(files["ras"])])
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err  # ITK's own multi-line warning is not printed either
+    assert err[0].startswith(f"medlora: error: {bad}")
+    if defect == "missing_slice":
+        assert "not evenly spaced" in err[0] and "slices 5 and 6 of 11 are 6 mm apart" in err[0]
+        assert "3 mm x9, 6 mm x1" in err[0]
+    else:
+        assert "shifted within the slice plane by up to 5.5 mm" in err[0] and "dcm2niix" in err[0]
+    assert (out / "bad.nii.gz").read_bytes() == b"sentinel"
+    assert labels(out / "good.nii.gz").shape == SHAPE and labels(out / "ras.nii.gz").shape == SHAPE
+    assert "2 case(s) done, 1 failed" in captured.out
+
+
+def test_slice_position_tolerance():
+    """An even grid within 1% of the spacing (decimal-string rounding) passes; 0.1 mm off at 5 mm does not."""
+    from medlora.inference.io import check_slice_positions
+
+    iop = np.array([1.0, 0, 0, 0, 1.0, 0])
+    z = np.arange(20) * 5.0
+    positions = np.stack([np.zeros(20), np.zeros(20), z], axis=1)
+    assert check_slice_positions(positions, iop, "x") == 5.0
+    jitter = positions + np.random.default_rng(0).uniform(-0.02, 0.02, positions.shape) * [0, 0, 1]
+    assert check_slice_positions(jitter, iop, "x") == pytest.approx(5.0, abs=0.01)
+    moved = positions.copy()
+    moved[7, 2] += 0.1
+    with pytest.raises(InputError, match=r"slices 7 and 8 of 20 are 5\.1 mm apart .*tolerance 0\.05 mm\)"):
+        check_slice_positions(moved, iop, "x")
+    with pytest.raises(InputError, match="5 mm x18, 0 mm x1"):  # a slice written twice
+        check_slice_positions(np.concatenate([positions[:10], positions[9:-1]]), iop, "x")
+    descending = positions[::-1]  # stacked head to feet: fine as long as it is even
+    assert check_slice_positions(descending, iop, "x") == 5.0
+    rotation = oblique_affine()[:3, :3] / np.linalg.norm(oblique_affine()[:3, :3], axis=0)
+    oblique_iop = np.concatenate([rotation[:, 0], rotation[:, 1]])  # slices along the rotated normal
+    normal = np.cross(rotation[:, 0], rotation[:, 1])
+    assert check_slice_positions(np.outer(z, normal) + [3.0, -2.0, 1.0], oblique_iop, "x") == pytest.approx(5.0)
+    with pytest.raises(InputError, match="shifted within the slice plane"):  # straight up is a shear here
+        check_slice_positions(positions, oblique_iop, "x")
+
+
+def test_dicom_folder_given_through_dotdot_gets_its_name(tmp_path):
+    write_dicom_series(dicom_image(), tmp_path / "CT1")
+    (tmp_path / "CT1" / "sub").mkdir()
+    cases = find_inputs([tmp_path / "CT1" / "sub" / ".."])
+    assert [(c.case_id, c.kind) for c in cases] == [("CT1", "dicom")]
+
+
+# --------------------------------------------------------------- issue 12: non-finite probabilities
+
+
+class NaNAboveWindow(torch.nn.Module):
+    """1x1x1 conv logits, NaN where the windowed input exceeds 0.9: a stand-in for weights that overflow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0.9, torch.full_like(x, float("nan")), self.conv(x))
+
+
+def test_non_finite_probabilities_fail_the_case(tmp_path, capsys):
+    from medlora.inference.infer import Architecture, InferenceModels, Preprocessing
+
+    models = InferenceModels([NaNAboveWindow().eval()], ["nan-model"], Architecture("mv_unet", {}, 3),
+                             Preprocessing((-1000.0, 3000.0), None, tuple(ROI3), 0.5))
+    metal = phantom()
+    metal[10:13, 8:11, 5:7] = 2900.0  # windowed: 0.975 -> NaN
+    save_nifti(tmp_path / "plain.nii.gz", phantom(), RAS_AFFINE)
+    save_nifti(tmp_path / "metal.nii.gz", metal, RAS_AFFINE)
+    summary = run_inference(models, [tmp_path / "metal.nii.gz", tmp_path / "plain.nii.gz"], tmp_path / "out",
+                            save_probabilities=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert summary.exit_code == 2 and [c for c, _ in summary.failed] == ["metal"]
+    assert [r["case_id"] for r in summary.done] == ["plain"]
+    (line,) = err
+    assert line.startswith(f"medlora: error: {tmp_path / 'metal.nii.gz'}: ") and "not finite" in line
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["plain.nii.gz", "plain_prob.nii.gz"]
+    assert np.isfinite(np.asarray(nib.load(str(tmp_path / "out" / "plain_prob.nii.gz")).dataobj)).all()
+
+
+# ------------------------------------------------------------------ issue 12: output header geometry
+
+
+def header_case(kind: str, path: Path) -> None:
+    """Inputs whose geometry a NIfTI-1 file with qform = sform = code 1 cannot reproduce (and LAS)."""
+    data = phantom()
+    if kind == "nifti2_float64":  # float64 sform: values a float32 cannot hold
+        affine = oblique_affine()
+        affine[:3, 3] += [1e-9, -3e-9, 2e-9]
+        img = nib.Nifti2Image(data, affine)
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    elif kind == "sform2_qform1":
+        img = nib.Nifti1Image(data, RAS_AFFINE)
+        img.set_sform(RAS_AFFINE, code=2)  # aligned to another scan
+        qform = RAS_AFFINE.copy()
+        qform[:3, 3] += [0.5, 0.0, -1.0]
+        img.set_qform(qform, code=1)
+    elif kind == "qform_only_oblique":  # the affine comes from the quaternion (float64 arithmetic)
+        img = nib.Nifti1Image(data, oblique_affine())
+        img.set_qform(oblique_affine(), code=1)
+        img.set_sform(None, code=0)
+    else:  # LAS, NIfTI-1, sform code 4 (MNI) and qform code 0
+        las = RAS_AFFINE @ np.diag([-1.0, 1.0, 1.0, 1.0])
+        img = nib.Nifti1Image(data[::-1], las)
+        img.set_sform(las, code=4)
+        img.set_qform(None, code=0)
+    nib.save(img, str(path))
+
+
+@pytest.mark.parametrize("kind", ["nifti2_float64", "sform2_qform1", "qform_only_oblique", "las_sform4"])
+def test_outputs_keep_the_input_header_geometry(files, tmp_path, kind):
+    header_case(kind, tmp_path / "case.nii.gz")
+    infer(files, [tmp_path / "case.nii.gz"], tmp_path / "out", save_probabilities=True)
+    src = nib.load(str(tmp_path / "case.nii.gz"))
+    for name in ("case.nii.gz", "case_prob.nii.gz"):
+        out = nib.load(str(tmp_path / "out" / name))
+        assert type(out) is type(src)
+        assert np.array_equal(out.affine, src.affine)
+        for form in ("qform", "sform"):
+            (a, code_a), (b, code_b) = getattr(out, f"get_{form}")(coded=True), getattr(src, f"get_{form}")(coded=True)
+            assert code_a == code_b and (a is None and b is None or np.array_equal(a, b))
+        assert np.array_equal(out.header.get_zooms()[:3], src.header.get_zooms()[:3])
+        assert out.header.get_xyzt_units() == src.header.get_xyzt_units()
+    if kind == "nifti2_float64":
+        assert not np.array_equal(src.affine, src.affine.astype(np.float32))  # a NIfTI-1 could not hold it
+
+
+# ------------------------------------------------------------------------- issue 12: messages, --out
+
+
+def test_missing_model_with_method_says_not_found(files, tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    assert main(["infer", "--model", str(missing), "--method", "lora_r4", "--out", str(tmp_path / "out"),
+                 str(files["ras"])]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"medlora: error: {missing}: ") and "not found" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_output_folder_is_left_when_every_case_fails(files, tmp_path, capsys):
+    bad = tmp_path / "flat.nii.gz"
+    save_nifti(bad, phantom()[:, :, 5], RAS_AFFINE)
+    args = ["infer", "--model", str(files["base"]), "--adapter", str(files["a1"]), str(bad), "--out"]
+    assert main([*args, str(tmp_path / "new" / "out")]) == 2
+    assert not (tmp_path / "new").exists()  # neither the folder nor the parent it created
+    mine = tmp_path / "mine"  # a folder of the user's, empty or not, stays as it was
+    mine.mkdir()
+    assert main([*args, str(mine)]) == 2 and mine.is_dir() and not list(mine.iterdir())
+    (mine / "notes.txt").write_text("keep", encoding="utf-8")
+    assert main([*args, str(mine)]) == 2 and (mine / "notes.txt").read_text(encoding="utf-8") == "keep"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+# --------------------------------------------------------------------- issue 13: provenance, imports
+
+
+def test_provenance_file_records_the_run(files, tmp_path, monkeypatch):
+    import datetime
+    import hashlib
+
+    import medlora
+
+    out = tmp_path / "out"
+    argv = ["medlora", "infer", "--model", str(files["base"]), "--adapter", str(files["a1"]), "--adapter",
+            str(files["a2"]), "--threshold", "0.4", "--out", str(out), str(files["ras"])]
+    monkeypatch.setattr("sys.argv", argv)
+    assert main(argv[1:]) == 0
+    record = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+    (run,) = record["runs"]
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (files["base"], files["a1"], files["a2"])}
+    assert [(m["role"], m["path"], m["sha256"], m["bytes"]) for m in run["models"]] == [
+        (role, str(p.resolve()), sha[p], p.stat().st_size)
+        for role, p in (("base", files["base"]), ("adapter", files["a1"]), ("adapter", files["a2"]))]
+    assert run["preprocessing"] == {**NATIVE, "target_spacing": None}  # as written into the adapters
+    assert run["threshold"] == 0.4 and run["sliding_window"]["roi_size"] == ROI3
+    assert run["architecture"] == {"backbone": "mv_unet", "backbone_args": ARCH, "spatial_dims": 3}
+    assert run["versions"]["medlora"] == medlora.__version__ and run["versions"]["torch"] == torch.__version__
+    assert run["command_line"] == argv and run["arguments"]["adapters"] == [str(files["a1"]), str(files["a2"])]
+    assert run["cases"] == ["ras"]
+    started = datetime.datetime.fromisoformat(run["started"])
+    assert started.tzinfo is not None and abs(datetime.datetime.now(datetime.timezone.utc) - started).seconds < 600
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # written atomically: no temporaries
+    # a second run into the folder is appended; the crossval form lists the base and every fold's adapter
+    run_dir = make_run_dir(files, tmp_path / "run")
+    assert main(["infer", "--model", str(run_dir), "--method", "cp_dora_r4", "--out", str(out), "--overwrite",
+                 str(files["ras"])]) == 0
+    runs = json.loads((out / "provenance.json").read_text(encoding="utf-8"))["runs"]
+    assert len(runs) == 2 and runs[0] == run
+    assert [(m["role"], m["sha256"]) for m in runs[1]["models"]] == [
+        ("base", sha[files["base"]]), ("adapter", sha[files["a1"]]), ("adapter", sha[files["a2"]])]
+    assert runs[1]["threshold"] == 0.5 and runs[1]["arguments"]["method"] == "cp_dora_r4"
+
+
+def test_inference_does_not_import_training(files, tmp_path, monkeypatch):
+    """Issue 13: `grep -rE "medlora\\.training|from \\.\\.training" medlora/inference` finds nothing, and
+    inference from a crossval run folder runs with the training package unimportable."""
+    import re
+    import sys
+
+    import medlora.inference
+
+    package = Path(medlora.inference.__file__).parent
+    pattern = re.compile(r"medlora\.training|from \.\.training")
+    assert [p.name for p in sorted(package.rglob("*.py")) if pattern.search(p.read_text(encoding="utf-8"))] == []
+    run_dir = make_run_dir(files, tmp_path / "run")
+    for name in [n for n in sys.modules if n == "medlora.training" or n.startswith("medlora.training.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import` of a None entry raises ImportError
+    monkeypatch.setitem(sys.modules, "medlora.training", None)
+    for method in ("cp_dora_r4", "no_finetune"):
+        summary = run_inference(run_dir, [files["ras"]], tmp_path / method, method=method, progress=False)
+        assert summary.exit_code == 0 and (tmp_path / method / "ras.nii.gz").is_file()

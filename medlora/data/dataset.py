@@ -9,6 +9,14 @@ Layout (nnU-Net v2 ``documentation/dataset_format.md``)::
 
 ``dataset.json`` may instead list the files explicitly under a ``"dataset"`` key
 (``{case: {"images": [...], "label": ...}}``, paths relative to the dataset folder), as nnU-Net allows.
+nnU-Net v2 also accepts absolute paths and ``$VARIABLES`` there (``get_filenames_of_train_images_and_targets``
+expands them), so entries that lead outside the dataset folder are used, with one warning per dataset
+naming the first such entry: a listing that was meant to be self-contained but points elsewhere (a copied
+dataset whose ``../`` paths still lead to the original) is then visible instead of silent.
+
+Validation (:func:`validate_dataset`) also applies the CT plausibility test of ``medlora infer``
+(:func:`medlora.data.ct.ct_problem`) to every channel that ``channel_names`` calls ``CT``: a normalised
+or windowed image would train without complaint and give a model that expects the wrong units.
 
 Every problem is reported as a :class:`DatasetError` whose message is ONE line naming the file (and case)
 and what is wrong, so command-line tools can print it as-is and exit non-zero.
@@ -20,20 +28,22 @@ random_state=12345)`` over the sorted case ids) without depending on scikit-lear
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from ..errors import MedloraError
 from ..fileio import atomic_write_bytes
+from .ct import ct_problem
+from .nifti import NiftiError, write_nifti
+from .nifti import load_nifti as _load_nifti
 
 __all__ = [
     "AFFINE_ATOL_MM",
@@ -116,47 +126,16 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def save_nifti(
-    path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray, dtype: np.dtype | type | None = None
-) -> Path:
-    """Atomically write a NIfTI-1 file (gzip if the name ends in ``.gz``) with qform = sform = ``affine``.
-
-    The gzip stream carries no timestamp, so the same array gives byte-identical files.
-    """
-    path = Path(path)
-    arr = np.asarray(data if dtype is None else np.asarray(data).astype(dtype, copy=False))
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(arr.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    raw = img.to_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
-    return atomic_write_bytes(path, raw)
+# One writer for every NIfTI file medlora writes (datasets and predictions): medlora.data.nifti.
+save_nifti = write_nifti
 
 
 def load_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Load a NIfTI file fully into memory; any failure becomes a one-line :class:`DatasetError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
+    """Load a NIfTI file fully into memory: its voxels and affine; any failure is a one-line :class:`DatasetError`."""
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-            raise DatasetError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
-        # Reading the whole array here is what surfaces truncated gzip streams.
-        data = np.asanyarray(img.dataobj)
-        affine = np.asarray(img.affine, dtype=np.float64)
-    except DatasetError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # nibabel, gzip, zlib and numpy all raise different types for a bad file
-        raise DatasetError(
-            f"{path}: unreadable or truncated NIfTI ({type(exc).__name__}: {_one_line(exc)})"
-        ) from exc
-    return data, affine
+        return _load_nifti(path)
+    except NiftiError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------- dataset.json
@@ -226,6 +205,10 @@ def _cases_from_folders(root: Path, meta: dict[str, Any]) -> list[CaseRecord]:
     if not labels_dir.is_dir():
         raise DatasetError(f"{labels_dir}: missing labelsTr folder")
 
+    for folder in (images_dir, labels_dir):
+        for p in sorted(folder.iterdir()):
+            if p.is_dir() and p.name.endswith(ending):
+                raise DatasetError(f"{p}: a folder, not a {ending} file")
     channels: dict[str, dict[int, Path]] = {}
     for f in _visible_files(images_dir, ending):
         stem = f.name[: -len(ending)]
@@ -254,7 +237,13 @@ def _cases_from_folders(root: Path, meta: dict[str, Any]) -> list[CaseRecord]:
         cases.append(CaseRecord(case_id, tuple(chans[ch] for ch in range(n_ch)), label_ids[case_id]))
     orphans = sorted(set(label_ids) - set(channels))
     if orphans:
-        raise DatasetError(f"{label_ids[orphans[0]]}: label file has no image (case {orphans[0]})")
+        case_id = orphans[0]
+        nested = sorted(images_dir.rglob(f"{case_id}_[0-9][0-9][0-9][0-9]{ending}"))
+        if nested:
+            raise DatasetError(f"{nested[0]}: image of case {case_id} is in a subfolder of {images_dir}; images "
+                               "must be directly in imagesTr")
+        raise DatasetError(f"{label_ids[case_id]}: label file has no image (no {case_id}_0000{ending} in "
+                           f"{images_dir})")
     return cases
 
 
@@ -270,6 +259,8 @@ def _cases_from_json(root: Path, meta: dict[str, Any]) -> list[CaseRecord]:
         q = Path(os.path.expandvars(p))
         return q if q.is_absolute() else root / q
 
+    inside = os.path.realpath(root)
+    outside: list[tuple[str, str, Path]] = []
     cases = []
     for case_id in sorted(listing):
         entry = listing[case_id]
@@ -287,7 +278,15 @@ def _cases_from_json(root: Path, meta: dict[str, Any]) -> list[CaseRecord]:
         label = resolve(entry["label"])
         if not label.is_file():
             raise DatasetError(f"{label}: missing label file for case {case_id}")
+        for given, path in zip([*entry["images"], entry["label"]], [*images, label], strict=True):
+            if os.path.commonpath([inside, os.path.realpath(path)]) != inside:
+                outside.append((case_id, str(given), path))
         cases.append(CaseRecord(case_id, images, label))
+    if outside:
+        case_id, given, path = outside[0]
+        warnings.warn(f"{meta_path}: {len(outside)} file(s) listed under 'dataset' lie outside {root} (first: case "
+                      f"{case_id}, {given!r} -> {os.path.realpath(path)}); they are used, as nnU-Net v2 allows",
+                      UserWarning, stacklevel=3)
     return cases
 
 
@@ -356,17 +355,27 @@ def _load_case_file(path: Path, case_id: str) -> tuple[np.ndarray, np.ndarray]:
         raise DatasetError(msg) from exc
 
 
-def _validate_case(case: CaseRecord, allowed: set[int]) -> None:
+def _check_ct(data: np.ndarray, path: Path, case_id: str) -> None:
+    problem = ct_problem(data)
+    if problem is not None:
+        raise DatasetError(f"{path} (case {case_id}): {problem}")
+
+
+def _validate_case(case: CaseRecord, allowed: set[int], ct_channels: set[int]) -> None:
     ref_path = case.images[0]
     ref_data, ref_affine = _load_case_file(ref_path, case.case_id)
     ref_data = _as_volume(ref_data, ref_path, case.case_id)
     _check_finite(ref_data, ref_path, case.case_id)
+    if 0 in ct_channels:
+        _check_ct(ref_data, ref_path, case.case_id)
     ref_shape = tuple(int(s) for s in ref_data.shape)
     del ref_data
-    for p in case.images[1:]:
+    for ch, p in enumerate(case.images[1:], start=1):
         data, affine = _load_case_file(p, case.case_id)
         data = _as_volume(data, p, case.case_id)
         _check_finite(data, p, case.case_id)
+        if ch in ct_channels:
+            _check_ct(data, p, case.case_id)
         _check_geometry(p, tuple(int(s) for s in data.shape), affine, ref_path, ref_shape, ref_affine,
                         case.case_id)
     if case.label is None:
@@ -395,7 +404,8 @@ def validate_dataset(root: str | os.PathLike[str], check_voxels: bool = True) ->
     no orphan labels, ``numTraining`` equal to the number of cases found.
     Voxels (``check_voxels=True``): every file readable (truncated gzip included), 3D, finite, images and
     label of a case with the same shape and affine (within ``AFFINE_ATOL_MM``), label values declared in
-    ``dataset.json``.
+    ``dataset.json``, and every channel named ``CT`` a plausible CT in Hounsfield units
+    (:func:`medlora.data.ct.ct_problem`, the test ``medlora infer`` applies to its inputs).
     """
     index = read_dataset(root)
     n_declared = index.meta.get("numTraining")
@@ -405,8 +415,9 @@ def validate_dataset(root: str | os.PathLike[str], check_voxels: bool = True) ->
         )
     if check_voxels:
         allowed = index.label_values
+        ct_channels = {int(k) for k, v in index.meta["channel_names"].items() if str(v).strip().upper() == "CT"}
         for case in index.cases:
-            _validate_case(case, allowed)
+            _validate_case(case, allowed, ct_channels)
     return index
 
 

@@ -1,6 +1,8 @@
 """Whole-volume prediction with MONAI sliding windows, shared by validation and ``medlora infer``.
 
-Kept free of Lightning so that inference starts without importing the training stack.
+Kept free of Lightning so that inference starts without importing the training stack. The probability
+threshold that turns a prediction into a label map is defined here once (:data:`DEFAULT_THRESHOLD`), for
+the training module's hard metrics and for inference when a model records none.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import SliceInferer, sliding_window_inference
 from torch import nn
+
+__all__ = ["DEFAULT_THRESHOLD", "predict_volume"]
+
+# Sigmoid probability at or above which a voxel is labelled foreground (hard Dice, volumes, label maps).
+DEFAULT_THRESHOLD: float = 0.5
 
 
 def predict_volume(

@@ -13,23 +13,27 @@ Models come from three kinds of ``--model``:
 Several models form an ensemble: the mean of their probabilities. The preprocessing is the training
 one (:func:`medlora.data.transforms.preprocessing`: RAS orientation, optional resampling, HU window),
 never typed by the user. The network runs on the RAS (resampled) image with MONAI sliding windows
-and Gaussian blending (:func:`medlora.training.module.predict_volume`); the probabilities are brought
-back to the input's own voxel grid by inverting the transforms with MONAI (their applied-operations
-record: an exact axis flip/permutation for the orientation, the forward interpolation (bilinear)
-for resampling), then thresholded. So every output has the input's shape and affine, whatever the
-input's orientation, obliquity or spacing.
+and Gaussian blending (:func:`medlora.evaluation.predict.predict_volume`, as validation); the
+probabilities are brought back to the input's own voxel grid by inverting the transforms with MONAI
+(their applied-operations record: an exact axis flip/permutation for the orientation, the forward
+interpolation (bilinear) for resampling), then thresholded. So every output has the input's shape and
+geometry (NIfTI class, qform/sform and their codes, affine: see :mod:`medlora.inference.io`), whatever
+the input's orientation, obliquity or spacing. A case whose probabilities are not all finite fails
+(one line) and writes nothing.
 
 Outputs per case in ``OUT_DIR``: ``<case>.nii.gz`` (uint8 labels), optionally ``<case>_prob.nii.gz``
 (float32) and ``<case>_overlay.png``; ``volumes.csv``/``volumes.json`` (hemorrhage volume per case,
-updated after every case). Existing case outputs are never replaced without ``overwrite``: such a case
-is reported and counted as failed. Every file is written to a temporary name and renamed.
+updated after every case); ``provenance.json`` (:mod:`medlora.inference.provenance`: model files and
+their SHA-256, preprocessing, threshold, version, command line, for every run that wrote into the
+folder). Existing case outputs are never replaced without ``overwrite``: such a case is reported and
+counted as failed. Every file is written to a temporary name and renamed. An output folder that this
+run created stays only if some case was written.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import os
 import re
@@ -46,19 +50,22 @@ import torch
 from torch import nn
 
 from ..adapters import load_adapter, merge, read_adapter_file
+from ..data.nifti import write_nifti
 from ..errors import MedloraError
+from ..evaluation.predict import DEFAULT_THRESHOLD
 from ..models import create_model
 from ..models.weights import WeightsError, load_weights
+from ..runs import SUMMARY_FILE, RunFolder
 from .io import (
     InputCase,
     find_inputs,
     read_case,
     read_volume_rows,
     voxel_volume_mm3,
-    write_nifti,
     write_overlay,
     write_volume_tables,
 )
+from .provenance import ModelFile, ProvenanceLog
 
 __all__ = [
     "CasePrediction",
@@ -91,7 +98,7 @@ class Preprocessing:
     threshold: float
 
     @classmethod
-    def from_record(cls, record: Any, source: str, default_threshold: float = 0.5) -> Preprocessing:
+    def from_record(cls, record: Any, source: str, default_threshold: float = DEFAULT_THRESHOLD) -> Preprocessing:
         """From the ``{"hu_window", "target_spacing", "roi_size", "threshold"}`` record that training writes
         into checkpoints and adapter files."""
         if not isinstance(record, dict) or "hu_window" not in record:
@@ -117,7 +124,8 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build the network: the same call as :class:`~medlora.training.module.SegmentationModule`."""
+    """How to build the network: the backbone's registry name, its arguments and dimensionality, as training
+    records them (checkpoint ``hyper_parameters``, adapter metadata, a run folder's ``study.json``)."""
 
     backbone: str
     backbone_args: dict[str, Any]
@@ -146,6 +154,7 @@ class InferenceModels:
     members: list[str]
     architecture: Architecture
     preprocessing: Preprocessing
+    files: list[ModelFile] = field(default_factory=list)  # what the models were loaded from (provenance)
 
     @property
     def spatial_dims(self) -> int:
@@ -207,58 +216,45 @@ def _same_setting(values: list[tuple[str, Any]], what: str) -> Any:
     return first
 
 
-def _module_default_threshold() -> float:
-    from ..training.module import SegmentationModule
-
-    return float(inspect.signature(SegmentationModule.__init__).parameters["threshold"].default)
-
-
 def _load_run_dir(run_dir: Path, method: str | None) -> InferenceModels:
-    """The k fold models of one job of a ``medlora crossval`` run folder."""
-    from ..training.crossval import Study
-
-    record = run_dir / "study.json"
-    if not record.is_file():
-        raise InferenceError(f"{run_dir}: not a medlora crossval run folder (no study.json)")
-    study = Study(record, run_dir)
-    names = list(dict.fromkeys(j.name for j in study.jobs))
+    """The k fold models of one job of a ``medlora crossval`` run folder (read with :class:`RunFolder`)."""
+    run = RunFolder(run_dir)
+    names = run.job_names
     if not method:
         raise InferenceError(f"{run_dir}: a crossval run folder needs --method JOB (one of: {', '.join(names)})")
-    jobs = [j for j in study.jobs if j.name == method]
+    jobs = run.jobs_named(method)
     if not jobs:
         raise InferenceError(f"{run_dir}: no job {method!r} in this study (jobs: {', '.join(names)})")
     for job in jobs:
-        if not study.job_done(job):
-            raise InferenceError(f"{study.job_dir(job)}: fold {job.fold} of {method} is not finished (no "
-                                 f"summary.json); finish it with medlora crossval --out {run_dir} --only job={method}")
-    c = study.config
-    arch = Architecture(c.model.backbone, json.loads(json.dumps(dict(c.model.backbone_args))), c.model.spatial_dims)
-    base_path = Path(study.base_path)
+        if not run.job_done(job):
+            raise InferenceError(f"{run.job_dir(job)}: fold {job.fold} of {method} is not finished (no "
+                                 f"{SUMMARY_FILE}); finish it with medlora crossval --config <the study's config> "
+                                 f"--out {run_dir} --only job={method}")
+    arch = Architecture.from_record(run.architecture, str(run.record))
+    base_path = run.base_path
     if not base_path.is_file():
         raise InferenceError(f"{base_path}: the study's base weights are missing")
     base = _load_base(base_path, arch)
-    study_prep = Preprocessing.from_record(
-        {"hu_window": c.data.hu_window, "target_spacing": c.data.target_spacing,
-         "roi_size": c.data.inference_roi or c.data.patch_size,  # what crossval's evaluation used
-         "threshold": _module_default_threshold()}, str(record))
-    family = jobs[0].family
-    if family == "none":  # every fold evaluates the untouched base: one model
-        return InferenceModels([base], [f"{base_path} ({method})"], arch, study_prep)
+    study_prep = Preprocessing.from_record({**run.preprocessing, "threshold": DEFAULT_THRESHOLD}, str(run.record))
+    files = [ModelFile("base", base_path)]
+    if jobs[0].family == "none":  # every fold evaluates the untouched base: one model
+        return InferenceModels([base], [f"{base_path} ({method})"], arch, study_prep, files)
     models, members, preps = [], [], []
-    for job in sorted(jobs, key=lambda j: j.fold):
-        folder = study.job_dir(job)
-        if family == "adapter":
-            path = folder / "adapter.safetensors"
+    for job in jobs:
+        path = run.weights_path(job)
+        assert path is not None
+        if job.family == "adapter":
             meta, _ = read_adapter_file(path)
             preps.append((str(path), Preprocessing.from_record(meta.get("extra", {}).get("preprocessing"),
                                                                str(path))))
             models.append(_with_adapter(base, path))
+            files.append(ModelFile("adapter", path))
         else:
-            path = folder / "model.safetensors"
             models.append(_load_base(path, arch))
+            files.append(ModelFile("model", path))
         members.append(str(path))
     prep = _same_setting(preps, "preprocessing") if preps else study_prep
-    return InferenceModels(models, members, arch, prep)
+    return InferenceModels(models, members, arch, prep, files)
 
 
 def load_models(
@@ -271,6 +267,9 @@ def load_models(
     """
     path = Path(model)
     adapter_paths = [Path(a) for a in adapters]
+    if not path.exists():
+        what = "crossval run folder" if method else "weights file"
+        raise WeightsError(f"{path}: {what} not found (--model)")
     if path.is_dir():
         if adapter_paths:
             raise InferenceError(f"{path}: --adapter cannot be combined with a crossval run folder; use --method")
@@ -279,7 +278,7 @@ def load_models(
         if method:
             raise InferenceError(f"--method {method}: needs a crossval run folder as --model, got {path}")
         if not path.is_file():
-            raise WeightsError(f"{path}: weights file not found")
+            raise WeightsError(f"{path}: not a weights file (--model)")
         ckpt = _read_lightning_checkpoint(path)
         hp = ckpt["hyper_parameters"] if ckpt else None
         if hp is not None and hp.get("adapter") is not None:
@@ -292,8 +291,8 @@ def load_models(
                                      "Lightning checkpoint, this base with --adapter files, or a crossval run folder")
             arch = Architecture.from_record(hp, str(path))
             prep = Preprocessing.from_record(ckpt["medlora_preprocessing"], str(path),
-                                             default_threshold=float(hp.get("threshold", 0.5)))
-            loaded = InferenceModels([_load_base(path, arch)], [str(path)], arch, prep)
+                                             default_threshold=float(hp.get("threshold", DEFAULT_THRESHOLD)))
+            loaded = InferenceModels([_load_base(path, arch)], [str(path)], arch, prep, [ModelFile("checkpoint", path)])
         else:
             metas = [(str(a), read_adapter_file(a)[0].get("extra") or {}) for a in adapter_paths]
             archs = [(s, Architecture.from_record(m, s)) for s, m in metas]
@@ -304,11 +303,14 @@ def load_models(
                                  "preprocessing")
             base = _load_base(path, arch)
             models = [_with_adapter(base, a) for a in adapter_paths]
-            loaded = InferenceModels(models, [f"{path} + {a}" for a in adapter_paths], arch, prep)
+            files = [ModelFile("base", path), *(ModelFile("adapter", a) for a in adapter_paths)]
+            loaded = InferenceModels(models, [f"{path} + {a}" for a in adapter_paths], arch, prep, files)
     for m in loaded.models:
         m.eval()
         for p in m.parameters():
             p.requires_grad_(False)
+    for f in loaded.files:
+        f.fingerprint()  # now: the bytes that were loaded, not what the path holds when a case is done
     return loaded
 
 
@@ -513,12 +515,17 @@ def _run_case(
                     raise InferenceError(f"{case.label}: {path} exists; not overwritten (use --overwrite)")
     volume = read_case(case)
     result = predictor.predict(volume.data, volume.affine)
+    finite = np.isfinite(result.probability)
+    if not finite.all():
+        # a NaN compares False with the threshold: the label map would look like "nothing found"
+        raise InferenceError(f"{case.label}: {int(finite.size - finite.sum())} of {finite.size} probabilities are "
+                             "not finite (NaN or Inf): broken model weights or an overflow; no output written")
     if "probability" in outputs:
-        write_nifti(outputs["probability"], result.probability, volume.affine, volume.zooms, np.float32)
+        write_nifti(outputs["probability"], result.probability, volume.geometry, np.float32)
     if "overlay" in outputs:
         write_overlay(outputs["overlay"], volume, result.label, predictor.models.preprocessing.hu_window,
                       title=f"{case.case_id} (threshold {predictor.threshold:g})")
-    write_nifti(outputs["label"], result.label, volume.affine, volume.zooms, np.uint8)
+    write_nifti(outputs["label"], result.label, volume.geometry, np.uint8)
     voxels = int(result.label.sum(dtype=np.int64))
     vox_mm3 = voxel_volume_mm3(volume.affine)
     return {"case_id": case.case_id, "input": case.label, "output": outputs["label"].name, "voxels": voxels,
@@ -557,16 +564,75 @@ def run_inference(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InferenceError(f"{out}: --out exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     try:
         rows = read_volume_rows(out)
     except MedloraError:
         if not overwrite:
             raise
         rows = {}  # --overwrite: an unreadable table is replaced
+    arguments = {"model": str(model) if not isinstance(model, InferenceModels) else None,
+                 "adapters": [str(a) for a in adapters], "method": method, "inputs": [str(i) for i in inputs],
+                 "out": str(out), "sw_batch_size": sw_batch_size, "overlap": overlap, "device": device,
+                 "threshold": threshold, "roi_size": None if roi_size is None else list(roi_size),
+                 "save_probabilities": save_probabilities, "overlay": overlay, "overwrite": overwrite}
+    log = ProvenanceLog(out, _run_record(loaded, predictor, arguments), replace_unreadable=overwrite)
+    created = _missing_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = _run_cases(cases, predictor, out, rows, log, progress, save_probabilities, overlay, overwrite)
+    finally:
+        if not log.run["cases"]:
+            _remove_empty(created)  # nothing written: leave no empty folder behind (never a pre-existing one)
+    summary.seconds = time.perf_counter() - start
+    if progress:
+        print(summary.line(), flush=True)
+    return summary
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            return
+
+
+def _run_record(loaded: InferenceModels, predictor: Predictor, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of this run (see :mod:`medlora.inference.provenance`)."""
+    arch, prep = loaded.architecture, loaded.preprocessing
+    return {
+        "command_line": list(sys.argv), "arguments": arguments,
+        "models": [f.fingerprint() for f in loaded.files], "members": list(loaded.members),
+        "architecture": {"backbone": arch.backbone, "backbone_args": arch.backbone_args,
+                         "spatial_dims": arch.spatial_dims},
+        "preprocessing": {"hu_window": list(prep.hu_window),
+                          "target_spacing": None if prep.target_spacing is None else list(prep.target_spacing),
+                          "roi_size": None if prep.roi_size is None else list(prep.roi_size),
+                          "threshold": prep.threshold},
+        "threshold": predictor.threshold,
+        "sliding_window": {"roi_size": list(predictor.roi_size), "overlap": predictor.overlap,
+                           "sw_batch_size": predictor.sw_batch_size, "mode": "gaussian"},
+        "device": str(predictor.device),
+    }
+
+
+def _run_cases(
+    cases: list[InputCase], predictor: Predictor, out: Path, rows: dict[str, dict[str, Any]], log: ProvenanceLog,
+    progress: bool, save_probabilities: bool, overlay: bool, overwrite: bool,
+) -> InferenceSummary:
     summary = InferenceSummary()
     say = (lambda text, err=False: print(text, file=sys.stderr if err else sys.stdout, flush=True)) if progress \
         else (lambda text, err=False: None)
+    loaded = predictor.models
     if progress:
         say(f"medlora infer: {len(cases)} case(s), {len(loaded.models)} model(s) "
             f"({loaded.architecture.backbone}, {loaded.spatial_dims}D), device {predictor.device} -> {out}")
@@ -586,11 +652,9 @@ def run_inference(
                 summary.done.append(row)
                 rows[case.case_id] = row
                 write_volume_tables(out, rows)  # after every case: an interrupted run keeps its table
+                log.add_case(case.case_id)
                 say(f"{case.case_id}: {row['volume_ml']:.2f} mL ({row['voxels']} voxels) -> "
                     f"{out / row['output']} ({time.perf_counter() - t0:.1f} s)")
             if advance is not None:
                 advance()
-    summary.seconds = time.perf_counter() - start
-    if progress:
-        say(summary.line())
     return summary

@@ -7,27 +7,31 @@ voxel indices to RAS+ millimetres, exactly as nibabel (and MONAI's ``LoadImaged`
 A DICOM series read with SimpleITK therefore has its LPS geometry turned into RAS here.
 
 Every problem with one input is an :class:`InputError` whose message is one line naming the file and
-the problem, so that ``medlora infer`` can report it and go on with the other cases.
+the problem, so that ``medlora infer`` can report it and go on with the other cases. Every volume must
+pass :func:`medlora.data.ct.ct_problem` (finite, 3D, a plausible range in Hounsfield units), the same
+test a training dataset passes.
 
-Plausibility of CT intensities (:func:`check_ct`; the network expects Hounsfield units, and a scan in
-other units silently gives garbage):
+DICOM geometry. SimpleITK (ITK's ``ImageSeriesReader``) builds the volume from the first slice's position
+and spreads the slices evenly up to the last one; it does not stop when a slice is missing (it only prints
+a warning), nor when the slices are sheared (gantry tilt). Either gives a label map whose slices lie up to
+half a slice (or, for a tilt, many millimetres) away from the real ones. :func:`check_slice_positions`
+therefore reads every slice's ImagePositionPatient and ImageOrientationPatient and refuses the series
+unless every slice lies within ``max(1% of the slice spacing, 0.01 mm)`` (:data:`SLICE_TOLERANCE`) of the
+evenly spaced grid along the slice normal that ITK builds, with no offset within the slice plane. We
+refuse rather than resample onto the true positions: interpolating across a gap invents a slice. The 1%
+(0.05 mm at 5 mm slices) is far below anything that moves a label, and well above the rounding of
+positions written as decimal strings with a few digits.
 
-* every voxel finite (no NaN or Inf);
-* values within [-32768, 32767]: CT stores HU as 16-bit integers. We deliberately accept far more
-  than the physical [-1024, 3071]: scanners pad outside the field of view with -2048, -3024 or
-  -32768, and extended-HU reconstructions of metal reach tens of thousands;
-* some voxel above -500 HU (else the scan holds only air, or is not in HU);
-* some voxel below +500 HU (a head CT always contains air, fat or soft tissue);
-* a spread (max - min) of at least 500 HU: a normalised ([0, 1]) or windowed image is not raw HU.
-
-A scan stored without its rescale intercept (air near 0, water near 1024) passes these checks; it
-cannot be told from a real HU volume by its range alone.
+Outputs (:func:`medlora.data.nifti.write_nifti`): a NIfTI input's outputs carry its geometry verbatim
+(NIfTI-1 or NIfTI-2, qform and sform with their codes, pixdim, units), so their affine is the input's
+exactly. A DICOM series' outputs are NIfTI-1 with qform = sform = the series' RAS affine (code 1,
+scanner), as dcm2niix writes, and pixdim = the series' spacing; NIfTI-1 stores the sform in float32,
+so the written affine is the DICOM geometry rounded to float32 (about 1e-5 mm at 100 mm from the origin).
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -40,7 +44,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ..data.dataset import DatasetError, load_nifti
+from ..data.ct import HU_LIMITS, MIN_HU_SPREAD, ct_problem
+from ..data.nifti import NiftiError, NiftiGeometry, read_nifti
 from ..errors import MedloraError
 from ..fileio import atomic_write_bytes
 
@@ -51,9 +56,11 @@ __all__ = [
     "VOLUME_FIELDS",
     "InputCase",
     "InputError",
+    "SLICE_TOLERANCE",
     "Volume",
     "case_id_for",
     "check_ct",
+    "check_slice_positions",
     "dicom_affine",
     "find_inputs",
     "read_case",
@@ -61,15 +68,13 @@ __all__ = [
     "read_nifti_volume",
     "read_volume_rows",
     "voxel_volume_mm3",
-    "write_nifti",
     "write_overlay",
     "write_volume_tables",
 ]
 
 NIFTI_ENDINGS: tuple[str, ...] = (".nii.gz", ".nii")
-HU_LIMITS: tuple[float, float] = (-32768.0, 32767.0)
-SOFT_TISSUE_HU: float = 500.0
-MIN_HU_SPREAD: float = 500.0
+# A slice may lie this far from the evenly spaced grid: max(fraction x slice spacing, millimetres).
+SLICE_TOLERANCE: tuple[float, float] = (0.01, 0.01)
 VOLUME_FIELDS: tuple[str, ...] = ("case_id", "input", "output", "voxels", "voxel_volume_mm3", "volume_ml")
 
 _CHANNEL_RE = re.compile(r"_(\d{4})$")
@@ -113,12 +118,20 @@ def _nifti_stem(name: str) -> str | None:
     return None
 
 
+def _name(path: Path) -> str:
+    """The last component of ``path``; for ``.``, ``..`` or ``a/sub/..`` that of the folder it resolves to
+    (``..`` follows symlinks as the operating system does)."""
+    if path.name not in ("", ".", ".."):
+        return path.name
+    return path.resolve().name or str(path.resolve())
+
+
 def case_id_for(path: str | os.PathLike[str]) -> str:
     """``CASE_0000.nii.gz`` -> ``CASE`` (nnU-Net channel 0), ``scan.nii`` -> ``scan``, a folder -> its name."""
     p = Path(path)
     stem = _nifti_stem(p.name)
     if stem is None:
-        return p.name
+        return _name(p)
     m = _CHANNEL_RE.search(stem)
     return stem[: m.start()] if m is not None and m.group(1) == "0000" and m.start() > 0 else stem
 
@@ -153,17 +166,18 @@ def _folder_cases(folder: Path) -> list[InputCase]:
     if files:
         return _nifti_cases(files)
     series = _dicom_series(folder)
+    name = _name(folder)
     if series:
         if len(series) == 1:
-            return [InputCase(folder.name, folder, "dicom", series[0])]
-        return [InputCase(f"{folder.name}_{i}", folder, "dicom", uid) for i, uid in enumerate(series, start=1)]
+            return [InputCase(name, folder, "dicom", series[0])]
+        return [InputCase(f"{name}_{i}", folder, "dicom", uid) for i, uid in enumerate(series, start=1)]
     # A folder of patient folders, each holding one DICOM series.
     cases = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for uid in _dicom_series(sub):
             cases.append(InputCase(sub.name, sub, "dicom", uid))
     if not cases:
-        return [InputCase(folder.name, folder, "dicom",
+        return [InputCase(name, folder, "dicom",
                           problem=f"{folder}: no NIfTI files (.nii, .nii.gz) and no DICOM series found")]
     return cases
 
@@ -179,10 +193,10 @@ def find_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[InputCase]:
         elif p.is_file() and _nifti_stem(p.name) is not None:
             cases.append(InputCase(case_id_for(p), p, "nifti"))
         elif p.is_file():
-            cases.append(InputCase(p.name, p, "nifti",
+            cases.append(InputCase(_name(p), p, "nifti",
                                    problem=f"{p}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder"))
         else:
-            cases.append(InputCase(p.name, p, "nifti", problem=f"{p}: file not found"))
+            cases.append(InputCase(_name(p), p, "nifti", problem=f"{p}: file not found"))
     seen_paths: set[tuple[str, str | None]] = set()
     first_use: dict[str, InputCase] = {}
     unique = []
@@ -207,58 +221,37 @@ def find_inputs(inputs: Iterable[str | os.PathLike[str]]) -> list[InputCase]:
 
 def check_ct(data: np.ndarray, source: str) -> None:
     """Raise :class:`InputError` unless ``data`` is a finite 3D volume with a plausible CT range in HU
-    (see the module docstring for the rules and why)."""
-    if data.ndim != 3:
-        raise InputError(f"{source}: expected a 3D volume, got a {data.ndim}D array of shape {tuple(data.shape)}")
-    if data.size == 0:
-        raise InputError(f"{source}: empty volume of shape {tuple(data.shape)}")
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = ~finite
-        n_nan = int(np.isnan(data).sum())
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(f"{source}: {int(bad.sum())} non-finite voxel(s) ({n_nan} NaN, {int(bad.sum()) - n_nan} "
-                         f"Inf), first at index {first}")
-    lo, hi = float(data.min()), float(data.max())
-    span = f"intensities [{lo:g}, {hi:g}]"
-    if lo < HU_LIMITS[0] or hi > HU_LIMITS[1]:
-        raise InputError(f"{source}: {span} outside [{HU_LIMITS[0]:g}, {HU_LIMITS[1]:g}]: not a CT in Hounsfield "
-                         "units")
-    if hi < -SOFT_TISSUE_HU:
-        raise InputError(f"{source}: {span}: no voxel above {-SOFT_TISSUE_HU:g} HU (only air, or not in Hounsfield "
-                         "units)")
-    if lo > SOFT_TISSUE_HU:
-        raise InputError(f"{source}: {span}: no voxel below {SOFT_TISSUE_HU:g} HU (no air or soft tissue): not a "
-                         "CT in Hounsfield units")
-    if hi - lo < MIN_HU_SPREAD:
-        raise InputError(f"{source}: {span} span less than {MIN_HU_SPREAD:g} HU: a normalised or windowed image, "
-                         "not a CT in Hounsfield units")
+    (:func:`medlora.data.ct.ct_problem`)."""
+    problem = ct_problem(data)
+    if problem is not None:
+        raise InputError(f"{source}: {problem}")
 
 
 @dataclass
 class Volume:
-    """A CT volume as NIfTI holds it: voxels indexed (i, j, k), the RAS+ affine, and the voxel spacing as
-    recorded by the file (NIfTI ``pixdim``; for DICOM the series' spacing), which outputs repeat bit for bit."""
+    """A CT volume as NIfTI holds it: voxels indexed (i, j, k), the RAS+ affine the network's preprocessing
+    uses, and the header geometry its outputs are written with (the input's own for NIfTI)."""
 
     data: np.ndarray
     affine: np.ndarray
-    zooms: tuple[float, float, float]
+    geometry: NiftiGeometry
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        """The voxel spacing as recorded by the file (NIfTI ``pixdim``; for DICOM the series' spacing)."""
+        return self.geometry.zooms
 
 
 def read_nifti_volume(path: str | os.PathLike[str]) -> Volume:
     """A NIfTI file as a float32 :class:`Volume`, read like MONAI's ``LoadImaged`` (nibabel, scaled values)."""
     try:
-        data, affine = load_nifti(path)
-        zooms = nib.load(str(path)).header.get_zooms()
-    except DatasetError as exc:
+        data, geometry = read_nifti(path)
+    except NiftiError as exc:
         raise InputError(str(exc)) from None
     # Converters sometimes write a trailing singleton 4th axis; it is still one volume.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    spacing = tuple(float(z) for z in zooms[:3])
-    if len(spacing) < 3:  # a 2D file: check_ct reports it; the spacing only matters for writing
-        spacing = spacing + (1.0,) * (3 - len(spacing))
-    return Volume(np.asarray(data, dtype=np.float32), affine, spacing)  # type: ignore[arg-type]
+    return Volume(np.asarray(data, dtype=np.float32), geometry.affine, geometry)
 
 
 def dicom_affine(direction: Sequence[float], spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
@@ -272,16 +265,95 @@ def dicom_affine(direction: Sequence[float], spacing: Sequence[float], origin: S
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def _decimals(text: str, count: int, tag: str, where: str) -> np.ndarray:
+    """A DICOM multi-valued decimal string (``"1.5\\-2\\3"``) as ``count`` floats."""
+    try:
+        values = np.array([float(v) for v in text.strip().split("\\")], dtype=np.float64)
+    except ValueError:
+        values = np.empty(0)
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise InputError(f"{where}: malformed {tag} {text.strip()!r} (expected {count} numbers)")
+    return values
+
+
+def check_slice_positions(positions: np.ndarray, orientation: np.ndarray, label: str) -> float:
+    """Refuse a series whose slices are not evenly spaced along the slice normal; return the spacing (mm).
+
+    ``positions`` (n x 3) are the slices' ImagePositionPatient in the order ITK stacks them, ``orientation``
+    the ImageOrientationPatient (row and column direction). Every slice must lie within
+    :data:`SLICE_TOLERANCE` of the evenly spaced grid from the first to the last slice (the grid ITK
+    builds), and on the line through the first slice along the normal (no shear). See the module docstring.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    n = len(positions)
+    normal = np.cross(orientation[:3], orientation[3:])
+    if n < 2 or not np.linalg.norm(normal) > 0.5:
+        return 0.0
+    normal = normal / np.linalg.norm(normal)
+    offsets = positions - positions[0]
+    along = offsets @ normal
+    steps = np.diff(along)
+    typical = float(np.median(steps))
+    tolerance = max(SLICE_TOLERANCE[0] * abs(typical), SLICE_TOLERANCE[1])
+    spacing = float(along[-1] / (n - 1))
+    grid_error = np.abs(along - spacing * np.arange(n))
+    if abs(spacing) <= tolerance or grid_error.max() > tolerance:
+        k = int(np.argmax(np.abs(steps - typical)))
+        counts: dict[str, int] = {}
+        for step in steps:
+            counts[f"{step:.4g}"] = counts.get(f"{step:.4g}", 0) + 1
+        listed = ", ".join(f"{v} mm x{c}" for v, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+        raise InputError(
+            f"{label}: slices not evenly spaced along the slice normal (missing or duplicate slice?): slices "
+            f"{k + 1} and {k + 2} of {n} are {steps[k]:.4g} mm apart (at {along[k]:.4g} and {along[k + 1]:.4g} mm "
+            f"from the first), spacings {listed}; an evenly spread volume would misplace slices by up to "
+            f"{grid_error.max():.3g} mm (tolerance {tolerance:.3g} mm)")
+    shear = float(np.linalg.norm(offsets - np.outer(along, normal), axis=1).max())
+    if shear > tolerance:
+        raise InputError(
+            f"{label}: slices are shifted within the slice plane by up to {shear:.3g} mm from the slice normal "
+            f"(gantry tilt?; tolerance {tolerance:.3g} mm): ITK would place them wrongly; convert the series with "
+            "a tool that corrects gantry tilt (e.g. dcm2niix) and give the NIfTI file")
+    return abs(spacing)
+
+
+def _slice_geometry(reader: Any, n_files: int, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every slice's ImagePositionPatient and the series' ImageOrientationPatient, from the reader's
+    per-file metadata; one orientation for all slices."""
+    positions, orientation = [], None
+    for k in range(n_files):
+        where = f"{label}: slice {k + 1} of {n_files}"
+        tags = {}
+        for tag, name in (("0020|0032", "ImagePositionPatient"), ("0020|0037", "ImageOrientationPatient")):
+            if not reader.HasMetaDataKey(k, tag):
+                raise InputError(f"{where}: no {name} ({tag.replace('|', ',')}); the slice positions, and so the "
+                                 "geometry, are unknown")
+            tags[name] = reader.GetMetaData(k, tag)
+        positions.append(_decimals(tags["ImagePositionPatient"], 3, "ImagePositionPatient", where))
+        iop = _decimals(tags["ImageOrientationPatient"], 6, "ImageOrientationPatient", where)
+        if orientation is None:
+            orientation = iop
+        elif np.abs(iop - orientation).max() > 1e-4:
+            raise InputError(f"{where}: ImageOrientationPatient {iop.tolist()} differs from the first slice's "
+                             f"{orientation.tolist()}; one series must have one orientation")
+    assert orientation is not None
+    return np.asarray(positions), orientation
+
+
 def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
     """A DICOM series as a float32 :class:`Volume` (indexed (i, j, k), RAS affine), as if converted to NIfTI.
 
     SimpleITK (GDCM) sorts the slices by position and applies the rescale slope and intercept, so the
-    values are Hounsfield units.
+    values are Hounsfield units. The slice positions are checked (:func:`check_slice_positions`) and must
+    agree with the geometry ITK built. ITK's own warnings are silenced while reading: they would add
+    lines to the one-line error, or print for a series we refuse anyway.
     """
     import SimpleITK as sitk
 
     folder = Path(folder)
     label = str(folder) if series_uid is None else f"{folder} (DICOM series {series_uid})"
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         if series_uid is None:
             uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -291,6 +363,7 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
         image = reader.Execute()
     except InputError:
         raise
@@ -298,13 +371,28 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         detail = next((ln for ln in reversed(lines) if "rror" in ln or "annot" in ln), lines[-1] if lines else "")
         raise InputError(f"{label}: cannot read DICOM series ({type(exc).__name__}: {_one_line(detail)})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{label}: expected a 3D single-component series, got {image.GetDimension()}D with "
                          f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    if len(files) != image.GetDepth():
+        raise InputError(f"{label}: {len(files)} file(s) hold {image.GetDepth()} slices (a multi-frame DICOM); "
+                         "their positions cannot be checked here: convert the series to NIfTI (e.g. dcm2niix)")
+    positions, orientation = _slice_geometry(reader, len(files), label)
+    spacing_along = check_slice_positions(positions, orientation, label)
+    spacing = tuple(float(v) for v in image.GetSpacing())
+    # The last guard: every slice where ITK's geometry puts it (origin + k * spacing along its third axis).
+    step = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2] * spacing[2]
+    placed = np.asarray(image.GetOrigin(), dtype=np.float64) + np.outer(np.arange(len(files)), step)
+    error = float(np.linalg.norm(placed - positions, axis=1).max())
+    if error > max(SLICE_TOLERANCE[0] * spacing_along, SLICE_TOLERANCE[1]):
+        raise InputError(f"{label}: ITK's geometry (origin {list(image.GetOrigin())}, slice spacing {spacing[2]:g} "
+                         f"mm) places a slice {error:.3g} mm away from its ImagePositionPatient")
     # SimpleITK arrays are indexed (k, j, i); NIfTI arrays (i, j, k).
     data = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0)).astype(np.float32, copy=False)
-    spacing = tuple(float(v) for v in image.GetSpacing())
-    return Volume(data, dicom_affine(image.GetDirection(), spacing, image.GetOrigin()), spacing)  # type: ignore[arg-type]
+    affine = dicom_affine(image.GetDirection(), spacing, image.GetOrigin())
+    return Volume(data, affine, NiftiGeometry.from_affine(affine, zooms=spacing, shape=data.shape))
 
 
 def read_case(case: InputCase) -> Volume:
@@ -325,26 +413,6 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-
-def write_nifti(
-    path: str | os.PathLike[str], data: np.ndarray, affine: np.ndarray, zooms: Sequence[float], dtype: type
-) -> Path:
-    """Atomically write a NIfTI-1 file on the input's grid: qform = sform = ``affine`` (code 1, scanner) and
-    pixdim = the input's ``zooms`` exactly (deriving them from the float32-stored affine could differ in the
-    last bit). Gzip without a timestamp, so equal arrays give equal files."""
-    arr = np.asarray(data).astype(dtype, copy=False)
-    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(arr.dtype)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    img.header.set_zooms(tuple(float(z) for z in zooms))
-    raw = img.to_bytes()
-    if Path(path).name.endswith(".gz"):
-        # Level 1: label maps compress nearly as well as at 6, which took ~1 s for 512 x 512 x 32.
-        raw = gzip.compress(raw, compresslevel=1, mtime=0)
-    return atomic_write_bytes(path, raw)
 
 
 def read_volume_rows(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
