@@ -161,13 +161,14 @@ class Checkpoint:
     ``state_dict``: the model's tensors, with a Lightning ``model.`` or a DDP ``module.`` prefix removed.
     ``hyper_parameters``: a Lightning checkpoint's (None for a plain state dict or a safetensors file).
     ``records``: a checkpoint's other top-level entries (e.g. ``medlora_preprocessing``, ``epoch``), or the
-    header metadata of a safetensors file.
+    header metadata of a safetensors file. ``finite``: whether ``state_dict`` was checked finite when read.
     """
 
     path: Path
     state_dict: dict[str, torch.Tensor]
     hyper_parameters: dict[str, Any] | None = None
     records: dict[str, Any] = field(default_factory=dict)
+    finite: bool = False
 
     @property
     def is_lightning(self) -> bool:
@@ -202,4 +203,4 @@ def read_checkpoint(
     for prefix in ("model.", "module."):  # Lightning checkpoints; DataParallel/DDP-wrapped saves
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return Checkpoint(path, obj, hyper_parameters, records)
+    return Checkpoint(path, obj, hyper_parameters, records, finite)

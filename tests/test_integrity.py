@@ -302,6 +302,12 @@ def test_non_finite_base_weights_are_refused_naming_file_and_tensor(tmp_path, ki
     stored = "model.mid.bias" if kind == "lightning" else "mid.bias"
     assert str(info.value).startswith(f"{path}: tensor '{stored}' holds non-finite values")
     assert_untouched(target, before)
+    from medlora.fileio import read_checkpoint
+
+    unchecked = read_checkpoint(path, finite=False)  # read once elsewhere, without the check: loading still checks
+    with pytest.raises(WeightsError, match=r"tensor 'mid\.bias' holds non-finite values"):
+        load_weights(target, unchecked)
+    assert_untouched(target, before)
 
 
 def test_checkpoint_reader_sniffs_every_kind(tmp_path):

@@ -14,19 +14,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fileio import TensorFileError, read_checkpoint
+from ..fileio import Checkpoint, TensorFileError, check_finite, read_checkpoint
 
 
 class WeightsError(TensorFileError):
     """A weights file that cannot be read or does not fit the model (one line naming the file)."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model state dict in ``path``; a Lightning checkpoint's ``model.`` prefix is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    state = read_checkpoint(path, error=WeightsError).state_dict
+def read_state_dict(source: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
+    """The model state dict in ``source`` (a path, or a file already read by :func:`read_checkpoint`);
+    a Lightning checkpoint's ``model.`` prefix is removed."""
+    if isinstance(source, Checkpoint):
+        path, state = source.path, source.state_dict
+        if not source.finite:
+            check_finite(state, path, WeightsError)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        state = read_checkpoint(path, error=WeightsError).state_dict
     if any(".parametrizations." in k for k in state):
         raise WeightsError(
             f"{path}: holds adapter parameters (a checkpoint of an adapter run); load its base weights and "
@@ -35,13 +41,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a full set of pretrained weights into ``model`` (strict: every key must fit).
+def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint) -> nn.Module:
+    """Load a full set of pretrained weights into ``model`` (strict: every key must fit) from a file, or from
+    a :class:`~medlora.fileio.Checkpoint` already read (a file is then read once).
 
     A model may define ``adapt_state_dict(state) -> (state, notes)`` to fit files made for another
     configuration (e.g. SAM at another input size); each note is logged.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(source)
+    path = source.path if isinstance(source, Checkpoint) else source
     adapt = getattr(model, "adapt_state_dict", None)
     if callable(adapt):
         state, notes = adapt(state)
