@@ -26,8 +26,6 @@ variance expansion is left to the user as ``output_scale`` (default 1).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,7 +36,7 @@ import torch
 
 from .config import AdapterConfig
 from .inject import layer_config
-from .io import EXTRA_PREFIX, FORMAT, read_adapter_file
+from .io import EXTRA_PREFIX, adapter_metadata, merged_base_record, read_adapter_file, write_adapter_file
 from .squeeze import factored_svd
 
 Source = str | os.PathLike | tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -148,8 +146,6 @@ def merge_adapters(
     ``weights``: one per source, default ``1/N``. Writes ``out`` and returns its path, or returns
     ``(metadata, tensors)`` when ``out`` is None (itself a valid source).
     """
-    from .. import __version__
-
     if method not in ("linear", "lego"):
         raise ValueError(f"merge_adapters: method must be 'linear' or 'lego', got {method!r}")
     if not sources:
@@ -195,26 +191,12 @@ def merge_adapters(
         layers[name] = {**info0, "config": configs.index(config)}
     for index, config in enumerate(configs):  # each config names the layers it was used on
         config["targets"] = [n for n, info in layers.items() if info["config"] == index]
-    digest = hashlib.sha256()
-    for name in sorted(layers):
-        digest.update(name.encode() + b"\0" + layers[name]["base_sha256"].encode())
-    meta = {
-        "format": FORMAT,
-        "medlora_version": __version__,
-        "configs": configs,
-        "layers": layers,
-        "base_fingerprint": digest.hexdigest(),
-        "extra": {"merged_from": [label for label, _, _ in loaded], "merge_method": method,
-                  "weights": weights, "rank": rank},
-        "extra_tensors": [],
-    }
+    meta = adapter_metadata(configs, layers, base=merged_base_record([(label, m) for label, m, _ in loaded]),
+                            extra={"merged_from": [label for label, _, _ in loaded], "merge_method": method,
+                                   "weights": weights, "rank": rank})
     if out is None:
         return meta, out_tensors
-    from ..fileio import atomic_save_safetensors
-
-    path = Path(out)
-    atomic_save_safetensors(out_tensors, path, {"format": "pt", "medlora": json.dumps(meta)})
-    return path
+    return write_adapter_file(out, meta, out_tensors)
 
 
 __all__ = ["kmeans", "merge_adapters"]

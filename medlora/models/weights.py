@@ -1,7 +1,8 @@
 """Loading pretrained base weights from the files users have: Lightning checkpoints, state dicts, safetensors.
 
-Only tensors are ever read: ``torch.load(weights_only=True)`` for pickled containers and safetensors
-otherwise, so a checkpoint cannot execute code.
+Files are read by :func:`medlora.fileio.read_checkpoint`: only tensors are ever read
+(``torch.load(weights_only=True)`` for pickled containers, safetensors otherwise), so a checkpoint cannot
+execute code, and a NaN or Inf weight is refused with one line naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -11,37 +12,27 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import MedloraError
+from ..fileio import Checkpoint, TensorFileError, check_finite, read_checkpoint
 
 
-class WeightsError(MedloraError, ValueError):
+class WeightsError(TensorFileError):
     """A weights file that cannot be read or does not fit the model (one line naming the file)."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model state dict in ``path``; a Lightning checkpoint's ``model.`` prefix is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    elif isinstance(state, dict) and isinstance(state.get("model"), dict):  # MedSAM / SAM-Med2D training files
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: not a state dict of tensors")
-    for prefix in ("model.", "module."):  # Lightning checkpoints; DataParallel/DDP-wrapped saves
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+def read_state_dict(source: str | os.PathLike | Checkpoint) -> dict[str, torch.Tensor]:
+    """The model state dict in ``source`` (a path, or a file already read by :func:`read_checkpoint`);
+    a Lightning checkpoint's ``model.`` prefix is removed."""
+    if isinstance(source, Checkpoint):
+        path, state = source.path, source.state_dict
+        if not source.finite:
+            check_finite(state, path, WeightsError)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found")
+        state = read_checkpoint(path, error=WeightsError).state_dict
     if any(".parametrizations." in k for k in state):
         raise WeightsError(
             f"{path}: holds adapter parameters (a checkpoint of an adapter run); load its base weights and "
@@ -50,13 +41,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a full set of pretrained weights into ``model`` (strict: every key must fit).
+def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint) -> nn.Module:
+    """Load a full set of pretrained weights into ``model`` (strict: every key must fit) from a file, or from
+    a :class:`~medlora.fileio.Checkpoint` already read (a file is then read once).
 
     A model may define ``adapt_state_dict(state) -> (state, notes)`` to fit files made for another
     configuration (e.g. SAM at another input size); each note is logged.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(source)
+    path = source.path if isinstance(source, Checkpoint) else source
     adapt = getattr(model, "adapt_state_dict", None)
     if callable(adapt):
         state, notes = adapt(state)
