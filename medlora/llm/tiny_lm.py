@@ -148,7 +148,9 @@ def pretrained_tiny_lm(pretrain_text: str, steps: int = 400, cfg: TinyLMConfig |
     torch.manual_seed(seed)
     model = TinyLM(cfg)
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        from ..fileio import read_checkpoint
+
+        model.load_state_dict(read_checkpoint(path).state_dict)
         return model
     pretrain(model, ByteTokenizer().encode(pretrain_text), steps, seed=seed)
     root.mkdir(parents=True, exist_ok=True)
