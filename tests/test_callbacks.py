@@ -13,9 +13,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from medlora.adapters import AdapterConfig, iter_adapters, read_adapter_file
+from medlora.adapters import AdapterConfig, AdapterFileError, iter_adapters, read_adapter_file
 from medlora.assembly import ModelSpec, build_model
 from medlora.training import SegmentationModule, run_callbacks
 
@@ -37,8 +38,8 @@ class TinyData(pl.LightningDataModule):
         return DataLoader(samples(), batch_size=1)
 
 
-def module(adapter: AdapterConfig) -> SegmentationModule:
-    spec = ModelSpec("mv_unet", dict(ARCH), adapter=adapter)
+def module(adapter: AdapterConfig, pretrained: Path | None = None) -> SegmentationModule:
+    spec = ModelSpec("mv_unet", dict(ARCH), adapter=adapter, pretrained=pretrained)
     return SegmentationModule(build_model(spec), spec, roi_size=[16, 16, 8], lr=0.05)
 
 
@@ -91,6 +92,8 @@ def lora_ga_file_factors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_data_initialised_adapters_start_from_the_data_and_a_resumed_run_keeps_its_factors(tmp_path):
     ga = AdapterConfig("lora_ga", rank=1, **CONVS)
+    base = tmp_path / "base.safetensors"
+    save_file(build_model(ModelSpec("mv_unet", dict(ARCH))).state_dict(), str(base))
     # without a data module the start comes from trainer.train_dataloader at on_train_start
     plain = module(ga)
     fit(plain, DataLoader(samples(), batch_size=1), enable_checkpointing=False, default_root_dir=str(tmp_path / "a"))
@@ -99,7 +102,7 @@ def test_data_initialised_adapters_start_from_the_data_and_a_resumed_run_keeps_i
 
     # with a data module, before anything else; the trained factors are in last.ckpt
     ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
-    first = module(ga)
+    first = module(ga, base)
     fit(first, TinyData(), callbacks=(ck,))
     trained = {f"model.{n}.parametrizations.weight.0.lora_A": r.lora_A.detach().clone()
                for n, _, r in iter_adapters(first.model)}
@@ -107,11 +110,18 @@ def test_data_initialised_adapters_start_from_the_data_and_a_resumed_run_keeps_i
     assert all(torch.equal(saved[k], v) for k, v in trained.items())
 
     # resuming (nothing left to train: max_epochs is reached) must not draw a new start from the data
-    resumed = module(ga)
+    resumed = module(ga, base)
     fit(resumed, TinyData(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"),
         callbacks=(ModelCheckpoint(dirpath=tmp_path / "ck2", save_last=True),))
-    again = {f"model.{n}.parametrizations.weight.0.lora_A": r.lora_A.detach() for n, _, r in iter_adapters(resumed.model)}
+    again = {f"model.{n}.parametrizations.weight.0.lora_A": r.lora_A.detach()
+             for n, _, r in iter_adapters(resumed.model)}
     assert all(torch.equal(again[k], v) for k, v in trained.items())
     written = lora_ga_file_factors(tmp_path / "ck2" / "adapter.safetensors")
     assert all(torch.equal(written[k[len("model."):].replace(".parametrizations.weight.0", "")], v)
                for k, v in trained.items())
+
+    # a checkpoint made on another base is refused when resuming
+    other = tmp_path / "other.safetensors"
+    save_file(build_model(ModelSpec("mv_unet", dict(ARCH))).state_dict(), str(other))
+    with pytest.raises(AdapterFileError, match="last.ckpt: checkpoint was trained on other base weights than"):
+        fit(module(ga, other), TinyData(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
