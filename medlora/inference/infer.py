@@ -116,7 +116,7 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build the network: the same call as :class:`~medlora.training.module.SegmentationModule`."""
+    """How to build the network (:func:`medlora.assembly.build_model`, as training built it)."""
 
     backbone: str
     backbone_args: dict[str, Any]
