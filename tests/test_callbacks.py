@@ -6,6 +6,7 @@ Tiny networks (MV-UNet level 1, width 4) on 16 x 16 x 8 random patches keep each
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from medlora.adapters import AdapterConfig, AdapterFileError, iter_adapters, read_adapter_file
 from medlora.assembly import ModelSpec, build_model
-from medlora.training import SegmentationModule, run_callbacks
+from medlora.training import SegmentationModule, run_callbacks, segmentation_module
 
 ARCH = {"level": 1, "width": 4}
 CONVS = {"target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}
@@ -71,7 +72,10 @@ def test_adapter_file_goes_to_the_checkpoint_folder_and_never_to_the_current_fol
                                       for k in last["state_dict"])
     assert set(last["medlora"]) == {"pretrained", "base_fingerprint"}
     assert last["medlora_preprocessing"]["roi_size"] == [16, 16, 8]
-    assert last["hyper_parameters"]["backbone_args"] == ARCH and last["hyper_parameters"]["adapter"]["method"] == "lora"
+    hp = last["hyper_parameters"]
+    assert hp["backbone_args"] == ARCH and hp["adapter"]["method"] == "lora" and hp["threshold"] == 0.5
+    # LightningCLI parses a --ckpt_path file's hyper-parameters back as the `model:` section
+    assert set(hp) == set(inspect.signature(segmentation_module).parameters)
 
     # no checkpoints, no logger: the trainer's default_root_dir
     fit(module(AdapterConfig("lora", rank=1, **CONVS)), loader, enable_checkpointing=False,
