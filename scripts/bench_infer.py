@@ -58,7 +58,7 @@ def build_models(folder: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     torch.manual_seed(0)
     base = create_model("mv_unet", spatial_dims=3, **arch)
     ckpt = folder / "base.ckpt"
-    # The layout Lightning writes (what SegmentationModule.on_save_checkpoint adds included); weights-only loadable.
+    # The layout Lightning writes (the CheckpointRecords callback's records included); weights-only loadable.
     torch.save({"state_dict": {f"model.{k}": v for k, v in base.state_dict().items()},
                 "hyper_parameters": {"backbone": "mv_unet", "backbone_args": arch, "spatial_dims": 3,
                                      "pretrained": None, "adapter": None, "threshold": 0.5},

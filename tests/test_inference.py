@@ -212,12 +212,15 @@ def test_2d_slice_model_on_a_volume(files, tmp_path):
 def test_lightning_checkpoint_of_a_full_model(tmp_path):
     import lightning.pytorch as pl
 
-    from medlora.training.module import SegmentationModule
+    from medlora.assembly import ModelSpec, build_model
+    from medlora.training import SegmentationModule, run_callbacks
 
-    module = SegmentationModule(backbone="mv_unet", backbone_args=dict(ARCH), roi_size=ROI3, threshold=0.4)
+    spec = ModelSpec("mv_unet", dict(ARCH))
+    module = SegmentationModule(build_model(spec), spec, roi_size=ROI3, threshold=0.4)
     batch = {"image": torch.rand(1, 1, 16, 16, 8), "label": (torch.rand(1, 1, 16, 16, 8) > 0.7).float()}
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=run_callbacks())
     trainer.fit(module, torch.utils.data.DataLoader([{k: v[0] for k, v in batch.items()}], batch_size=1))
     trainer.save_checkpoint(tmp_path / "full.ckpt")
     save_nifti(tmp_path / "img.nii.gz", phantom(), RAS_AFFINE)
@@ -236,14 +239,16 @@ def test_lightning_checkpoint_of_a_full_model(tmp_path):
 def test_adapter_run_checkpoint_is_refused_with_advice(files, tmp_path, capsys):
     import lightning.pytorch as pl
 
-    from medlora.training.module import SegmentationModule
+    from medlora.assembly import ModelSpec, build_model
+    from medlora.training import SegmentationModule, run_callbacks
 
+    spec = ModelSpec(backbone_args=dict(ARCH), pretrained=str(files["base"]),
+                     adapter=AdapterConfig("lora", rank=2, target_types=["Conv3d"]))
     with pytest.warns(UserWarning):
-        module = SegmentationModule(backbone_args=dict(ARCH), pretrained=str(files["base"]), roi_size=ROI3,
-                                    adapter=AdapterConfig("lora", rank=2, target_types=["Conv3d"]),
-                                    adapter_path=str(tmp_path / "adapter.safetensors"))
+        module = SegmentationModule(build_model(spec), spec, roi_size=ROI3)
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=run_callbacks(adapter_path=tmp_path / "adapter.safetensors"))
     sample = {"image": torch.rand(1, 16, 16, 8), "label": (torch.rand(1, 16, 16, 8) > 0.7).float()}
     trainer.fit(module, torch.utils.data.DataLoader([sample], batch_size=1))
     trainer.save_checkpoint(tmp_path / "adapter_run.ckpt")

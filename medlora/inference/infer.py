@@ -39,7 +39,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import load_adapter, merge, read_adapter_file
+from ..adapters import read_adapter_file
+from ..assembly import ModelSpec, build_model, load_adapter_onto
 from ..data.nifti import write_nifti
 from ..errors import MedloraError
 from ..evaluation.predict import DEFAULT_THRESHOLD
-from ..models import create_model
-from ..models.weights import WeightsError, load_weights
+from ..models.weights import WeightsError
 from ..runs import SUMMARY_FILE, RunFolder
 from .io import (
     InputCase,
@@ -124,8 +123,9 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build the network: the backbone's registry name, its arguments and dimensionality, as training
-    records them (checkpoint ``hyper_parameters``, adapter metadata, a run folder's ``study.json``)."""
+    """How to build the network (:func:`medlora.assembly.build_model`, as training built it): the backbone's
+    registry name, its arguments and dimensionality, as training records them (checkpoint ``hyper_parameters``,
+    adapter metadata, a run folder's ``study.json``)."""
 
     backbone: str
     backbone_args: dict[str, Any]
@@ -140,10 +140,7 @@ class Architecture:
         return cls(str(record["backbone"]), args, int(record.get("spatial_dims", 3)))
 
     def build(self) -> nn.Module:
-        try:
-            return create_model(self.backbone, **{"spatial_dims": self.spatial_dims, **self.backbone_args})
-        except (TypeError, ValueError) as exc:
-            raise InferenceError(f"cannot build backbone {self.backbone!r} with {self.backbone_args}: {exc}") from None
+        return build_model(ModelSpec(self.backbone, dict(self.backbone_args), self.spatial_dims))
 
 
 @dataclass
@@ -192,19 +189,13 @@ def _read_lightning_checkpoint(path: Path) -> dict[str, Any] | None:
 
 
 def _load_base(path: Path, architecture: Architecture) -> nn.Module:
-    model = architecture.build()
-    load_weights(model, path)
-    return model
+    return build_model(ModelSpec(architecture.backbone, dict(architecture.backbone_args), architecture.spatial_dims,
+                                 pretrained=str(path)))
 
 
 def _with_adapter(base: nn.Module, adapter: Path) -> nn.Module:
     """Base + adapter merged into plain layers (the base itself is left untouched)."""
-    model = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        # inject's advice that an adapter is as large as a small layer was for training time, not here
-        warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
-        load_adapter(model, adapter)  # checks the base fingerprint; AdapterFileError names the file
-    return merge(model)
+    return load_adapter_onto(base, adapter, merge_weights=True)  # checks the base fingerprint
 
 
 def _same_setting(values: list[tuple[str, Any]], what: str) -> Any:

@@ -1,8 +1,12 @@
 """``medlora fit|validate|test|predict --config X.yaml``: the LightningCLI of the toolkit.
 
-The CLI always carries a ``checkpoint`` section (Lightning's ``ModelCheckpoint`` with ``save_last``) so
-that ``--ckpt_path last`` resumes an interrupted run, and it links the data's ``spatial_dims`` and
-``patch_size`` to the model's, so they are written once.
+The ``model:`` section is :func:`~medlora.training.module.segmentation_module`: the model record's keys
+(backbone, base weights, adapter or module group, training rule) and the module's settings, built through
+:func:`medlora.assembly.build_model`. The CLI always carries a ``checkpoint`` section (Lightning's
+``ModelCheckpoint`` with ``save_last``) so that ``--ckpt_path last`` resumes an interrupted run, an
+``adapter_file`` section (where the adapter file goes) and an ``adapter_init`` section (data-driven adapter
+starts), adds the checkpoint records (:mod:`medlora.training.callbacks`), and links the data's
+``spatial_dims`` and ``patch_size`` to the model's, so they are written once.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..adapters import AdapterConfig
 from ..data.datamodule import CTSegDataModule
-from .module import SegmentationModule
+from .callbacks import AdapterFileWriter, AdapterInitFromData, CheckpointRecords
+from .module import segmentation_module
 
 
 class MedloraCLI(LightningCLI):
@@ -23,6 +28,8 @@ class MedloraCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/Dice",
                              "checkpoint.mode": "max", "checkpoint.save_top_k": 1,
                              "checkpoint.filename": "best-{epoch:03d}"})
+        parser.add_lightning_class_args(AdapterFileWriter, "adapter_file")
+        parser.add_lightning_class_args(AdapterInitFromData, "adapter_init")
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
         parser.link_arguments("data.patch_size", "model.roi_size")
 
@@ -48,10 +55,11 @@ def run(args: list[str]) -> int:
     sys.argv = [saved[0] if saved else "medlora", *args]
     try:
         MedloraCLI(
-            SegmentationModule,
+            segmentation_module,
             CTSegDataModule,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": False},
+            trainer_defaults={"callbacks": [CheckpointRecords()]},
         )
     finally:
         sys.argv = saved

@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,12 @@ import lightning.pytorch as pl
 import torch
 
 from ..adapters import get_method
+from ..assembly import ModelSpec, build_model
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
 from ..evaluation.report import build_report, summarise_job, write_json_atomic
 from ..fileio import atomic_save_safetensors
+from .callbacks import run_callbacks
 from .module import SegmentationModule
 from .study_config import BASELINES, MethodEntry, StudyConfig, StudyConfigError, load_study_config
 
@@ -126,12 +128,12 @@ class _EpochProgress(pl.Callback):
         self.report(trainer.current_epoch + 1, trainer.max_epochs)
 
 
-def _trainer(epochs: int, log_dir: Path, progress: Any | None) -> pl.Trainer:
+def _trainer(epochs: int, log_dir: Path, progress: Any | None, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name="logs"),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, deterministic="warn", callbacks=[_EpochProgress(progress)] if progress else [],
-        log_every_n_steps=1,
+        num_sanity_val_steps=0, deterministic="warn",
+        callbacks=[*callbacks, *([_EpochProgress(progress)] if progress else [])], log_every_n_steps=1,
     )
 
 
@@ -192,12 +194,13 @@ class Study:
             write_splits(splits_path, splits)
         self.splits_path = splits_path
 
-    def _module(self, **kwargs: Any) -> SegmentationModule:
+    def _module(self, model: dict[str, Any], **kwargs: Any) -> SegmentationModule:
+        """The study's network with the ``model`` record fields of one job (``medlora.assembly.build_model``)."""
         c = self.config
-        return SegmentationModule(
-            backbone=c.model.backbone, backbone_args=dict(c.model.backbone_args), spatial_dims=c.model.spatial_dims,
-            roi_size=list(c.data.inference_roi or c.data.patch_size), **kwargs,
-        )
+        spec = ModelSpec(backbone=c.model.backbone, backbone_args=dict(c.model.backbone_args),
+                         spatial_dims=c.model.spatial_dims, **model)
+        return SegmentationModule(build_model(spec), spec, roi_size=list(c.data.inference_roi or c.data.patch_size),
+                                  **kwargs)
 
     def _datamodule(self, data_dir: Path, fold: int | str, seed: int):
         from ..data.datamodule import CTSegDataModule
@@ -228,7 +231,7 @@ class Study:
         folder.mkdir(parents=True)
         spec = self.config.pretrain
         pl.seed_everything(self.config.seed, workers=True, verbose=False)
-        module = self._module(loss=spec.loss, lr=spec.lr, norm_stats=spec.norm_stats)
+        module = self._module({}, loss=spec.loss, lr=spec.lr, norm_stats=spec.norm_stats)
         dm = self._datamodule(self.source_dir, "all", self.config.seed)
         start = time.perf_counter()
         with _quiet_lightning():
@@ -268,26 +271,30 @@ class Study:
         c = self.config
         seed = c.seed + job.fold
         pl.seed_everything(seed, workers=True, verbose=False)
-        kwargs: dict[str, Any] = {"pretrained": str(self.base_path), "loss": c.finetune.loss,
-                                  "norm_stats": c.finetune.norm_stats}
+        model: dict[str, Any] = {"pretrained": str(self.base_path)}
+        kwargs: dict[str, Any] = {"loss": c.finetune.loss, "norm_stats": c.finetune.norm_stats}
         if job.family == "adapter":
-            kwargs.update(adapter=c.adapter_config(job.entry, job.rank), finetune=job.entry.finetune or "none",
-                          lr=job.entry.lr or c.finetune.adapter_lr, training_rule=job.entry.training_rule,
-                          training_rule_options=dict(job.entry.training_rule_options),
-                          adapter_path=str(folder / "adapter.safetensors"))  # written at the end of fit
+            model.update(adapter=c.adapter_config(job.entry, job.rank), finetune=job.entry.finetune or "none",
+                         training_rule=job.entry.training_rule,
+                         training_rule_options=dict(job.entry.training_rule_options))
+            kwargs.update(lr=job.entry.lr or c.finetune.adapter_lr)
         elif job.family == "module":
-            kwargs.update(finetune=job.entry.group, lr=job.entry.lr or c.finetune.lr)
+            model.update(finetune=job.entry.group)
+            kwargs.update(lr=job.entry.lr or c.finetune.lr)
         else:
-            kwargs.update(finetune="all", lr=job.entry.lr or c.finetune.lr)
+            model.update(finetune="all")
+            kwargs.update(lr=job.entry.lr or c.finetune.lr)
         with _quiet_lightning():
-            module = self._module(**kwargs)
+            module = self._module(model, **kwargs)
         dm = self._datamodule(self.target_dir, job.fold, seed)
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
         train_seconds = 0.0
         if job.family != "none":
             start = time.perf_counter()
             with _quiet_lightning():
-                _trainer(c.finetune.epochs, folder, progress).fit(module, dm)
+                # the adapter file is written at the end of fit
+                _trainer(c.finetune.epochs, folder, progress,
+                         run_callbacks(adapter_path=folder / "adapter.safetensors")).fit(module, dm)
             train_seconds = time.perf_counter() - start
         # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
