@@ -36,7 +36,6 @@ import contextlib
 import copy
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -53,6 +52,7 @@ from ..assembly import ModelSpec, build_model, load_adapter_onto
 from ..data.nifti import write_nifti
 from ..errors import MedloraError
 from ..evaluation.predict import DEFAULT_THRESHOLD
+from ..fileio import read_torch_file
 from ..models.weights import WeightsError
 from ..runs import SUMMARY_FILE, RunFolder
 from .io import (
@@ -161,27 +161,18 @@ class InferenceModels:
 def _read_lightning_checkpoint(path: Path) -> dict[str, Any] | None:
     """``hyper_parameters`` and ``medlora_preprocessing`` of a Lightning checkpoint; None for a plain state dict.
 
-    Weights-only loading: a checkpoint cannot run code. Memory-mapped so the tensors are not read twice.
+    Read with :func:`medlora.fileio.read_torch_file` (weights-only, memory-mapped): a checkpoint cannot run code.
     """
     if path.suffix == ".safetensors":
         return None
-    obj = None
-    for mmap in (True, False):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except Exception as exc:  # a legacy (non-zip) file cannot be memory-mapped; anything else is unreadable
-            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-            if refused and refused.group(1).endswith("AdapterConfig"):
-                # SegmentationModule keeps its AdapterConfig in hyper_parameters: an adapter run's checkpoint
-                raise InferenceError(f"{path}: checkpoint of an adapter run (it holds only the adapter); use "
-                                     "--model <its base weights> --adapter <its adapter.safetensors>") from None
-            if refused:
-                raise WeightsError(f"{path}: holds a pickled {refused.group(1)} object; weights-only loading "
-                                   "refuses to unpickle it (no code from checkpoints is run)") from None
-            if not mmap:
-                first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0] if str(exc) else ""
-                raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from None
+    try:
+        obj = read_torch_file(path, error=WeightsError)
+    except WeightsError as exc:
+        if str(getattr(exc, "refused_global", "")).endswith("AdapterConfig"):
+            # older SegmentationModules kept an AdapterConfig object in hyper_parameters: an adapter run
+            raise InferenceError(f"{path}: checkpoint of an adapter run (it holds only the adapter); use "
+                                 "--model <its base weights> --adapter <its adapter.safetensors>") from None
+        raise
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
         return {"hyper_parameters": dict(obj["hyper_parameters"] or {}),
                 "medlora_preprocessing": obj.get("medlora_preprocessing")}

@@ -27,7 +27,7 @@ from torch import nn
 from ..adapters import AdapterConfig, iter_adapters
 from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics, nanmean_std
-from ..evaluation.predict import predict_volume
+from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
 
 LOGGED_METRICS = ("Dice", "soft_Dice", "HD95_mm", "volume_error_ml")
 
@@ -70,7 +70,7 @@ class SegmentationModule(pl.LightningModule):
         roi_size: Sequence[int] | None = None,
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
     ) -> None:
         super().__init__()
         if norm_stats not in ("update", "freeze"):
