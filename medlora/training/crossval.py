@@ -33,7 +33,8 @@ import torch
 from ..adapters import get_method
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
-from ..evaluation.report import build_report, summarise_job, write_json_atomic
+from ..evaluation.report import build_report
+from ..evaluation.summary import summarise_job, write_json_atomic
 from ..fileio import atomic_save_safetensors
 from .module import SegmentationModule
 from .study_config import BASELINES, MethodEntry, StudyConfig, StudyConfigError, load_study_config

@@ -28,8 +28,9 @@ from torch import nn
 
 from ..adapters import AdapterConfig, base_fingerprint, inject, iter_adapters, parameter_report, save_adapter
 from ..data.transforms import DEFAULT_HU_WINDOW
-from ..evaluation.metrics import case_metrics, nanmean_std
+from ..evaluation.metrics import case_metrics
 from ..evaluation.predict import predict_volume
+from ..evaluation.statistics import nanmean_std
 from ..models import create_model, group_module_names, group_parameters, set_trainable
 from ..models.weights import load_weights
 
