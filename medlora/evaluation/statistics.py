@@ -1,11 +1,10 @@
 """Aggregation of per-case results: nan-aware means, and per-job statistics over the cases of all folds.
 
-Conventions (DESIGN.md, "Evaluation conventions"): statistics are over cases pooled across folds, mean and
-population standard deviation, nan-aware (Dice is NaN when prediction and reference are both empty, as in
-nnU-Net, and such cases are left out). Dice per volume bin uses the seed paper's bins (Minoccheri, Hodgman
-et al. 2025): (0, 25], (25, 50], (50, 100], (100, 225] mL of the true volume. This is where paired
-comparisons between jobs (bootstrap intervals, signed-rank tests) belong; they take the per-case tables of
-:mod:`medlora.evaluation.results`.
+Statistics are over the cases of all folds pooled: mean and population standard deviation, nan-aware
+(Dice is NaN when prediction and reference are both empty, as in nnU-Net, and such cases are left out).
+Dice per volume bin uses the seed paper's bins (Minoccheri, Hodgman et al. 2025): (0, 25], (25, 50],
+(50, 100], (100, 225] mL of the true volume. This is where paired comparisons between jobs (bootstrap
+intervals, signed-rank tests) belong; they take the per-case tables of :mod:`medlora.evaluation.results`.
 """
 
 from __future__ import annotations
