@@ -1,15 +1,20 @@
-"""Study reports: collecting fold summaries, results.csv, report tables, plots and the findings section."""
+"""Study reports: summary.json I/O, collecting fold summaries, results.csv, tables, plots and the findings."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from medlora.evaluation.report import ReportError, build_report, collect, summarise_job, write_json_atomic
+from medlora.evaluation.findings import SEED_FINDINGS, check_findings, select_findings
+from medlora.evaluation.report import ReportError, build_report, collect
+from medlora.evaluation.results import scan_run
+from medlora.evaluation.statistics import JobStats, nanmean
+from medlora.evaluation.summary import load_summary, summarise_job, write_json_atomic, write_summary
 
 NAN = float("nan")
 # Held-out cases per fold and their true volumes (mL): one case per paper bin, one small, one empty.
@@ -103,6 +108,7 @@ def test_collect_rows_and_results_csv(tmp_path):
     assert row["Dice"] == 0.85 and row["volume_bin"] == "100-225" and row["trainable_params"] == 100
     assert row["percent_trainable"] == pytest.approx(1.0)
     assert math.isnan(next(r for r in rows if r["case_id"] == "SAH_006")["Dice"])
+    assert scan_run(run).unfinished == ["lora_r16/fold_0"] and len(scan_run(run).folds) == 3 * 2
 
     build_report(run)
     with open(run / "results.csv", newline="") as f:
@@ -224,3 +230,158 @@ def test_summarise_job_is_nan_aware(tmp_path):
     assert "NaN" in path.read_text(encoding="utf-8")
     assert math.isnan(json.loads(path.read_text(encoding="utf-8"))["metric_per_case"][1]["metrics"]["1"]["Dice"])
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]
+
+
+# ------------------------------------------------------------------------------ summary.json: write/read pair
+
+# A summary.json as nnU-Net v2 writes it (nnunetv2/evaluation/evaluate_predictions.py, compute_metrics_on_folder):
+# no case ids, integer counts, NaN Dice for an empty-vs-empty case, a region key besides a label key.
+NNUNET_SUMMARY = """{
+    "foreground_mean": {"Dice": 0.8, "FN": 1.5, "FP": 1.0, "IoU": 0.667, "TN": 97.0, "TP": 2.0, "n_pred": 3.0,
+                        "n_ref": 3.5},
+    "mean": {"1": {"Dice": 0.8, "FN": 1.5, "FP": 1.0, "IoU": 0.667, "TN": 97.0, "TP": 2.0, "n_pred": 3.0,
+                   "n_ref": 3.5}},
+    "metric_per_case": [
+        {"metrics": {"1": {"Dice": 0.8, "FN": 3, "FP": 2, "IoU": 0.6666666666666666, "TN": 91, "TP": 4,
+                           "n_pred": 6, "n_ref": 7},
+                     "(1, 2)": {"Dice": 0.9, "FN": 1, "FP": 1, "IoU": 0.8181818181818182, "TN": 89, "TP": 9,
+                                "n_pred": 10, "n_ref": 10}},
+         "prediction_file": "/pred/case_a.nii.gz", "reference_file": "/gt/case_a.nii.gz"},
+        {"metrics": {"1": {"Dice": NaN, "FN": 0, "FP": 0, "IoU": NaN, "TN": 103, "TP": 0, "n_pred": 0,
+                           "n_ref": 0}},
+         "prediction_file": "/pred/case_b.nii.gz", "reference_file": "/gt/case_b.nii.gz"}
+    ]
+}"""
+
+
+def test_write_summary_and_load_summary_are_a_pair(tmp_path):
+    rows = [_case("lora_r4", "SAH_001", 0.7), _case("lora_r4", "SAH_006", NAN)]
+    rows[0]["HD95_mm"] = None  # a metric that could not be computed
+    info = {"job": "lora_r4", "fold": 0, "rank": 4}
+    path = write_summary(summarise_job(rows, info), tmp_path / "fold_0" / "summary.json")
+    assert path == tmp_path / "fold_0" / "summary.json" and [p.name for p in path.parent.iterdir()] == [path.name]
+    raw = json.loads(path.read_text(encoding="utf-8"))  # the file as any JSON reader sees it
+    assert raw["metric_per_case"][0]["metrics"]["1"]["HD95_mm"] is None
+
+    loaded = load_summary(path)
+    assert loaded["medlora"] == info
+    assert [c["case_id"] for c in loaded["metric_per_case"]] == ["SAH_001", "SAH_006"]
+    for case, row in zip(loaded["metric_per_case"], rows, strict=True):
+        metrics = case["metrics"]["1"]
+        assert set(metrics) == set(row) - {"case_id", "reference_file"}
+        for key, value in metrics.items():
+            expected = NAN if row[key] is None else row[key]
+            assert (math.isnan(value) and math.isnan(expected)) or value == expected, key
+            assert type(value) is (int if key in ("TP", "FP", "FN", "TN", "n_pred", "n_ref") else float), key
+    assert loaded["mean"]["1"]["Dice"] == pytest.approx(0.7)
+
+    # nothing that load_summary would reject is ever written, and a failed write keeps the old file
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="metric_per_case"):
+        write_summary({"mean": {}}, path)
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        write_summary({"metric_per_case": [], "medlora": {"bad": object()}}, path)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_load_summary_reads_nnunets_own_summary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(NNUNET_SUMMARY, encoding="utf-8")
+    loaded = load_summary(path)
+    assert "medlora" not in loaded and len(loaded["metric_per_case"]) == 2
+    first, second = (c["metrics"] for c in loaded["metric_per_case"])
+    assert first["1"]["TP"] == 4 and type(first["1"]["TP"]) is int and first["(1, 2)"]["Dice"] == 0.9
+    assert math.isnan(second["1"]["Dice"]) and second["1"]["TN"] == 103
+    # our run-folder reader needs its medlora block and says so in one line
+    fold = tmp_path / "run" / "jobs" / "x" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "summary.json").write_text(NNUNET_SUMMARY, encoding="utf-8")
+    with pytest.raises(ReportError, match="no 'medlora' block") as info:
+        scan_run(tmp_path / "run")
+    assert str(fold / "summary.json") in str(info.value)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"metric_per_case": [', "corrupt summary.json (Expecting value"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'{"metric_per_case": {}}', "no 'metric_per_case' list"),
+    (b'{"metric_per_case": [{"case_id": "a"}]}', "metric_per_case[0]: KeyError 'metrics'"),
+    (b'{"metric_per_case": [{"metrics": [1, 2]}]}', "metric_per_case[0]: TypeError"),
+    (b'{"metric_per_case": [{"metrics": {"1": {"Dice": 0.5}}}, {"metrics": {"1": {"Dice": "high"}}}]}',
+     "metric_per_case[1]: ValueError"),
+])
+def test_load_summary_rejects_a_corrupt_file_in_one_line(tmp_path, content, problem):
+    path = tmp_path / "summary.json"
+    path.write_bytes(content)
+    with pytest.raises(ReportError) as info:
+        load_summary(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+    assert path.read_bytes() == content
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_nanmean_skips_nan_and_is_nan_without_values():
+    values = [0.25, NAN, 0.5, None, 1.0, np.float32(0.125)]
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    assert nanmean(values) == pytest.approx(math.fsum(kept) / len(kept), abs=1e-15)
+    assert nanmean(iter([3, 4])) == 3.5  # any iterable, integers included
+    with warnings.catch_warnings():  # no "mean of empty slice" warning, unlike numpy.nanmean
+        warnings.simplefilter("error")
+        assert math.isnan(nanmean([NAN, None])) and math.isnan(nanmean([]))
+
+
+# ------------------------------------------------------------------------------ findings as data
+
+
+def _stats(job: str, method: str, rank: int | None, family: str, dice: float, trainable: int) -> JobStats:
+    return JobStats(job=job, name=job, method=method, rank=rank, family=family, trainable=trainable, total=TOTAL,
+                    percent=100 * trainable / TOTAL, n_cases=5, dice=(dice, 0.1, 5), soft_dice=(dice, 0.1, 5),
+                    hd95=(3.0, 1.0, 5), abs_volume_error=1.0, bins={}, train_seconds=1.0, folds={0: dice})
+
+
+def test_check_findings_on_job_statistics():
+    # LoRA at three ranks, not monotone: the finding compares the highest with the lowest rank (0.65 > 0.60)
+    stats = [_stats("lora_r4", "lora", 4, "adapter", 0.60, 800), _stats("lora_r8", "lora", 8, "adapter", 0.70, 1600),
+             _stats("lora_r16", "lora", 16, "adapter", 0.65, 3200),
+             _stats("dora_r4", "dora", 4, "adapter", 0.66, 900), _stats("dora_r8", "dora", 8, "adapter", 0.64, 1800)]
+    rank = next(f for f in SEED_FINDINGS if f.name == "higher_rank_better")
+    (verdict,) = check_findings(stats, [], [rank])
+    assert verdict.number == "4" and verdict.status == "contradicts"  # DoRA r8 < r4
+    assert "in 1 of 2 adapter methods" in verdict.text and "r4 0.600 → r8 0.700 → r16 0.650" in verdict.text
+    assert verdict.line().startswith("- (4) ✘ contradicts — highest rank")
+    (verdict,) = check_findings(stats[:3], [], [rank])
+    assert verdict.status == "agrees" and "1 of 1" in verdict.text
+    # module-wise fine-tuning is optional: without such a job (2b) is left out, (2) is not checked
+    verdicts = check_findings(stats, [], select_findings(["adapters_beat_full", "adapters_beat_module"]))
+    assert [(v.number, v.status) for v in verdicts] == [("2", "not checked")]
+
+
+def test_study_names_the_findings_to_check(tmp_path):
+    run = make_run(tmp_path, AGREE)
+    report = build_report(run, {"name": "subset", "findings": ["larger_volumes_better", "1"]})
+    section = _section(report.read_text(encoding="utf-8"), "Findings vs. the seed paper")
+    assert [line[:6] for line in section if line.startswith("- (")] == ["- (1) ", "- (5) "]  # the paper's order
+    intro = section[0]
+    assert "all methods are better on large volumes" in intro and "higher rank" not in intro
+    assert "CP-LoRA" not in intro and "0.410 ± 0.26" in intro
+    # the selection is saved with the study info and used again by a rebuild
+    rebuilt = _section(build_report(run).read_text(encoding="utf-8"), "Findings vs. the seed paper")
+    assert rebuilt == section
+
+
+def test_unknown_finding_is_one_line_error_and_nothing_is_written(tmp_path):
+    run = make_run(tmp_path, AGREE)
+    with pytest.raises(ReportError, match="unknown finding 'rank_matters'") as info:
+        build_report(run, {"findings": ["higher_rank_better", "rank_matters"]})
+    message = str(info.value)
+    assert str(run / "study_info.json") in message and "higher_rank_better" in message and "\n" not in message
+    assert not (run / "study_info.json").exists() and not (run / "report.md").exists()
+    assert not (run / "results.csv").exists()
+    # a saved study info with a bad selection (edited by hand) is named, too
+    (run / "study_info.json").write_text('{"findings": "4"}', encoding="utf-8")
+    with pytest.raises(ReportError, match="must be a list of finding names") as info:
+        build_report(run)
+    assert str(run / "study_info.json") in str(info.value) and not (run / "report.md").exists()

@@ -1,5 +1,12 @@
-"""Per-case segmentation metrics, hemorrhage volumes and study summaries."""
+"""Evaluation: per-case metrics, summary.json I/O, per-case result tables, statistics, the study report.
 
-from .metrics import VOLUME_BINS_ML, case_metrics, nanmean_std, volume_bin
+``metrics`` (one case), ``summary`` (nnU-Net-shaped ``summary.json``), ``results`` (a run folder's per-case
+rows, ``results.csv``), ``statistics`` (aggregation), ``tables``/``plots`` (the report's Markdown and
+figures), ``findings`` (the seed paper's claims and their check), ``report`` (``medlora report``), and
+``predict`` (sliding-window prediction of one volume).
+"""
 
-__all__ = ["VOLUME_BINS_ML", "case_metrics", "nanmean_std", "volume_bin"]
+from .metrics import VOLUME_BINS_ML, case_metrics, volume_bin
+from .statistics import nanmean, nanmean_std
+
+__all__ = ["VOLUME_BINS_ML", "case_metrics", "nanmean", "nanmean_std", "volume_bin"]

@@ -88,12 +88,3 @@ def case_metrics(
         "volume_soft_ml": prob_sum * voxel_ml,
         "volume_error_ml": (n_pred - n_ref) * voxel_ml,
     }
-
-
-def nanmean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean and (population) standard deviation over the non-NaN values, and their count."""
-    arr = np.asarray(values, dtype=float)
-    arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
-        return float("nan"), float("nan"), 0
-    return float(arr.mean()), float(arr.std()), int(arr.size)

@@ -34,7 +34,8 @@ from ..adapters import get_method
 from ..assembly import ModelSpec, build_model
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
-from ..evaluation.report import build_report, summarise_job, write_json_atomic
+from ..evaluation.report import build_report
+from ..evaluation.summary import summarise_job, write_json_atomic
 from ..fileio import atomic_save_safetensors
 from .callbacks import run_callbacks
 from .module import SegmentationModule

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..adapters import AdapterConfig, iter_adapters
 from ..assembly import ModelSpec, build_model
-from ..evaluation.metrics import case_metrics, nanmean_std
+from ..evaluation.metrics import case_metrics
 from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
+from ..evaluation.statistics import nanmean_std
 
 LOGGED_METRICS = ("Dice", "soft_Dice", "HD95_mm", "volume_error_ml")
 

@@ -1,0 +1,143 @@
+"""The study report's figures, as PNGs written atomically (matplotlib, headless).
+
+Each figure is one function of the job statistics and per-case rows; :data:`FIGURES` lists them in the
+report's order with their captions and file names, and :func:`plot_report` draws them all. A job keeps
+the same colour in every figure.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..fileio import atomic_write_bytes
+from .statistics import PAPER_BINS, JobStats, column
+
+
+class PlotData:
+    """What every figure function receives: the jobs (report order), their rows and colours, and pyplot."""
+
+    def __init__(self, stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plt: Any) -> None:
+        self.stats, self.rows, self.plt = stats, rows, plt
+        cmap = plt.get_cmap("tab10" if len(stats) <= 10 else "tab20")
+        self.colours = {s.job: cmap(i % cmap.N) for i, s in enumerate(stats)}
+        self.rows_of = {s.job: [r for r in rows if r["job"] == s.job] for s in stats}
+
+
+def dice_per_method(f: PlotData) -> Any:
+    """Box plot of per-case Dice per job (cases of all folds pooled), with the cases as jittered points."""
+    stats = f.stats
+    fig, ax = f.plt.subplots(figsize=(max(6.0, 0.7 * len(stats) + 2), 4.5))
+    data = [[v for v in column(f.rows_of[s.job], "Dice") if not math.isnan(v)] for s in stats]
+    ax.boxplot([d if d else [float("nan")] for d in data], positions=range(len(stats)), widths=0.6,
+               showfliers=False)
+    jitter = np.random.default_rng(0)  # fixed, so that a rebuilt report has the same figure
+    for i, (s, d) in enumerate(zip(stats, data, strict=True)):
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(d)), d, s=12, color=f.colours[s.job], alpha=0.8, zorder=3)
+    ax.set_xticks(range(len(stats)), [s.name for s in stats], rotation=40, ha="right")
+    ax.set_ylabel("Dice per case")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Dice per method (cases of all folds)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def dice_by_volume(f: PlotData) -> Any:
+    """Mean Dice per job in each of the seed paper's true-volume bins, with the number of cases per bin."""
+    stats = f.stats
+    fig, ax = f.plt.subplots(figsize=(max(7.0, 0.4 * len(stats) * len(PAPER_BINS) / 2 + 3), 4.5))
+    bar = 0.8 / max(len(stats), 1)
+    x = np.arange(len(PAPER_BINS))
+    for i, s in enumerate(stats):
+        heights = [s.bins[b][0] if s.bins[b][1] else np.nan for b in PAPER_BINS]
+        ax.bar(x - 0.4 + bar * (i + 0.5), heights, bar, label=s.name, color=f.colours[s.job])
+    cases_in_bin = {b: len({r["case_id"] for r in f.rows if r["volume_bin"] == b}) for b in PAPER_BINS}
+    ax.set_xticks(x, [f"{b} mL\n(n={cases_in_bin[b]})" for b in PAPER_BINS])
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Dice by true hemorrhage volume")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def volume_pred_vs_true(f: PlotData) -> Any:
+    """Thresholded predicted against true hemorrhage volume per case, with the identity line."""
+    fig, ax = f.plt.subplots(figsize=(6, 5.5))
+    top = 1.0
+    for s in f.stats:
+        t = np.array(column(f.rows_of[s.job], "volume_true_ml"))
+        p = np.array(column(f.rows_of[s.job], "volume_pred_ml"))
+        ok = ~(np.isnan(t) | np.isnan(p))
+        if ok.any():
+            top = max(top, float(t[ok].max()), float(p[ok].max()))
+        ax.scatter(t[ok], p[ok], s=14, color=f.colours[s.job], label=s.name, alpha=0.8)
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=1, label="identity")
+    ax.set_xlim(0, top * 1.05)
+    ax.set_ylim(0, top * 1.05)
+    ax.set_xlabel("true volume (mL)")
+    ax.set_ylabel("predicted volume (mL, thresholded)")
+    ax.set_title("Predicted vs true hemorrhage volume")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def dice_vs_params(f: PlotData) -> Any:
+    """Mean Dice (± std over cases) against trainable parameters on a log axis."""
+    fig, ax = f.plt.subplots(figsize=(7, 4.8))
+    for s in f.stats:
+        if s.dice[2] == 0:
+            continue
+        if s.trainable > 0:
+            ax.errorbar(s.trainable, s.dice[0], yerr=s.dice[1], fmt="o", capsize=3, color=f.colours[s.job],
+                        label=s.name)
+            ax.annotate(s.name, (s.trainable, s.dice[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        else:
+            # no fine-tuning (0 parameters) cannot sit on a log axis: a horizontal line instead
+            ax.axhline(s.dice[0], ls=":", color=f.colours[s.job], label=f"{s.name} (0 params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("mean Dice ± std over cases")
+    ax.set_title("Dice vs trainable parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+# (file name, caption, figure function), in the report's order
+FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
+    ("dice_per_method.png", "Dice per method", dice_per_method),
+    ("dice_by_volume.png", "Dice by volume bin", dice_by_volume),
+    ("volume_pred_vs_true.png", "Predicted vs true volume", volume_pred_vs_true),
+    ("dice_vs_params.png", "Dice vs trainable parameters", dice_vs_params),
+)
+
+
+def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots_dir: str | Path) -> dict[str, Path]:
+    """Draw every figure of :data:`FIGURES` into ``plots_dir``; returns ``{caption: path}`` in report order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: reports are built on cluster nodes and in CI
+    import matplotlib.pyplot as plt
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    figure = PlotData(stats, rows, plt)
+    out: dict[str, Path] = {}
+    for filename, caption, draw in FIGURES:
+        fig = draw(figure)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out[caption] = atomic_write_bytes(plots_dir / filename, buffer.getvalue())
+    return out
+
+
+__all__ = ["FIGURES", "PlotData", "dice_by_volume", "dice_per_method", "dice_vs_params", "plot_report",
+           "volume_pred_vs_true"]

@@ -1,0 +1,170 @@
+"""Per-case result tables of a study run folder: scan ``RUN_DIR/jobs/<job>/fold_<k>/summary.json``, write CSV.
+
+:func:`scan_run` is the one reader of a run folder: it turns every finished fold (a folder with a
+``summary.json``) into a :class:`FoldResult` of per-case rows (ids, all metrics, volume bin, parameters,
+training time) and lists the unfinished ones. :func:`collect` flattens them in the study's job order and
+:func:`write_results_csv` writes them as ``results.csv`` with a stable column order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write_bytes
+from .metrics import volume_bin
+from .statistics import as_float
+from .summary import FOREGROUND_LABELS, ReportError, load_summary
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "Dice", "IoU", "soft_Dice", "HD95_mm", "TP", "FP", "FN", "TN", "n_pred", "n_ref",
+    "volume_true_ml", "volume_pred_ml", "volume_soft_ml", "volume_error_ml",
+)
+ID_COLUMNS: tuple[str, ...] = ("job", "method", "label", "rank", "family", "fold", "case_id")
+TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "trainable_params", "total_params", "percent_trainable",
+                                 "train_seconds")
+
+_FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "adapter": 3}
+# Used only when the study does not tell its own method order (``study_info["job_names"]``).
+_ADAPTER_ORDER = ("lora", "dora", "lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "svd")
+_FAMILY_BY_JOB = {"no_finetune": "none", "full": "full"}
+
+
+@dataclass
+class FoldResult:
+    """One finished (job, fold): its ``summary.json``, the job's description and one row per held-out case."""
+
+    path: Path
+    info: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunScan:
+    """What a run folder holds: the finished folds and the ``job/fold_<k>`` names of unfinished ones."""
+
+    folds: list[FoldResult]
+    unfinished: list[str]
+
+    def rows(self, job_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """All per-case rows in the study's order (see :func:`job_sort_key`)."""
+        return sort_rows([row for fold in self.folds for row in fold.rows], job_names)
+
+
+def _infer_family(job: str) -> str:
+    if job in _FAMILY_BY_JOB:
+        return _FAMILY_BY_JOB[job]
+    return "module" if job.startswith("module_") else "adapter"
+
+
+def _fold_result(path: Path) -> FoldResult:
+    summary = load_summary(path)
+    block = summary.get("medlora")
+    if not isinstance(block, dict):
+        raise ReportError(f"{path}: summary.json has no 'medlora' block (not written by a medlora study?)")
+    job_dir, fold_dir = path.parent.parent.name, path.parent.name
+    job = str(block.get("job") or job_dir)
+    try:
+        fold = int(block["fold"]) if block.get("fold") is not None else int(fold_dir.removeprefix("fold_"))
+        rank = None if block.get("rank") is None else int(block["rank"])
+        trainable = int(block.get("trainable_params") or 0)
+        total = int(block.get("total_params") or 0)
+        train_seconds = as_float(block.get("train_seconds", 0.0))
+    except (TypeError, ValueError) as exc:
+        raise ReportError(f"{path}: corrupt 'medlora' block ({exc})".replace("\n", " ")) from None
+    info = {
+        "job": job, "method": str(block.get("method") or job), "label": str(block.get("label") or job),
+        "rank": rank, "family": str(block.get("family") or _infer_family(job)), "fold": fold,
+        "trainable_params": trainable, "total_params": total,
+        "percent_trainable": 100.0 * trainable / total if total else float("nan"),
+        "train_seconds": train_seconds,
+    }
+    result = FoldResult(path, info)
+    label = FOREGROUND_LABELS[0]
+    for i, case in enumerate(summary["metric_per_case"]):
+        try:
+            metrics = case["metrics"][label]
+            case_id = str(case["case_id"])
+        except KeyError as exc:
+            raise ReportError(f"{path}: corrupt summary.json (metric_per_case[{i}]: KeyError {exc})") from None
+        true_ml = metrics.get("volume_true_ml", float("nan"))
+        row = {k: info[k] for k in ID_COLUMNS if k != "case_id"}
+        row["case_id"] = case_id
+        row.update(metrics)
+        row["volume_bin"] = "" if math.isnan(true_ml) else volume_bin(true_ml)
+        row.update({k: info[k] for k in TAIL_COLUMNS if k != "volume_bin"})
+        result.rows.append(row)
+    return result
+
+
+def scan_run(run_dir: str | os.PathLike[str]) -> RunScan:
+    """Read every ``jobs/<job>/fold_<k>`` of a run folder; a fold folder without ``summary.json`` is unfinished.
+
+    A corrupt summary raises :class:`~medlora.evaluation.summary.ReportError` whose one line names the file.
+    """
+    folds, unfinished = [], []
+    for fold_dir in sorted(p for p in (Path(run_dir) / "jobs").glob("*/fold_*") if p.is_dir()):
+        summary = fold_dir / "summary.json"
+        if summary.is_file():
+            folds.append(_fold_result(summary))
+        else:
+            unfinished.append(f"{fold_dir.parent.name}/{fold_dir.name}")
+    return RunScan(folds, unfinished)
+
+
+def job_sort_key(family: str, method: str, rank: int | None, job: str,
+                 job_names: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """The study's order: no fine-tuning, full, module-wise, adapters; within a family the config's order.
+
+    Jobs the study did not name (``job_names``) follow in a fixed adapter order, then by method, rank and name.
+    """
+    if job_names and job in job_names:
+        within: tuple[Any, ...] = (0, job_names.index(job))
+    elif method in _ADAPTER_ORDER:
+        within = (1, _ADAPTER_ORDER.index(method), method, rank or 0, job)
+    else:
+        within = (2, 0, method, rank or 0, job)
+    return (_FAMILY_ORDER.get(family, len(_FAMILY_ORDER)), *within)
+
+
+def sort_rows(rows: Sequence[dict[str, Any]], job_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per-case rows in job order (:func:`job_sort_key`), then by fold and case id."""
+    return sorted(rows, key=lambda r: (*job_sort_key(r["family"], r["method"], r["rank"], r["job"], job_names),
+                                       r["fold"], r["case_id"]))
+
+
+def collect(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One row per (job, fold, case) of every finished job: ids, all metrics, volume bin, parameters, time.
+
+    Job folders without a ``summary.json`` (unfinished) are skipped; a corrupt one raises ``ReportError``
+    (a ``ValueError``) whose one-line message names the file.
+    """
+    return scan_run(run_dir).rows()
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    fixed = set(ID_COLUMNS) | set(METRIC_COLUMNS) | set(TAIL_COLUMNS)
+    extra = sorted({k for r in rows for k in r} - fixed)
+    return [*ID_COLUMNS, *METRIC_COLUMNS, *extra, *TAIL_COLUMNS]
+
+
+def write_results_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write ``rows`` (from :func:`collect`) as CSV with a stable column order, atomically. Returns the path."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+__all__ = ["ID_COLUMNS", "METRIC_COLUMNS", "TAIL_COLUMNS", "FoldResult", "RunScan", "collect", "job_sort_key",
+           "scan_run", "sort_rows", "write_results_csv"]

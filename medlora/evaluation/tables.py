@@ -1,0 +1,101 @@
+"""Markdown tables and number formats of the study report.
+
+Tables are padded so that ``report.md`` also reads as a table in a terminal; a missing value is ``—``.
+Every table the report shows is built here from :class:`~medlora.evaluation.statistics.JobStats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .statistics import PAPER_BINS, JobStats
+
+NA = "—"
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, ``—`` for a missing or NaN one."""
+    return NA if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def fmt_mean_std(stat: tuple[float, float, int], digits: int = 3) -> str:
+    """``"mean ± std"`` of a ``(mean, std, n)`` triple, ``—`` when ``n`` is 0."""
+    mean, std, n = stat
+    return NA if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def fmt_signed(value: float) -> str:
+    """A difference with its sign and a true minus sign, e.g. ``"−0.020"``."""
+    return f"{value:+.3f}".replace("-", "−")
+
+
+def fmt_percent(percent: float) -> str:
+    """A percentage with three significant digits."""
+    return NA if math.isnan(percent) else f"{percent:.3g}%"
+
+
+def fmt_setting(value: Any) -> str:
+    """A study setting as one table cell (lists comma-joined, dicts as JSON, pipes and newlines escaped)."""
+    if value is None:
+        return NA
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt_setting(v) for v in value) or NA
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> str:
+    """A Markdown table; ``right[i]`` right-aligns column ``i`` (numbers)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    widths = [max(w, 3) for w in widths]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).rjust(w) if r else str(c).ljust(w)
+                                 for c, w, r in zip(cells, widths, right, strict=True)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True))
+    return "\n".join([line(header), rule + "|", *(line(r) for r in rows)])
+
+
+def study_table(study_info: dict[str, Any]) -> str:
+    """The study's settings, one row each (the job list is left out: the completeness section uses it)."""
+    return md_table(("Setting", "Value"),
+                    [(str(k), fmt_setting(v)) for k, v in study_info.items() if k != "job_names"], (False, False))
+
+
+def results_table(stats: Sequence[JobStats]) -> str:
+    """Per job: rank, parameters, Dice, soft Dice, HD95, volume error, Dice per volume bin, training time."""
+    header = ("Method", "Rank", "Trainable params", "% of model", "Dice", "n", "soft Dice", "HD95 (mm)",
+              "Abs. vol. error (mL)", *(f"Dice {b}" for b in PAPER_BINS), "Train (s)")
+    rows = [(s.name, NA if s.rank is None else str(s.rank), f"{s.trainable:,}", fmt_percent(s.percent),
+             fmt_mean_std(s.dice), f"{s.dice[2]}/{s.n_cases}", fmt_mean_std(s.soft_dice), fmt_mean_std(s.hd95, 1),
+             fmt(s.abs_volume_error, 2), *(fmt(s.bins[b][0]) if s.bins[b][1] else NA for b in PAPER_BINS),
+             f"{s.train_seconds:.1f}") for s in stats]
+    return md_table(header, rows, (False, *(True for _ in header[1:])))
+
+
+RESULTS_NOTE = (
+    "Mean ± population std over the cases of all folds, nan-aware: n counts the cases with a defined "
+    "Dice of all held-out cases (Dice is NaN when prediction and reference are both empty, as in nnU-Net). "
+    "Abs. vol. error: mean absolute error of the thresholded predicted volume. Dice per volume bin: mean "
+    f"over cases whose true volume lies in (lo, hi] mL ({NA}: no case). Train: training wall time summed "
+    "over folds."
+)
+
+
+def folds_table(stats: Sequence[JobStats]) -> str:
+    """Mean Dice per job and fold."""
+    folds = sorted({f for s in stats for f in s.folds})
+    return md_table(("Method", *(f"fold {f}" for f in folds)),
+                    [(s.name, *(fmt(s.folds[f]) if f in s.folds else NA for f in folds)) for s in stats],
+                    (False, *(True for _ in folds)))
+
+
+__all__ = ["NA", "RESULTS_NOTE", "fmt", "fmt_mean_std", "fmt_percent", "fmt_setting", "fmt_signed",
+           "folds_table", "md_table", "results_table", "study_table"]
