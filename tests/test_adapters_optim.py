@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -129,33 +128,56 @@ def test_allora_per_row_learning_rate():
     np.testing.assert_allclose(b1, b, rtol=1e-10, atol=1e-12)
 
 
-def test_lora_pro_matches_official_form():
-    """The official closed form (g_A written as s B^T g, 1/s^2 factors, scipy's Sylvester solver)."""
-    (a, b, w0, x, y), (a1, b1) = _run("lora_pro", 3, delta=0.0)
-    state = {}
-    for t in range(1, 4):
-        ga, gb = _np_grads(w0, a, b, S, x, y)
-        g = _adam(state, S * b @ ga + S * gb @ a)
-        btb_inv, aat_inv = np.linalg.inv(b.T @ b), np.linalg.inv(a @ a.T)
-        g_a_equiv = S * b.T @ g
-        new_ga = btb_inv @ g_a_equiv / S**2
-        new_gb = (np.eye(4) - b @ btb_inv @ b.T) @ g @ a.T @ aat_inv / S
-        if t > 1:
-            x_ = scipy.linalg.solve_sylvester(b.T @ b, a @ a.T, -btb_inv @ g_a_equiv @ a.T / S**2)
-            new_ga = new_ga + x_ @ a
-            new_gb = new_gb - b @ x_
-        a, b = a - LR * new_ga, b - LR * new_gb
-    np.testing.assert_allclose(a1, a, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(b1, b, rtol=1e-6, atol=1e-9)
+def _official_sylvester(p, q, c):
+    """``X`` with ``P X + X Q = C`` as the official code's ``solve_sylvester`` (general eigendecompositions)."""
+    r, u = np.linalg.eig(p)
+    s, v = np.linalg.eig(-q)
+    y = np.linalg.solve(u, (c + 0j) @ v) / (r[:, None] - s[None, :])
+    return (u @ y @ np.linalg.inv(v)).real
 
 
-def test_lora_pro_product_follows_the_full_adam_update():
-    """The low-rank step reproduces the projection of the full-matrix Adam step onto {B X + Y A}."""
+def _official_lora_pro(a, b, w0, x, y, steps, delta=1e-8):
+    """mrflogs/LoRA-Pro ``lorapro_full_adjustment`` (DeepSpeed stage_1_and_2.py) followed by the SGD step of its
+    ``optim="sgd"`` trainer, transcribed in float64 numpy; s = 16/8 as hard-coded there. Every step takes the
+    ``global_step > 0`` branch, as the official code does (DeepSpeed advances the step before the call). Bias
+    corrections use the step count t (medlora's documented deviation: the official code uses t + 1)."""
+    s, (beta1, beta2) = 16 / 8, (0.9, 0.999)
+    m = v = None
+    for t in range(1, steps + 1):
+        grad_a_orin, grad_b_orin = _np_grads(w0, a, b, s, x, y)
+        aat_inv = np.linalg.pinv(a @ a.T + delta * np.eye(a.shape[0]))
+        btb_inv = np.linalg.pinv(b.T @ b + delta * np.eye(a.shape[0]))
+        grad_a = (1 / s**2) * btb_inv @ grad_a_orin
+        grad_b = (1 / s**2) * ((np.eye(b.shape[0]) - b @ btb_inv @ b.T) @ grad_b_orin @ aat_inv)
+        equiv_grad = s * b @ grad_a + s * grad_b @ a
+        m = (1 - beta1) * equiv_grad if m is None else m + (1 - beta1) * (equiv_grad - m)  # lerp_
+        v = (1 - beta2) * equiv_grad**2 if v is None else beta2 * v + (1 - beta2) * equiv_grad**2
+        denom = np.sqrt(v) / np.sqrt(1 - beta2**t) + 1e-8
+        g = (m / (1 - beta1**t)) / denom
+        grad_a_orin_, grad_b_orin_ = s * b.T @ g, s * g @ a.T
+        x_ = _official_sylvester(b.T @ b, a @ a.T, -(1 / s**2) * btb_inv @ grad_a_orin_ @ a.T)
+        grad_a = (1 / s**2) * btb_inv @ grad_a_orin_ + x_ @ a
+        grad_b = (1 / s**2) * ((np.eye(b.shape[0]) - b @ btb_inv @ b.T) @ grad_b_orin_ @ aat_inv) - b @ x_
+        a, b = a - LR * grad_a, b - LR * grad_b
+    return a, b
+
+
+def test_lora_pro_matches_the_official_adjustment():
+    """Adjusted gradients before the full-size Adam moments, and the Sylvester X from the first step on."""
+    (a, b, w0, x, y), (a1, b1) = _run("lora_pro", 4)
+    a_ref, b_ref = _official_lora_pro(a, b, w0, x, y, 4)
+    np.testing.assert_allclose(a1, a_ref, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(b1, b_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_lora_pro_step_is_the_projected_full_adam_step():
+    """The equivalent gradient is the best low-rank approximation P_B G + (I - P_B) G P_A of the full gradient G,
+    and the pair's first-order step is -lr times the projection of the full Adam step onto {B X + Y A}."""
     (a, b, w0, x, y), (a1, b1) = _run("lora_pro", 1, delta=0.0)
-    ga, gb = _np_grads(w0, a, b, S, x, y)
-    g = _adam({}, S * b @ ga + S * gb @ a)
+    g_full = 2.0 * (x @ (w0 + S * b @ a).T - y).T @ x
     p_b = b @ np.linalg.inv(b.T @ b) @ b.T
     p_a = a.T @ np.linalg.inv(a @ a.T) @ a
+    g = _adam({}, p_b @ g_full + (np.eye(4) - p_b) @ g_full @ p_a)
     projected = p_b @ g + (np.eye(4) - p_b) @ g @ p_a
     first_order = S * (b @ (a1 - a) + (b1 - b) @ a)
     np.testing.assert_allclose(first_order, -LR * projected, rtol=1e-6, atol=1e-9)

@@ -23,13 +23,20 @@ Rules (``describe_rule(name)`` lists each rule's options and the papers' default
   is given when ``s != 1``; create the adapter with ``alpha = rank``). The exact coefficient could not be read
   from the paper; this one is our resolution of "inversely proportional to the row's l2 norm, regularised at 0"
   and is applied to the AdamW direction.
-- ``lora_pro``: LoRA-Pro (Wang et al., ICLR 2025, OpenReview gTwRMU3lJ5, arXiv 2407.18242): the equivalent
-  full-matrix gradient ``g~ = s (B g_A + g_B A)`` drives full-size Adam moments; the resulting full update ``g`` is
-  projected back to the pair by least squares, ``g_A = (1/s)(B^T B)^-1 B^T g + X A``,
-  ``g_B = (1/s)(I - B (B^T B)^-1 B^T) g A^T (A A^T)^-1 - B X``, with ``X`` the solution of the Sylvester equation
-  ``B^T B X + X A A^T = -(1/s)(B^T B)^-1 B^T g A^T`` (the ``X`` closest to the raw LoRA gradients; skipped at the
-  first step), then ``A -= lr g_A``, ``B -= lr g_B`` (and decoupled weight decay). Inverses are of ``M + delta I``.
-  The official code writes the same with ``g_A = s B^T g`` and a ``1/s^2`` factor; the products are identical.
+- ``lora_pro``: LoRA-Pro (Wang et al., ICLR 2025, OpenReview gTwRMU3lJ5, arXiv 2407.18242), as the official
+  ``lorapro_full_adjustment`` (mrflogs/LoRA-Pro, DeepSpeed ``stage_1_and_2.py``): the raw LoRA gradients are first
+  adjusted, ``g_A' = (1/s^2)(B^T B)^-1 g_A`` and ``g_B' = (1/s^2)(I - P_B) g_B (A A^T)^-1`` with
+  ``P_B = B (B^T B)^-1 B^T``, so that the equivalent gradient ``g~ = s (B g_A' + g_B' A) = P_B G + (I - P_B) G P_A``
+  is the best approximation of the full gradient ``G`` that the pair can express; ``g~`` drives full-size Adam
+  moments, and the resulting full update ``g`` is projected back to the pair by least squares,
+  ``g_A = (1/s)(B^T B)^-1 B^T g + X A``, ``g_B = (1/s)(I - P_B) g A^T (A A^T)^-1 - B X``, with ``X`` the solution of
+  the Sylvester equation ``B^T B X + X A A^T = -(1/s)(B^T B)^-1 B^T g A^T`` (solved at every step, the first
+  included), then ``A -= lr g_A``, ``B -= lr g_B`` (and decoupled weight decay; the official code runs plain SGD
+  on the adjusted gradients). Inverses are of ``M + delta I``. The official code writes ``g_A = s B^T g`` and
+  ``1/s^2`` factors; the products are identical. One deviation: Adam's bias corrections use the step count t
+  (the paper's Adam); the official code uses t + 1 because DeepSpeed advances its ``global_step`` before
+  calling the adjustment (which is also why its t = 1 branches never run), which makes its first steps up to
+  26% shorter.
 - ``altlora``: AltLoRA (Yu et al. 2025, arXiv 2505.12455; LucasXinYu/AltLoRA): per pair, ``A`` then ``B``
   (``B``'s preconditioner uses the new ``A``): ``g_A' = (B^T B + lam I)^-1 g_A``, momentum carried into the new
   subspace ``m_A <- beta1 P_A m_A + (1 - beta1) g_A'`` with ``P_A = (B^T B + lam I)^-1 B^T B_prev``,
@@ -357,7 +364,8 @@ class LoRAProOptions:
     eps: float = option(1e-8, "Adam denominator epsilon")
     weight_decay: float = option(0.0, "decoupled weight decay on A and B (and the other parameters)")
     delta: float = option(1e-8, "ridge added before inverting B^T B and A A^T")
-    use_sylvester: bool = option(True, "choose X (the free r x r term) closest to the raw LoRA gradients; False: X=0")
+    use_sylvester: bool = option(True, "choose X (the free r x r term) by the Sylvester equation at every step, as "
+                                 "the official code; False: X = 0")
 
 
 def _sym_inv(m: torch.Tensor, delta: float) -> torch.Tensor:
@@ -394,16 +402,20 @@ class LoRAPro(_PairOptimizer):
                 state["full_exp_avg_sq"] = torch.zeros_like(state["full_exp_avg"])
             state["step"] += 1
             t = int(state["step"])  # (a float tensor after load_state_dict)
-            equivalent = s * (b @ ga + gb @ a)
+            btb, aat = b.T @ b, a @ a.T
+            btb_inv, aat_inv = _sym_inv(btb, self.delta), _sym_inv(aat, self.delta)
+            # The adjusted LoRA gradients make s (B g_A + g_B A) the best low-rank approximation
+            # P_B G + (I - P_B) G P_A of the full gradient G; the raw ones would give s^2 (B B^T G + G A^T A).
+            adjusted_ga = btb_inv @ ga / s**2
+            adjusted_gb = (gb - b @ (btb_inv @ (b.T @ gb))) @ aat_inv / s**2
+            equivalent = s * (b @ adjusted_ga + adjusted_gb @ a)
             state["full_exp_avg"].mul_(beta1).add_(equivalent, alpha=1 - beta1)
             state["full_exp_avg_sq"].mul_(beta2).addcmul_(equivalent, equivalent, value=1 - beta2)
             g = (state["full_exp_avg"] / (1 - beta1**t)) / ((state["full_exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
-            btb, aat = b.T @ b, a @ a.T
-            btb_inv, aat_inv = _sym_inv(btb, self.delta), _sym_inv(aat, self.delta)
             proj_a = btb_inv @ b.T @ g / s  # (1/s)(B^T B)^-1 B^T g
             new_ga = proj_a
             new_gb = (g - b @ (btb_inv @ (b.T @ g))) @ a.T @ aat_inv / s
-            if self.use_sylvester and t > 1:
+            if self.use_sylvester:
                 x = solve_sym_sylvester(btb, aat, -proj_a @ a.T, self.delta)
                 new_ga = new_ga + x @ a
                 new_gb = new_gb - b @ x
@@ -412,8 +424,8 @@ class LoRAPro(_PairOptimizer):
 
 
 @register_rule("lora_pro", options=LoRAProOptions,
-               summary="LoRA-Pro: full-size Adam on the equivalent gradient s(B g_A + g_B A), projected back onto "
-               "A and B by least squares (+ Sylvester-optimal split)",
+               summary="LoRA-Pro: full-size Adam on the equivalent gradient of the adjusted LoRA gradients "
+               "(P_B G + (I - P_B) G P_A), projected back onto A and B by least squares (+ Sylvester-optimal split)",
                citation="Wang et al. 2025 (ICLR), arXiv 2407.18242; mrflogs/LoRA-Pro")
 def _build_lora_pro(model, pairs, lr, o: LoRAProOptions) -> torch.optim.Optimizer:
     return LoRAPro(model, pairs, lr, o)
