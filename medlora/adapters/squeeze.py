@@ -103,11 +103,15 @@ def factored_svd(
     n_iter: int = 2,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD ``U, S, Vh`` of ``b @ a`` (``b: m x r``, ``a: r x n``) without forming the product."""
+    """Top-``rank`` SVD ``U, S, Vh`` of ``b @ a`` (``b: m x r``, ``a: r x n``) without forming the product.
+
+    Returns ``min(rank, m, n, r)`` triplets (``exact``) or ``min(rank, m, n)`` (``randomized``): a product of an
+    ``m x n`` layer has no more, e.g. a 2-class segmentation head (``m = 2``) asked for rank 4 gives 2.
+    """
     if method == "exact":
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.t())
-        u, s, vh = torch.linalg.svd(rb @ ra.t())
+        u, s, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)
         return (qb @ u)[:, :rank], s[:rank], (vh @ qa.t())[:rank]
     if method != "randomized":
         raise ValueError(f"factored_svd: method must be 'randomized' or 'exact', got {method!r}")
@@ -142,7 +146,10 @@ def squeeze(
 
     ``alpha`` is kept (so the scale becomes ``alpha / rank``; with ``alpha=None`` the method's alpha/r ratio
     is kept); the factors absorb the difference. DoRA's
-    magnitude is unchanged. Layers already at or below ``rank`` are left alone; other methods are a
+    magnitude is unchanged. A layer with fewer outputs or inputs than ``rank`` (a segmentation head
+    ``Conv3d(C, 2, 1)``) gets rank ``min(rank, O, I*prod k)``, all its update can have; its configuration records
+    that rank, so the adapter file loads and exports like any other. Layers already at or below ``rank`` are left
+    alone; other methods are a
     ``ValueError`` (nested-rank methods: use :func:`truncate_rank`). The factors become new parameter
     objects: each squeezed parameter in ``optimizers`` is replaced by its successor (with fresh optimiser
     state); other holders of the old objects (an EMA copy, a hand-made parameter list) must be rebuilt.
@@ -170,7 +177,7 @@ def squeeze(
             total = torch.sqrt(torch.trace((b.t() @ b) @ (a @ a.t())).clamp_min(0))
             kept = torch.sqrt((total**2 - (s**2).sum()).clamp_min(0))
             errors[name] = float(kept / total) if total > 0 else 0.0
-            config = dataclasses.replace(layer_config(reparam.config, name), rank=rank)
+            config = dataclasses.replace(layer_config(reparam.config, name), rank=s.numel())
             new_scaling = config.scaling()
             root = torch.sqrt(s / new_scaling)
             new_b, new_a = u * root, root[:, None] * vh
@@ -217,6 +224,9 @@ class RankSchedule:
 
 class RankAnnealer:
     """In-Squeeze: lowers the adapters' rank along a :class:`RankSchedule` while training.
+
+    Each rank change is a :func:`squeeze`, so a layer smaller than the scheduled rank (a 2-class head) holds
+    ``min(rank, O, I*prod k)``.
 
     Plain loop::
 
