@@ -251,11 +251,95 @@ def test_only_plain_trainable_pairs_are_rule_pairs():
     assert len(lora_pairs(model)) == 1
     lora_pairs(model)[0].A.requires_grad_(False)  # e.g. after FFA: no longer a pair for the other rules
     assert lora_pairs(model) == []
-    for method in ("nlora", "lora_sb", "flylora"):  # a middle factor, or a frozen factor
+    for method in ("nlora", "lora_sb", "flylora", "dylora", "matryoshka"):  # middle/frozen factor, nested ranks
         if method in list_methods():
             model = nn.Sequential(nn.Linear(16, 16))
-            inject(model, AdapterConfig(method, rank=8))
+            inject(model, AdapterConfig(method, rank=8, options=OPTIONS.get(method, {})))
             assert lora_pairs(model) == [], method
+
+
+OPTIONS = {"lora_sb": {"warmup_steps": 10}}
+PAIR_RULES = [r for r in RULES if r != "adamw"]
+
+
+def _fill_uninitialised(reparam: nn.Module) -> None:
+    """Data-initialised methods hold NaN until initialise_from_data: random values stand in for it."""
+    with torch.no_grad():
+        for t in [*reparam.parameters(), *reparam.buffers()]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                t.normal_()
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(6, 8), nn.Conv3d(3, 5, (3, 2, 1))], ids=["linear", "conv3d"])
+def test_declared_pairs_are_plain_pairs(layer):
+    """What a method declares as (A, B, s) changes its update by exactly the entries of s B A, rearranged: the
+    multiset of dW(A, B) - dW(A, 0) equals that of s B A (padded with zeros), computed here in numpy."""
+    from medlora.adapters import adapters_of, get_method, list_methods
+
+    declared = [m for m in list_methods() if get_method(m).lora_pair]
+    assert {"lora", "lora_c", "conv_lora", "pissa", "lora_ga", "dora", "dora_c", "conv_dora"} == set(declared)
+    for method in declared:
+        model = inject(nn.Sequential(copy.deepcopy(layer)).double(), AdapterConfig(method, rank=2, alpha=3.0))
+        reparam = adapters_of(model[0])
+        _fill_uninitialised(reparam)
+        additive = getattr(reparam, "inner", reparam)  # DoRA: the pair lives in its direction V = W0 + dW
+        w0 = reparam.layout.to_canonical(model[0].parametrizations["weight"].original.detach())
+        (a, b, s), = reparam.rule_pairs()
+        assert s == pytest.approx(3.0 / 2) and a.requires_grad and b.requires_grad, method
+        with torch.no_grad():
+            a.normal_()
+            b.normal_()
+            with_b = additive.delta(w0).numpy().ravel()
+            saved = b.clone()
+            b.zero_()
+            without_b = additive.delta(w0).numpy().ravel()
+            b.copy_(saved)
+        product = s * b.detach().numpy() @ a.detach().numpy()
+        expected = np.concatenate([product.ravel(), np.zeros(with_b.size - product.size)])
+        np.testing.assert_allclose(np.sort(with_b - without_b), np.sort(expected), rtol=1e-12, atol=1e-12,
+                                   err_msg=method)
+
+
+def test_registry_declaration_matches_the_layers():
+    from medlora.adapters import adapters_of, get_method, list_methods
+
+    for method in list_methods():
+        model = inject(nn.Sequential(nn.Linear(16, 16)), AdapterConfig(method, rank=4,
+                                                                      options=OPTIONS.get(method, {})))
+        assert bool(adapters_of(model[0]).rule_pairs()) == get_method(method).lora_pair, method
+
+
+@pytest.mark.parametrize("method", ["dylora", "matryoshka", "nlora", "slora", "inttune", "lora_sb", "bd_lora",
+                                    "salt", "cp_dora", "vera"])
+def test_pair_rules_refuse_methods_without_a_plain_pair(method):
+    from medlora.adapters.optim import TrainingRuleError, check_rule_method
+
+    for rule in PAIR_RULES:
+        model = nn.Sequential(nn.Linear(16, 16))
+        inject(model, AdapterConfig(method, rank=4, options=OPTIONS.get(method, {})))
+        before = [p.requires_grad for p in model.parameters()]
+        with pytest.raises(TrainingRuleError) as info:
+            build_optimizer(model, rule)
+        message = str(info.value)
+        assert "\n" not in message and f"rule {rule!r}" in message and f"{method!r} adapters" in message
+        assert [p.requires_grad for p in model.parameters()] == before  # ffa froze nothing
+        with pytest.raises(TrainingRuleError, match=f"rule {rule!r} cannot train {method!r}"):
+            check_rule_method(rule, method)
+    check_rule_method("adamw", method)
+    build_optimizer(model, "adamw")
+    for rule in PAIR_RULES:
+        check_rule_method(rule, "dora")
+
+
+def test_fused_output_lora_is_a_pair_only_with_one_block():
+    from medlora.adapters.optim import TrainingRuleError
+
+    for blocks, pairs in (([1], 1), ([0, 2], 0)):
+        model = nn.Sequential(nn.Linear(4, 12))
+        inject(model, AdapterConfig("lora", rank=2, options={"fused_outputs": 3, "adapt_outputs": blocks}))
+        assert len(lora_pairs(model)) == pairs
+    with pytest.raises(TrainingRuleError, match="layer 0 declares no plain LoRA pair"):
+        build_optimizer(model, "lora_pro")
 
 
 @pytest.mark.parametrize("rule", ["stable_lora", "allora", "lora_pro", "altlora"])
@@ -291,7 +375,7 @@ def test_errors_and_descriptions():
     model = nn.Sequential(nn.Linear(3, 4))
     inject(model, AdapterConfig("svd"))
     build_optimizer(model, "adamw")
-    with pytest.raises(ValueError, match="lora_A and lora_B"):
+    with pytest.raises(ValueError, match="rule 'lora_pro' cannot train 'svd' adapters"):
         build_optimizer(model, "lora_pro")
     with pytest.raises(ValueError, match="unknown option"):
         build_optimizer(model, "adamw", shrink_ratio=0.1)

@@ -38,6 +38,18 @@ class Reparam(nn.Module):
     def detach(self, module: nn.Module) -> None:
         """Called by ``merge``/``remove`` before this reparameterisation leaves ``module``; undoes ``attach``."""
 
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """The factors a training rule (:mod:`medlora.adapters.optim`) may treat as plain LoRA pairs.
+
+        Each ``(A, B, s)`` promises that this layer's update is ``s * unfold(B @ A)`` plus terms that do not depend
+        on ``A`` or ``B``, with ``unfold`` a fixed rearrangement of entries (``A: r x n``, ``B: m x r``). A method
+        declares its pairs by overriding this; the default is none, and the pair rules refuse a method without
+        any (a nested-rank, three-factor or frozen-factor method is not a plain pair, whatever its tensors are
+        called). Registering with ``lora_pair=True`` says the same for the method table and for checks made before
+        a model is built.
+        """
+        return []
+
     def extra_repr(self) -> str:
         return f"method={self.config.method!r}, rank={self.config.rank}"
 

@@ -50,6 +50,9 @@ class MethodSpec:
     layer_types: str = "Linear, ConvNd, ConvTransposeNd"
     # Builds state shared by all layers of one inject() call (see medlora.adapters.shared); None: none.
     build_shared: Callable[..., torch.nn.Module] | None = None
+    # True when the method's layers declare a plain LoRA pair dW = s B A (Reparam.rule_pairs), which the
+    # training rules of medlora.adapters.optim (LoRA-Pro, AltLoRA, ...) may update.
+    lora_pair: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -68,6 +71,7 @@ def register_method(
     trains: str = "",
     layer_types: str = "Linear, ConvNd, ConvTransposeNd",
     shared: Callable[..., torch.nn.Module] | None = None,
+    lora_pair: bool = False,
 ) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
     """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
 
@@ -78,6 +82,9 @@ def register_method(
     ``shared``, if given, is called once per ``inject`` as ``shared(layers, config)`` with ``layers`` the
     selected ``(name, canonical w0, per-layer AdapterConfig)`` in module order; it returns a
     :class:`medlora.adapters.shared.SharedState` that every layer's builder then receives as ``shared=``.
+
+    ``lora_pair=True`` declares that the method's layers expose a plain LoRA pair to the training rules (their
+    reparameterisation overrides :meth:`medlora.adapters.base.Reparam.rule_pairs`).
     """
 
     def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
@@ -96,6 +103,7 @@ def register_method(
             trains=trains,
             layer_types=layer_types,
             build_shared=shared,
+            lora_pair=lora_pair,
         )
         return build
 

@@ -1,10 +1,14 @@
 """Training rules for LoRA-shaped adapters: optimisers that know which tensors are ``A`` and ``B``.
 
 Some LoRA variants change no parameterisation at all, only how ``A`` and ``B`` are updated. They apply to every
-method whose reparameterisation exposes a pair ``lora_A`` (``r x n``) and ``lora_B`` (``m x r``) with
-``dW = s * unfold(B @ A)`` (``lora``, ``lora_c``, ``conv_lora`` and the DoRA wrappers around them, on Linear and
-convolution layers alike: the rules only see the two matrices and the scale ``s``). Parameters that are not part
-of a pair (a DoRA magnitude, a SALT spectrum, an unfrozen head) get plain AdamW inside the same optimiser.
+method that declares a plain LoRA pair, ``A`` (``r x n``) and ``B`` (``m x r``) with ``dW = s * unfold(B @ A)``
+(:meth:`medlora.adapters.base.Reparam.rule_pairs`, registered with ``lora_pair=True``): ``lora``, ``lora_c``,
+``conv_lora``, ``pissa``, ``lora_ga`` and the DoRA wrappers around the first three, on Linear and convolution
+layers alike (the rules only see the two matrices and the scale ``s``). Nested-rank (``dylora``, ``matryoshka``),
+three-factor (``slora``, ``nlora``, ``inttune``, ``lora_sb``) and every other method declare none, and a rule
+other than ``adamw`` refuses a model that holds one, in one line naming the method and the rule: their update is
+not ``s B A`` in two trainable factors, so the rules' algebra would be wrong for them. Parameters outside the
+adapters' pairs (a DoRA magnitude, an unfrozen head) get plain AdamW inside the same optimiser.
 
     >>> from medlora.adapters.optim import build_optimizer, list_rules
     >>> opt = build_optimizer(model, rule="lora_pro", lr=1e-3)          # after inject(model, ...)
@@ -59,13 +63,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import describe_entry, option
+from ..errors import MedloraError
+from .config import describe_entry, get_method, option
 from .inject import iter_adapters
 
 __all__ = [
     "LoRAPair",
     "RuleSpec",
+    "TrainingRuleError",
     "build_optimizer",
+    "check_rule_method",
     "describe_rule",
     "get_rule",
     "list_rules",
@@ -88,25 +95,17 @@ class LoRAPair:
 
 
 def lora_pairs(model: nn.Module) -> list[LoRAPair]:
-    """Every trainable ``(lora_A, lora_B)`` pair of the model's adapters (inside wrappers such as DoRA too).
+    """The LoRA pairs the model's adapters declare (:meth:`~medlora.adapters.base.Reparam.rule_pairs`, DoRA's
+    inner method included) whose two factors both train; a pair with a frozen factor (``A`` after ``ffa``) is
+    left to AdamW."""
+    return [LoRAPair(name, a, b, float(s))
+            for name, _, reparam in iter_adapters(model)
+            for a, b, s in reparam.rule_pairs()
+            if a.requires_grad and b.requires_grad]
 
-    A module qualifies when both factors are trainable 2-D parameters with matching rank and it has no other
-    ``lora_*`` factor (``nlora``'s middle ``lora_N`` or ``lora_sb``'s ``lora_R`` make ``dW`` something other than
-    ``s B A``); a method opts out explicitly with the class attribute ``lora_rule_compatible = False``.
-    """
-    pairs = []
-    for name, _, reparam in iter_adapters(model):
-        for sub in reparam.modules():
-            a, b = getattr(sub, "lora_A", None), getattr(sub, "lora_B", None)
-            if not (isinstance(a, nn.Parameter) and isinstance(b, nn.Parameter)):
-                continue
-            if not getattr(sub, "lora_rule_compatible", True) or not (a.requires_grad and b.requires_grad):
-                continue
-            others = [n for n, _ in sub.named_parameters(recurse=False)
-                      if n.startswith("lora_") and n not in ("lora_A", "lora_B")]
-            if a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0] and not others:
-                pairs.append(LoRAPair(name, a, b, float(getattr(sub, "scaling", 1.0))))
-    return pairs
+
+class TrainingRuleError(MedloraError, ValueError):
+    """A training rule asked for adapters it cannot train (or with options it does not have)."""
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -119,18 +118,23 @@ class RuleSpec:
     options_cls: type
     summary: str
     citation: str
+    # False for a rule that treats every parameter alike (adamw): it accepts any method.
+    needs_pairs: bool = True
 
 
 _RULES: dict[str, RuleSpec] = {}
 
 
-def register_rule(name: str, *, options: type, summary: str, citation: str) -> Callable:
-    """Register a training rule; the decorated callable is ``build(model, pairs, lr, options) -> Optimizer``."""
+def register_rule(name: str, *, options: type, summary: str, citation: str, needs_pairs: bool = True) -> Callable:
+    """Register a training rule; the decorated callable is ``build(model, pairs, lr, options) -> Optimizer``.
+
+    ``needs_pairs`` (default): the rule updates the adapters' declared LoRA pairs and refuses methods without any.
+    """
 
     def decorator(build: Callable[..., torch.optim.Optimizer]) -> Callable[..., torch.optim.Optimizer]:
         if name in _RULES:
             raise ValueError(f"training rule {name!r} is already registered")
-        _RULES[name] = RuleSpec(name, build, options, summary, citation)
+        _RULES[name] = RuleSpec(name, build, options, summary, citation, needs_pairs)
         return build
 
     return decorator
@@ -145,7 +149,7 @@ def get_rule(name: str) -> RuleSpec:
     try:
         return _RULES[name]
     except KeyError:
-        raise ValueError(f"unknown training rule {name!r}; available: {', '.join(list_rules())}") from None
+        raise TrainingRuleError(f"unknown training rule {name!r}; available: {', '.join(list_rules())}") from None
 
 
 def describe_rule(name: str) -> str:
@@ -158,22 +162,45 @@ def build_optimizer(model: nn.Module, rule: str = "adamw", lr: float = 1e-3, **o
     """A ``torch.optim.Optimizer`` for the trainable parameters of ``model`` following ``rule``.
 
     ``options`` are the rule's options (``describe_rule(rule)``); a misspelt one is an error. Rules other than
-    ``adamw`` need at least one ``lora_A``/``lora_B`` pair (a LoRA-shaped method injected into ``model``).
+    ``adamw`` train declared LoRA pairs: every adapter of ``model`` must declare one (else a
+    :class:`TrainingRuleError` names the method and the rule) and at least one pair must have both factors trainable.
     """
     spec = get_rule(rule)
     known = {f.name for f in dataclasses.fields(spec.options_cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(
+        raise TrainingRuleError(
             f"unknown option(s) {', '.join(unknown)} for training rule {rule!r}; valid: {', '.join(sorted(known))}"
         )
+    if spec.needs_pairs:
+        for name, _, reparam in iter_adapters(model):
+            if not reparam.rule_pairs():
+                why = f"layer {name} declares no plain LoRA pair"
+                raise TrainingRuleError(_refusal(rule, reparam.config.method, why))
     pairs = lora_pairs(model)
-    if rule != "adamw" and not pairs:
-        raise ValueError(
-            f"training rule {rule!r} needs LoRA-shaped adapters (parameters lora_A and lora_B), e.g. method "
-            "'lora', 'lora_c', 'conv_lora' or 'dora'; none found in the model"
+    if spec.needs_pairs and not pairs:
+        raise TrainingRuleError(
+            f"training rule {rule!r} needs trainable LoRA pairs (adapters of a method such as 'lora', 'lora_c', "
+            "'conv_lora', 'pissa' or 'dora' with both factors trainable); none found in the model"
         )
     return spec.build(model, pairs, lr, spec.options_cls(**options))
+
+
+def check_rule_method(rule: str, method: str) -> None:
+    """Raise :class:`TrainingRuleError` (one line) unless training rule ``rule`` can train ``method``'s adapters.
+
+    For checks made before a model is built (a study's grid); ``build_optimizer`` checks every adapted layer.
+    """
+    if get_rule(rule).needs_pairs and not get_method(method).lora_pair:
+        raise TrainingRuleError(_refusal(rule, method, "the method declares no plain LoRA pair"))
+
+
+def _refusal(rule: str, method: str, why: str) -> str:
+    from .config import list_methods
+
+    pair_methods = ", ".join(m for m in list_methods() if get_method(m).lora_pair)
+    return (f"training rule {rule!r} cannot train {method!r} adapters ({why}): the rule updates plain LoRA pairs "
+            f"dW = s B A; use rule 'adamw', or one of the methods {pair_methods}")
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -191,7 +218,7 @@ class AdamWOptions:
 
 
 @register_rule("adamw", options=AdamWOptions, summary="plain AdamW on every trainable parameter",
-               citation="Loshchilov & Hutter 2019, arXiv 1711.05101")
+               citation="Loshchilov & Hutter 2019, arXiv 1711.05101", needs_pairs=False)
 def _build_adamw(model: nn.Module, pairs: list[LoRAPair], lr: float, o: AdamWOptions) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_trainable(model), lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 

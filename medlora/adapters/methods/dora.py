@@ -40,6 +40,10 @@ class DoRA(Reparam):
         self.detach_norm = detach_norm
         self.magnitude = nn.Parameter(channel_norm(w0).detach().clone())
 
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        # A pair rule then updates the direction V = W0 + dW as it would update a LoRA; m trains with AdamW.
+        return self.inner.rule_pairs()
+
     def effective(self, w0: torch.Tensor) -> torch.Tensor:
         v = w0 + self.inner.delta(w0)
         norm = channel_norm(v)
@@ -73,6 +77,7 @@ def _register_dora(name: str, inner_name: str, citation: str) -> None:
         citation=citation,
         alpha_over_rank=inner_spec.alpha_over_rank,
         trains=f"{inner_name} factors + magnitude m (O)",
+        lora_pair=inner_spec.lora_pair,
     )(build)
 
 

@@ -49,6 +49,7 @@ class LoRAGAOptions:
     citation="Wang, Yu & Li 2024, arXiv 2407.05000",
     alpha_over_rank=2.0,
     trains="lora_A (r x I*prod k), lora_B (O x r); frozen offset B0 A0",
+    lora_pair=True,
 )
 class LoRAGA(DataInitReparam, OffsetLoRA):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: LoRAGAOptions) -> None:

@@ -78,6 +78,9 @@ class OffsetLoRA(AdditiveReparam):
         for target, value in ((self.lora_A, a), (self.lora_B, b), (self.offset_A, a), (self.offset_B, b)):
             target.copy_(value)
 
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        return [(self.lora_A, self.lora_B, self.scaling)]  # the frozen offset is a constant for the rules
+
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         return ((self.lora_B @ self.lora_A - self.offset_B @ self.offset_A) * self.scaling).view(w0.shape)
 
@@ -103,6 +106,7 @@ class PiSSAOptions:
     summary="PiSSA: LoRA initialised on the top-r singular triplets of W0, residual offset inside the adapter",
     citation="Meng, Wang & Zhang 2024, arXiv 2404.02948",
     trains="lora_A (r x I*prod k), lora_B (O x r); frozen offset B0 A0",
+    lora_pair=True,
 )
 class PiSSA(OffsetLoRA):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: PiSSAOptions) -> None:
