@@ -183,11 +183,71 @@ def test_lora_pro_step_is_the_projected_full_adam_step():
     np.testing.assert_allclose(first_order, -LR * projected, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("rule", ["altlora", "altlora_plus"])
-def test_altlora_matches_hand_computation(rule):
-    betas, reg, wd, eps = (0.9, 0.98), 1e-3, 1e-5, 1e-8
-    (a, b, w0, x, y), (a1, b1) = _run(rule, 3, betas=betas)
-    plus = rule == "altlora_plus"
+def test_altlora_matches_hand_computation():
+    betas, reg, wd = (0.9, 0.98), 1e-3, 1e-5
+    (a, b, w0, x, y), (a1, b1) = _run("altlora", 3, betas=betas)
+    ma, mb = np.zeros_like(a), np.zeros_like(b)
+    b_prev, a_prev = np.zeros_like(b), np.zeros_like(a)
+    for t in range(1, 4):
+        ga, gb = _np_grads(w0, a, b, S, x, y)
+        pre_a = np.linalg.inv(b.T @ b + reg * np.eye(2))
+        ma = betas[0] * (pre_a @ b.T @ b_prev) @ ma + (1 - betas[0]) * pre_a @ ga
+        b_prev = b.copy()
+        a = (a - LR * ma / (1 - betas[0] ** t)) * (1 - LR * wd)
+        pre_b = np.linalg.inv(a @ a.T + reg * np.eye(2))  # the new A
+        mb = betas[0] * mb @ (a_prev @ a.T @ pre_b) + (1 - betas[0]) * gb @ pre_b
+        a_prev = a.copy()
+        b = (b - LR * mb / (1 - betas[0] ** t)) * (1 - LR * wd)
+    np.testing.assert_allclose(a1, a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b1, b, rtol=1e-9, atol=1e-12)
+
+
+def _official_altlora_plus(p1, p2, w0, x, y, steps, lr=LR, betas=(0.999, 0.98), eps=1e-6, weight_decay=1e-5,
+                           reg=1e-3):
+    """LucasXinYu/AltLoRA ``optimizer_new.py::altlora_plus.step`` with its defaults, transcribed in float64 numpy:
+    p1 = lora_A, p2 = lora_B; both gradients come from the backward before the step."""
+    (r, d), k = p1.shape, p2.shape[0]
+    beta1, beta2 = betas
+    st1 = {"exp_avg": np.zeros((r, d)), "exp_avg_sq": np.zeros((r, d)), "p2old": np.zeros((k, r))}
+    st2 = {"exp_avg": np.zeros((k, r)), "exp_avg_sq": np.zeros((k, r)), "p1old": np.zeros((r, d))}
+    for step in range(1, steps + 1):
+        g1, g2 = _np_grads(w0, p1, p2, S, x, y)
+        b_precon = np.linalg.inv(p2.T @ p2 + reg * np.eye(r))
+        p_at = b_precon @ p2.T @ st1["p2old"]
+        grad1_scaled = b_precon @ g1
+        step_size = lr / (1.0 - beta1**step)
+        st1["exp_avg_sq"] = st1["exp_avg_sq"] * beta2 + (1.0 - beta2) * grad1_scaled * grad1_scaled
+        denom = np.sqrt(st1["exp_avg_sq"]) + eps
+        p1 = p1 - step_size * (beta1 * p_at @ st1["exp_avg"] + (1 - beta1) * grad1_scaled) / denom
+        p1 = p1 + p1 * (-lr * weight_decay)
+        st1["exp_avg"] = beta1 * st1["exp_avg"] + (1 - beta1) * grad1_scaled
+        st1["p2old"] = p2.copy()
+        a_precon = np.linalg.inv(p1 @ p1.T + reg * np.eye(r))
+        p_bt = st2["p1old"] @ p1.T @ a_precon
+        grad2_scaled = g2 @ a_precon
+        st2["exp_avg_sq"] = st2["exp_avg_sq"] * beta2 + (1.0 - beta2) * grad2_scaled * grad2_scaled
+        denom = np.sqrt(st2["exp_avg_sq"]) + eps
+        p2 = p2 - step_size * (beta1 * st2["exp_avg"] @ p_bt + (1 - beta1) * grad2_scaled) / denom
+        p2 = p2 + p2 * (-lr * weight_decay)
+        st2["exp_avg"] = beta1 * st2["exp_avg"] + (1 - beta1) * grad2_scaled
+        st2["p1old"] = p1.copy()
+    return p1, p2
+
+
+@pytest.mark.parametrize("betas", [None, (0.9, 0.98)])
+def test_altlora_plus_matches_the_official_optimizer(betas):
+    """Default options are the authors' (betas, eps 1e-6, weight decay, lambda); second moment uncorrected, and
+    the momentum carried to the next step is the untransported one."""
+    options = {} if betas is None else {"betas": betas}
+    (a, b, w0, x, y), (a1, b1) = _run("altlora_plus", 4, **options)
+    a_ref, b_ref = _official_altlora_plus(a, b, w0, x, y, 4, **options)
+    np.testing.assert_allclose(a1, a_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b1, b_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_altlora_plus_corrected_adam_option():
+    betas, reg, wd, eps = (0.9, 0.98), 1e-3, 1e-5, 1e-6
+    (a, b, w0, x, y), (a1, b1) = _run("altlora_plus", 3, betas=betas, corrected_adam=True)
     va, vb = np.zeros_like(a), np.zeros_like(b)
     ma, mb = np.zeros_like(a), np.zeros_like(b)
     b_prev, a_prev = np.zeros_like(b), np.zeros_like(a)
@@ -195,18 +255,16 @@ def test_altlora_matches_hand_computation(rule):
         ga, gb = _np_grads(w0, a, b, S, x, y)
         pre_a = np.linalg.inv(b.T @ b + reg * np.eye(2))
         ga_p = pre_a @ ga
-        ma = betas[0] * (pre_a @ b.T @ b_prev) @ ma + (1 - betas[0]) * ga_p
+        ma = betas[0] * (pre_a @ b.T @ b_prev) @ ma + (1 - betas[0]) * ga_p  # transported momentum kept
         va = betas[1] * va + (1 - betas[1]) * ga_p**2
         b_prev = b.copy()
-        denom = np.sqrt(va / (1 - betas[1] ** t)) + eps if plus else 1.0
-        a = (a - LR * ma / (1 - betas[0] ** t) / denom) * (1 - LR * wd)
-        pre_b = np.linalg.inv(a @ a.T + reg * np.eye(2))  # the new A
+        a = (a - LR * ma / (1 - betas[0] ** t) / (np.sqrt(va / (1 - betas[1] ** t)) + eps)) * (1 - LR * wd)
+        pre_b = np.linalg.inv(a @ a.T + reg * np.eye(2))
         gb_p = gb @ pre_b
         mb = betas[0] * mb @ (a_prev @ a.T @ pre_b) + (1 - betas[0]) * gb_p
         vb = betas[1] * vb + (1 - betas[1]) * gb_p**2
         a_prev = a.copy()
-        denom = np.sqrt(vb / (1 - betas[1] ** t)) + eps if plus else 1.0
-        b = (b - LR * mb / (1 - betas[0] ** t) / denom) * (1 - LR * wd)
+        b = (b - LR * mb / (1 - betas[0] ** t) / (np.sqrt(vb / (1 - betas[1] ** t)) + eps)) * (1 - LR * wd)
     np.testing.assert_allclose(a1, a, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(b1, b, rtol=1e-9, atol=1e-12)
 

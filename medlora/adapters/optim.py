@@ -48,8 +48,12 @@ Rules (``describe_rule(name)`` lists each rule's options and the papers' default
   ``P_B = A_prev A^T (A A^T + lam I)^-1``, ``m_B <- beta1 m_B P_B + (1 - beta1) g_B'``. Decoupled weight decay
   after the update, as the authors' code. The step is a preconditioned gradient (no Adam normalisation), so it
   wants a larger ``lr`` than AdamW.
-- ``altlora_plus``: AltLoRA+ (same paper): the same with the Adam denominator ``sqrt(v_hat) + eps`` of a second
-  moment of ``g_A'`` / ``g_B'`` (not transported), as in the authors' ``altlora`` optimiser code; AdamW-like ``lr``.
+- ``altlora_plus``: AltLoRA+ (same paper), as the authors' ``altlora_plus`` optimiser (``optimizer_new.py``): the
+  step is ``lr / (1 - beta1^t) * (beta1 P m + (1 - beta1) g') / (sqrt(v) + eps)`` with ``v`` the second moment of
+  ``g_A'`` / ``g_B'`` (not transported, not bias-corrected) and ``eps = 1e-6``, and the momentum kept for the next
+  step is the untransported ``beta1 m + (1 - beta1) g'``; AdamW-like ``lr``. With ``beta2 = 0.98`` the uncorrected
+  ``v`` makes the first steps up to ~7x larger than a bias-corrected Adam would. ``corrected_adam=True`` selects a
+  textbook Adam instead (bias-corrected ``v``, the transported momentum kept): not the authors' arithmetic.
 """
 
 from __future__ import annotations
@@ -465,7 +469,7 @@ def _build_lora_pro(model, pairs, lr, o: LoRAProOptions) -> torch.optim.Optimize
 class AltLoRAOptions:
     betas: tuple[float, float] = option((0.999, 0.98), "beta1: momentum (authors' default); beta2: second moment, "
                                         "used only with second_moment=True")
-    eps: float = option(1e-8, "denominator epsilon (second_moment=True)")
+    eps: float = option(1e-6, "denominator epsilon (second_moment=True; the authors' 1e-6)")
     weight_decay: float = option(1e-5, "decoupled weight decay, applied after the update")
     reg: float = option(1e-3, "ridge lambda in (B^T B + lambda I)^-1 and (A A^T + lambda I)^-1")
     second_moment: bool = option(False, "AltLoRA+: divide by the root of a second moment, as the authors' code")
@@ -476,16 +480,22 @@ class AltLoRA(_PairOptimizer):
         super().__init__(model, pairs, lr, o.betas, o.eps, o.weight_decay)
         self.reg = o.reg
         self.second_moment = o.second_moment
+        self.corrected_adam = bool(getattr(o, "corrected_adam", False))
 
     def _update(self, p: torch.Tensor, g: torch.Tensor, transported: torch.Tensor, state: dict, group: dict) -> None:
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         beta1, beta2 = group["betas"]
         t = int(state["step"])  # (a float tensor after load_state_dict)
-        state["exp_avg"] = beta1 * transported + (1 - beta1) * g
-        step = state["exp_avg"] / (1 - beta1**t)
+        momentum = beta1 * transported + (1 - beta1) * g
+        step = momentum / (1 - beta1**t)
         if self.second_moment:
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            step = step / ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+            if self.corrected_adam:
+                step = step / ((state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)
+            else:  # the authors' altlora_plus: uncorrected v, and the untransported momentum carried on
+                step = step / (state["exp_avg_sq"].sqrt() + eps)
+                momentum = beta1 * state["exp_avg"] + (1 - beta1) * g
+        state["exp_avg"] = momentum
         p.sub_(lr * step)
         p.mul_(1 - lr * wd)
 
@@ -528,10 +538,13 @@ def _build_altlora(model, pairs, lr, o: AltLoRAOptions) -> torch.optim.Optimizer
 @dataclass
 class AltLoRAPlusOptions(AltLoRAOptions):
     second_moment: bool = option(True, "AltLoRA+: divide by the root of a second moment, as the authors' code")
+    corrected_adam: bool = option(False, "a textbook Adam instead of the authors' altlora_plus arithmetic: "
+                                  "bias-corrected second moment, transported momentum kept as state")
 
 
 @register_rule("altlora_plus", options=AltLoRAPlusOptions,
-               summary="AltLoRA+: AltLoRA with an Adam-style second moment of the preconditioned gradients",
+               summary="AltLoRA+: AltLoRA with an Adam-style second moment of the preconditioned gradients "
+               "(the authors' altlora_plus arithmetic)",
                citation="Yu et al. 2025, arXiv 2505.12455; LucasXinYu/AltLoRA")
 def _build_altlora_plus(model, pairs, lr, o: AltLoRAPlusOptions) -> torch.optim.Optimizer:
     return AltLoRA(model, pairs, lr, o)
