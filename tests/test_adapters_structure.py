@@ -197,6 +197,24 @@ def test_matryoshka_defaults_are_the_authors_script(rank):
     assert reparam.scaling == 1.0
 
 
+def test_bd_lora_block_diagonal_a_is_initialised_as_peft():
+    """PEFT's BD-LoRA (BlockDiagonalLinear) draws its A blocks kaiming-uniform with a = 0: bound sqrt(6 n / F)."""
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(512, 64))
+    config = peft.LoraConfig(r=16, target_modules=["proj"],
+                             use_bdlora=peft.BdLoraConfig(target_modules_bd_a=["proj"], nblocks=2))
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    their_a = theirs.base_model.model.proj.lora_A["default"].weight.detach()
+    inject(base, AdapterConfig("bd_lora", rank=16, options={"nblocks": 2, "block_diagonal": "A"}))
+    our_a = adapters_of(base.proj).bd_A.detach()
+    assert our_a.shape == their_a.shape == (16, 256)
+    bound = math.sqrt(6.0 / 256)
+    for a in (our_a, their_a):
+        assert 0.99 * bound < a.abs().max() <= bound
+        assert a.std() == pytest.approx(bound / math.sqrt(3), rel=0.04)
+
+
 @pytest.mark.parametrize("case", ALL_CASES, ids=_case_id)
 @pytest.mark.parametrize("layer_name", list(LAYERS))
 def test_effective_weight_matches_reference(layer_name, case):

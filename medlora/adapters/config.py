@@ -40,6 +40,8 @@ class MethodSpec:
     citation: str
     # Default alpha as a multiple of rank when the user gives none (e.g. LoRA-C's paper: alpha/r = 2).
     alpha_over_rank: float = 1.0
+    # A default alpha that does not grow with the rank (LoLDU's alpha = 1, i.e. s = 1/r); None: alpha_over_rank.
+    default_alpha: float | None = None
     # True when the adapted weight equals W0 exactly at initialisation.
     starts_at_base: bool = True
     uses_rank: bool = True
@@ -53,6 +55,9 @@ class MethodSpec:
     # True when the method's layers declare a plain LoRA pair dW = s B A (Reparam.rule_pairs), which the
     # training rules of medlora.adapters.optim (LoRA-Pro, AltLoRA, ...) may update.
     lora_pair: bool = False
+    # Options that depend on the training schedule, schedule_options(lr, total_steps) -> dict (LoRA-SB's
+    # warm-up step); a runner that knows its schedule merges them under the user's options. None: none.
+    schedule_options: Callable[[float, int], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -65,6 +70,7 @@ def register_method(
     summary: str,
     citation: str,
     alpha_over_rank: float = 1.0,
+    default_alpha: float | None = None,
     starts_at_base: bool = True,
     uses_rank: bool = True,
     mergeable: bool = True,
@@ -72,6 +78,7 @@ def register_method(
     layer_types: str = "Linear, ConvNd, ConvTransposeNd",
     shared: Callable[..., torch.nn.Module] | None = None,
     lora_pair: bool = False,
+    schedule_options: Callable[[float, int], dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
     """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
 
@@ -84,7 +91,8 @@ def register_method(
     :class:`medlora.adapters.shared.SharedState` that every layer's builder then receives as ``shared=``.
 
     ``lora_pair=True`` declares that the method's layers expose a plain LoRA pair to the training rules (their
-    reparameterisation overrides :meth:`medlora.adapters.base.Reparam.rule_pairs`).
+    reparameterisation overrides :meth:`medlora.adapters.base.Reparam.rule_pairs`). ``schedule_options(lr,
+    total_steps)`` gives the options a method derives from the training schedule (LoRA-SB's warm-up step).
     """
 
     def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
@@ -97,6 +105,7 @@ def register_method(
             summary=summary,
             citation=citation,
             alpha_over_rank=alpha_over_rank,
+            default_alpha=default_alpha,
             starts_at_base=starts_at_base,
             uses_rank=uses_rank,
             mergeable=mergeable,
@@ -104,6 +113,7 @@ def register_method(
             layer_types=layer_types,
             build_shared=shared,
             lora_pair=lora_pair,
+            schedule_options=schedule_options,
         )
         return build
 
@@ -162,7 +172,7 @@ class AdapterConfig:
     alpha: float | None = field(
         default=None,
         metadata={"help": "scale numerator: dW is multiplied by alpha / rank; default: the method's "
-                  "recommended alpha/rank ratio times rank"},
+                  "recommended alpha/rank ratio times rank (or its fixed default alpha, e.g. LoLDU's 1)"},
     )
     targets: list[str] | str | None = field(
         default=None, metadata={"help": "layer-name patterns to adapt; None: every supported layer"}
@@ -227,7 +237,10 @@ class AdapterConfig:
         return get_method(self.method)
 
     def resolved_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else self.spec.alpha_over_rank * self.rank
+        if self.alpha is not None:
+            return float(self.alpha)
+        spec = self.spec
+        return float(spec.default_alpha) if spec.default_alpha is not None else spec.alpha_over_rank * self.rank
 
     def scaling(self) -> float:
         """The factor ``s`` applied to a low-rank update: alpha/r, or alpha/sqrt(r) with rsLoRA."""

@@ -5,7 +5,10 @@ Low-Rank Fine-Tuning", arXiv 2411.19557; official code RaghavSinghal10/lora-sb. 
 ``A: r x I*prod k`` and ``B: O x r`` frozen and only ``R: r x r`` trained (LoRA-XS, Balazy et al., arXiv
 2405.17604). Initialisation ("update approximation"): the first AdamW step of full fine-tuning,
 ``G_hat = -eta * sign(G)`` with ``G`` the mean ``dL/dW0`` (:func:`medlora.adapters.initialise_from_data`) and
-``eta = lr / warmup_steps`` (the reference's ``lr / (warmup_ratio * total_steps)``, lr 1e-4); its rank-r SVD
+``eta = lr / warmup_steps``, the first step of a linear warm-up (the reference's ``lr / (warmup_ratio *
+total_steps)``, lr 1e-4, warmup ratio 0.02-0.06). ``warmup_steps`` has no default: it depends on the run's schedule
+and sets the size of the start (a default of 1 would make it 20-100x the reference's), so it must be given, e.g.
+``options=schedule_options(lr, total_steps)`` (:func:`schedule_options`); its rank-r SVD
 ``G_hat ~ U_r diag(S_r) V_r^T`` (``svd_lowrank``, niter 10) gives ``B = U_r``, ``A = V_r^T``, ``R = diag(S_r) / s``.
 The model starts at ``W0 + G_hat_r`` (not at ``W0``; the paper keeps the base weight), trainable r^2 per layer.
 
@@ -35,10 +38,18 @@ from .pissa import check_rank, frozen, top_svd
 @dataclass
 class LoRASBOptions:
     lr: float = option(1e-4, "learning rate of the approximated first AdamW step (reference: 1e-4)")
-    warmup_steps: float = option(
-        1.0, "eta = lr / warmup_steps: the first step of a linear warm-up (reference: warmup_ratio * total steps)"
+    warmup_steps: float | None = option(
+        None, "required: eta = lr / warmup_steps, the first step of the run's linear warm-up (reference: "
+        "warmup_ratio * total steps, warmup_ratio 0.02)"
     )
     niter: int | None = option(10, "svd_lowrank subspace iterations (reference: 10); None: exact SVD")
+
+
+def schedule_options(lr: float, total_steps: int, warmup_ratio: float = 0.02) -> dict[str, float]:
+    """LoRA-SB's ``lr`` and ``warmup_steps`` from a run's schedule, as the reference derives its step size:
+    ``eta = lr / (warmup_ratio * total_steps)`` (``warmup_ratio`` 0.02 as its ``train_arithmetic.py``). A warm-up
+    shorter than one step is no warm-up: ``eta = lr``."""
+    return {"lr": float(lr), "warmup_steps": max(1.0, warmup_ratio * total_steps)}
 
 
 @register_method(
@@ -49,12 +60,19 @@ class LoRASBOptions:
     citation="Ponkshe, Singhal et al. 2024, arXiv 2411.19557",
     starts_at_base=False,
     trains="lora_R (r x r); lora_A, lora_B frozen",
+    schedule_options=schedule_options,
 )
 class LoRASB(DataInitReparam, AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: LoRASBOptions) -> None:
         super().__init__(scaling)
         out_channels, fan_in = w0.shape[0], math.prod(w0.shape[1:])
         check_rank("lora_sb", rank, min(out_channels, fan_in), w0)
+        if options.warmup_steps is None or not options.warmup_steps > 0:
+            raise ValueError(
+                f"lora_sb: options.warmup_steps must be given as a positive number, got {options.warmup_steps!r}: the "
+                "warm-up steps of the training schedule (the reference: warmup_ratio 0.02 * total steps); the start is "
+                "the approximated first update with eta = lr / warmup_steps"
+            )
         self.lora_A = frozen(rank, fan_in, like=w0)
         self.lora_B = frozen(out_channels, rank, like=w0)
         self.lora_R = nn.Parameter(torch.full((rank, rank), float("nan"), dtype=w0.dtype, device=w0.device))
