@@ -462,6 +462,10 @@ def test_methods_table_script_lists_every_method_and_rule():
     for name in list_rules():
         assert f"| `{name}` |" in text
     assert module.render(text) == text
+    table = "| method | rule | x |\n|---|---|---|\n| a | adamw | 1 |\n| b | adamw | 2 |\n| lora | ffa | 3 |"
+    measured = "| method | rule | x |\n|---|---|---|\n| lora | ffa | 9 |\n| c | adamw | 7 |"
+    assert module.merge_rows(table, measured) == ("| method | rule | x |\n|---|---|---|\n| a | adamw | 1 |\n"
+                                                  "| b | adamw | 2 |\n| lora | ffa | 9 |\n| c | adamw | 7 |")
 
 
 @pytest.mark.parametrize("rule", ["ffa", "lora_pro"])
