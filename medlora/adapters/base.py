@@ -81,3 +81,17 @@ def kaiming_uniform_like_lora(rows: int, cols: int, *, like: torch.Tensor) -> nn
 
 def zeros_param(*shape: int, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, dtype=like.dtype, device=like.device))
+
+
+def frozen(*shape: int, like: torch.Tensor, fill: float = float("nan")) -> nn.Parameter:
+    """A tensor that belongs to an adapter (saved with it) but never trains."""
+    return nn.Parameter(torch.full(shape, fill, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
+def check_rank(method: str, rank: int, limit: int, w0: torch.Tensor, what: str = "min(O, I*prod k)") -> None:
+    """A one-line ``ValueError`` when a method's rank exceeds what the weight allows."""
+    if rank > limit:
+        raise ValueError(
+            f"{method}: rank {rank} is too large for a weight of shape {tuple(w0.shape)} (at most {what} = {limit}); "
+            "lower the rank or exclude the layer"
+        )

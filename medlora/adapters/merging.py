@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
+from ._linalg import factored_svd
 from .config import AdapterConfig
 from .inject import layer_config
 from .io import EXTRA_PREFIX, FORMAT, read_adapter_file
-from .squeeze import factored_svd
 
 Source = str | os.PathLike | tuple[dict[str, Any], dict[str, torch.Tensor]]
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._linalg import factored_svd
 from .base import Reparam
 from .config import get_method
 from .inject import iter_adapters, layer_config
@@ -91,38 +92,6 @@ def parametrize_original(module: nn.Module) -> torch.Tensor:
 
 
 # --- LoRA-Squeeze ----------------------------------------------------------------------------------------
-
-
-def factored_svd(
-    b: torch.Tensor,
-    a: torch.Tensor,
-    rank: int,
-    *,
-    method: str = "randomized",
-    oversample: int = 8,
-    n_iter: int = 2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD ``U, S, Vh`` of ``b @ a`` (``b: m x r``, ``a: r x n``) without forming the product.
-
-    Returns ``min(rank, m, n, r)`` triplets (``exact``) or ``min(rank, m, n)`` (``randomized``): a product of an
-    ``m x n`` layer has no more, e.g. a 2-class segmentation head (``m = 2``) asked for rank 4 gives 2.
-    """
-    if method == "exact":
-        qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.t())
-        u, s, vh = torch.linalg.svd(rb @ ra.t(), full_matrices=False)
-        return (qb @ u)[:, :rank], s[:rank], (vh @ qa.t())[:rank]
-    if method != "randomized":
-        raise ValueError(f"factored_svd: method must be 'randomized' or 'exact', got {method!r}")
-    width = min(rank + oversample, a.shape[1], b.shape[0])
-    omega = torch.randn(a.shape[1], width, dtype=a.dtype, device=a.device, generator=generator)
-    q = torch.linalg.qr(b @ (a @ omega)).Q
-    for _ in range(n_iter):  # power iterations sharpen the range when the spectrum decays slowly
-        q = torch.linalg.qr(a.t() @ (b.t() @ q)).Q
-        q = torch.linalg.qr(b @ (a @ q)).Q
-    u, s, vh = torch.linalg.svd((q.t() @ b) @ a, full_matrices=False)
-    return (q @ u)[:, :rank], s[:rank], vh[:rank]
 
 
 def _lora_of(reparam: Reparam) -> LoRA | None:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam
+from .._linalg import compute_dtype
+from ..base import AdditiveReparam, check_rank, frozen
 from ..config import option, register_method
-from .pissa import check_rank, compute_dtype, frozen
 
 INIT_METHODS = ("lu", "ones", "zeros", "constant")
 

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam
+from .._linalg import top_svd
+from ..base import AdditiveReparam, check_rank, frozen
 from ..config import option, register_method
 from ..data_init import DataInitReparam
-from .pissa import check_rank, frozen, top_svd
 
 
 @dataclass

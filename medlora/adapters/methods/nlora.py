@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
+from .._linalg import compute_dtype
+from ..base import AdditiveReparam, check_rank, kaiming_uniform_like_lora, zeros_param
 from ..config import option, register_method
-from .pissa import check_rank, compute_dtype
 
 
 @dataclass

@@ -5,7 +5,7 @@ arXiv 2503.16055 (2025). Thin SVD of the ``O x (I*prod k)`` matricisation ``W0 =
 The top ``r_s`` values become ``a * S + b`` (a = 1, b = 0); the remaining ``k - r_s`` form a block
 ``diag(S_res) + X @ Y`` with ``X: (k - r_s) x r`` (kaiming-uniform, as the authors' SAM2 code) and
 ``Y: r x (k - r_s)`` zeros; ``W = U relu(S') V^T`` with the ReLU taken elementwise over the whole k x k
-matrix, as the paper; singular pairs take a fixed sign convention (see ``sign_canonical``) since
+matrix, as the paper; singular pairs take a fixed sign convention (see ``_linalg.sign_canonical``) since
 that ReLU depends on it. Trainable ``2 r_s + 2 r (k - r_s)``.
 
 S-SAM (``svd``): Paranjape et al., MICCAI 2024, arXiv 2408.06447: every singular value is scaled and
@@ -25,21 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._linalg import compute_dtype, sign_canonical
 from ..base import Reparam
 from ..config import option, register_method
-
-
-def sign_canonical(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fix the sign of each singular pair so that the largest-magnitude entry of ``u[:, j]`` is positive.
-
-    SVD is unique only up to the sign of each ``(u_j, v_j)`` pair, and SALT's elementwise ReLU on the
-    non-diagonal residual block is not invariant to those signs; a fixed convention (the one of
-    scikit-learn's ``svd_flip``) makes the adapted weight the same on every LAPACK/cuSOLVER backend.
-    """
-    rows = u.abs().argmax(dim=0)
-    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])
-    signs[signs == 0] = 1
-    return u * signs, vh * signs[:, None]
 
 
 class _SpectralReparam(Reparam):
@@ -57,9 +45,7 @@ class _SpectralReparam(Reparam):
         if key != self._svd_of or self.svd_S.numel() == 0:
             with torch.no_grad():
                 matrix = self.layout.to_canonical(weight).flatten(1)
-                if matrix.dtype in (torch.float16, torch.bfloat16):
-                    matrix = matrix.float()  # LAPACK/cuSOLVER have no half-precision SVD
-                u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+                u, s, vh = torch.linalg.svd(matrix.to(compute_dtype(matrix)), full_matrices=False)
                 u, vh = sign_canonical(u, vh)
             self.svd_U, self.svd_S, self.svd_Vh = (t.to(weight.dtype) for t in (u, s, vh))
             self._svd_of = key
