@@ -37,13 +37,14 @@ def _cell(text: str) -> str:
 
 def methods_table() -> str:
     lines = [
-        "| method | paper | what trains | mergeable | LoRA-pair rules | layer types |",
-        "|---|---|---|---|---|---|",
+        "| method | label | family | paper | what trains | mergeable | LoRA-pair rules | layer types |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in list_methods():
         spec = get_method(name)
         lines.append(
-            f"| `{name}` | {_cell(spec.citation)} | {_cell(spec.trains or spec.summary)} | "
+            f"| `{name}` | {_cell(spec.label)} | {spec.family} | {_cell(spec.citation)} | "
+            f"{_cell(spec.trains or spec.summary)} | "
             f"{'yes' if spec.mergeable else 'no'} | {'yes' if spec.lora_pair else 'no'} | {_cell(spec.layer_types)} |"
         )
     return "\n".join(lines)

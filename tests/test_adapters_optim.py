@@ -367,6 +367,25 @@ def test_registry_declaration_matches_the_layers():
         assert bool(adapters_of(model[0]).rule_pairs()) == get_method(method).lora_pair, method
 
 
+def test_every_method_has_a_file_a_label_and_a_family():
+    """The seed paper's spellings (arXiv 2508.01772, and SALT / S-SAM) are the labels its study tables use; the
+    CP family is what its finding "CP-LoRA is about as good with far fewer parameters" compares."""
+    from pathlib import Path
+
+    import medlora.adapters.methods as methods
+    from medlora.adapters import get_method, list_methods
+    from medlora.adapters.config import FAMILIES
+
+    seed = {"lora": "LoRA", "lora_c": "LoRA-C", "conv_lora": "convLoRA", "cp_lora": "CP-LoRA", "dora": "DoRA",
+            "dora_c": "DoRA-C", "conv_dora": "convDoRA", "cp_dora": "CP-DoRA", "salt": "SALT", "svd": "S-SAM (SVD)"}
+    assert {m: get_method(m).label for m in seed} == seed
+    files = {p.stem for p in Path(methods.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert files == set(list_methods())
+    assert all(get_method(m).family in FAMILIES and get_method(m).label for m in list_methods())
+    assert {m for m in list_methods() if get_method(m).family == "cp"} == {"cp_lora", "cp_dora"}
+    assert {m for m in list_methods() if get_method(m).family == "nested-rank"} == {"dylora", "matryoshka"}
+
+
 @pytest.mark.parametrize("method", ["dylora", "matryoshka", "nlora", "slora", "inttune", "lora_sb", "bd_lora",
                                     "salt", "cp_dora", "vera"])
 def test_pair_rules_refuse_methods_without_a_plain_pair(method):

@@ -38,6 +38,10 @@ class MethodSpec:
     options_cls: type
     summary: str
     citation: str
+    # Display name in tables and reports (the paper's spelling, e.g. "CP-LoRA"); default: the registered name.
+    label: str = ""
+    # The form of the update, one of FAMILIES (a DoRA wrapper takes its inner method's), for grouping in reports.
+    family: str = ""
     # Default alpha as a multiple of rank when the user gives none (e.g. LoRA-C's paper: alpha/r = 2).
     alpha_over_rank: float = 1.0
     # A default alpha that does not grow with the rank (LoLDU's alpha = 1, i.e. s = 1/r); None: alpha_over_rank.
@@ -60,6 +64,14 @@ class MethodSpec:
     schedule_options: Callable[[float, int], dict[str, Any]] | None = None
 
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+
+# The families of update form, as the README groups the methods: the seed paper's low-rank, CP and spectral
+# methods; initialisations; shared or random bases; structured updates; nested-rank training.
+FAMILIES = ("low-rank", "cp", "spectral", "initialisation", "shared-basis", "structure", "nested-rank")
+
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
@@ -69,6 +81,8 @@ def register_method(
     options: type = NoOptions,
     summary: str,
     citation: str,
+    label: str | None = None,
+    family: str,
     alpha_over_rank: float = 1.0,
     default_alpha: float | None = None,
     starts_at_base: bool = True,
@@ -90,6 +104,7 @@ def register_method(
     selected ``(name, canonical w0, per-layer AdapterConfig)`` in module order; it returns a
     :class:`medlora.adapters.shared.SharedState` that every layer's builder then receives as ``shared=``.
 
+    ``label`` is the display name (default ``name``) and ``family`` one of :data:`FAMILIES`.
     ``lora_pair=True`` declares that the method's layers expose a plain LoRA pair to the training rules (their
     reparameterisation overrides :meth:`medlora.adapters.base.Reparam.rule_pairs`). ``schedule_options(lr,
     total_steps)`` gives the options a method derives from the training schedule (LoRA-SB's warm-up step).
@@ -98,12 +113,16 @@ def register_method(
     def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"adapter method {name!r} is already registered")
+        if family not in FAMILIES:
+            raise ValueError(f"adapter method {name!r}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
         _REGISTRY[name] = MethodSpec(
             name=name,
             build=build,
             options_cls=options,
             summary=summary,
             citation=citation,
+            label=label or name,
+            family=family,
             alpha_over_rank=alpha_over_rank,
             default_alpha=default_alpha,
             starts_at_base=starts_at_base,

@@ -48,6 +48,8 @@ def block_diag_stack(blocks: torch.Tensor) -> torch.Tensor:
 
 @register_method(
     "bd_lora",
+    label="BD-LoRA",
+    family="structure",
     options=BDLoRAOptions,
     summary="block-diagonal LoRA factors (MeLoRA mini-ensemble, or BD-LoRA with one block-diagonal factor); "
             "trainable r(O+F)/n (both) or r(O/n+F) / r(O+F/n)",

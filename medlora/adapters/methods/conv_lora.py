@@ -21,6 +21,8 @@ from ..config import register_method
 
 @register_method(
     "conv_lora",
+    label="convLoRA",
+    family="low-rank",
     summary="loralib ConvLoRA: rank r*k1, A (r*k1)x(I*k1), B (O*k2..kd)x(r*k1)",
     citation="Aleem et al. 2024 (ISBI), arXiv 2402.04964; microsoft/LoRA loralib ConvLoRA",
     trains="lora_A (r*k1 x I*k1), lora_B (O*k2..kd x r*k1)",

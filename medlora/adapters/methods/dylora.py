@@ -70,6 +70,8 @@ class DyLoRAOptions:
 
 @register_method(
     "dylora",
+    label="DyLoRA",
+    family="nested-rank",
     options=DyLoRAOptions,
     summary="DyLoRA: LoRA trained at a rank drawn from r_min..R each step, usable at any rank afterwards; "
             "trainable R(O + F)",

@@ -50,6 +50,8 @@ class FlyLoRAOptions:
 
 @register_method(
     "flylora",
+    label="FlyLoRA",
+    family="shared-basis",
     options=FlyLoRAOptions,
     summary="FlyLoRA: frozen sparse random A, top-k routing of the r components per token, trainable B",
     citation="Zou et al. 2025 (NeurIPS), official code gfyddha/FlyLoRA",

@@ -48,6 +48,8 @@ def ldu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @register_method(
     "loldu",
+    label="LoLDU",
+    family="initialisation",
     options=LoLDUOptions,
     summary="LoLDU: W0 = P L D U; train only the r leading diagonal entries of D (r parameters per layer)",
     citation="Shi et al. 2024, arXiv 2410.13618",

@@ -39,6 +39,8 @@ class LoRAOptions:
 
 @register_method(
     "lora",
+    label="LoRA",
+    family="low-rank",
     options=LoRAOptions,
     summary="low-rank update of the O x (I*prod k) weight matrix; trainable r(O + I*prod k)",
     citation="Hu et al. 2021, arXiv 2106.09685",

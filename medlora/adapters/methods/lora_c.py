@@ -21,6 +21,8 @@ from ..config import register_method
 
 @register_method(
     "lora_c",
+    label="LoRA-C",
+    family="low-rank",
     summary="LoRA-C: rank r on the (O*k1) x (I*k2..kd) unfolding; trainable r(O*k1 + I*k2..kd)",
     citation="Ding et al. 2024, arXiv 2410.16954 (layer-wise LoRA-C)",
     alpha_over_rank=2.0,

@@ -46,6 +46,8 @@ class LoRAGAOptions:
 
 @register_method(
     "lora_ga",
+    label="LoRA-GA",
+    family="initialisation",
     options=LoRAGAOptions,
     summary="LoRA-GA: LoRA initialised from the SVD of the estimated gradient dL/dW0 (needs initialise_from_data)",
     citation="Wang, Yu & Li 2024, arXiv 2407.05000",

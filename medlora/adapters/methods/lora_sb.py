@@ -54,6 +54,8 @@ def schedule_options(lr: float, total_steps: int, warmup_ratio: float = 0.02) ->
 
 @register_method(
     "lora_sb",
+    label="LoRA-SB",
+    family="initialisation",
     options=LoRASBOptions,
     summary="LoRA-SB: frozen A, B and trainable r x r R (LoRA-XS) initialised to the first full-FT update "
             "(needs initialise_from_data)",

@@ -48,6 +48,8 @@ class MatryoshkaOptions:
 
 @register_method(
     "matryoshka",
+    label="MatryoshkaLoRA",
+    family="nested-rank",
     options=MatryoshkaOptions,
     summary="MatryoshkaLoRA: all nested ranks of one LoRA trained at once (weights diag(P)), deploy any rank; "
             "trainable R(O + F)",

@@ -66,6 +66,8 @@ class PiSSAOptions:
 
 @register_method(
     "pissa",
+    label="PiSSA",
+    family="initialisation",
     options=PiSSAOptions,
     summary="PiSSA: LoRA initialised on the top-r singular triplets of W0, residual offset inside the adapter",
     citation="Meng, Wang & Zhang 2024, arXiv 2404.02948",

@@ -82,6 +82,8 @@ def build_randlora_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], 
 
 @register_method(
     "randlora",
+    label="RandLoRA",
+    family="shared-basis",
     options=RandLoRAOptions,
     summary="RandLoRA: full-rank sum of shared frozen random bases with trainable diagonal scalings",
     citation="Albert et al. 2025, arXiv 2502.00987",

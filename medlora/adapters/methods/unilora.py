@@ -73,6 +73,8 @@ def build_unilora_vector(layers: list[tuple[str, torch.Tensor, AdapterConfig]], 
 
 @register_method(
     "unilora",
+    label="Uni-LoRA",
+    family="shared-basis",
     options=UniLoRAOptions,
     summary="Uni-LoRA: all layers' LoRA factors are one fixed isometric projection of a single trainable vector",
     citation="Li et al. 2025, arXiv 2506.00799",

@@ -57,6 +57,8 @@ def build_vera_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], conf
 
 @register_method(
     "vera",
+    label="VeRA",
+    family="shared-basis",
     options=VeRAOptions,
     summary="VeRA: frozen shared random A, B; trainable per-layer scaling vectors b (O) and d (r)",
     citation="Kopiczko et al. 2024, arXiv 2310.11454",
