@@ -126,6 +126,15 @@ def test_squeeze_is_the_best_rank_k_approximation():
 
 
 def test_squeeze_refuses_other_methods_and_keeps_low_ranks():
+    from medlora.adapters import list_methods
+
+    squeezable = set()
+    for method in list_methods():
+        options = {"warmup_steps": 2.0} if method == "lora_sb" else {}
+        layer = inject(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(method, rank=2, options=options))[0]
+        if adapters_of(layer).rank_factors() is not None:
+            squeezable.add(method)
+    assert squeezable == {"lora", "dora"}
     model = base_model()
     inject(model, AdapterConfig("bone", rank=2, targets=["0"]))
     with pytest.raises(ValueError, match="bone"):

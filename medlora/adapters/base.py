@@ -50,6 +50,15 @@ class Reparam(nn.Module):
         """
         return []
 
+    def rank_factors(self) -> Reparam | None:
+        """The module holding plain LoRA factors that post-hoc rank tools may replace by factors of another rank.
+
+        The returned module has ``lora_A`` (``r x F``), ``lora_B`` (``O x r``) and ``scaling``, with this layer's
+        update ``scaling * (B @ A).view(W.shape)`` and nothing else tied to r, so that :func:`medlora.adapters.squeeze`
+        can swap in rank-k factors and record rank k in ``config``. Default: none (``squeeze`` refuses the method).
+        """
+        return None
+
     def extra_repr(self) -> str:
         return f"method={self.config.method!r}, rank={self.config.rank}"
 

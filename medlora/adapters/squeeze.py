@@ -6,7 +6,8 @@ Nested ranks (``dylora``, ``matryoshka``): :func:`set_active_rank` evaluates eve
 
 LoRA-Squeeze (arXiv 2602.10993, 2026): train a LoRA at a high source rank, then compress
 ``dW = s B A`` to a lower rank with a randomized SVD, ``B' = U_k sqrt(S_k / s')``, ``A' = sqrt(S_k / s') V_k^T``
-(``s'`` the scale at the new rank, so ``s' B' A'`` is the best rank-k approximation of ``dW``).
+(``s'`` the scale at the new rank, so ``s' B' A'`` is the best rank-k approximation of ``dW``), on the layers
+whose method hands out such factors (:meth:`medlora.adapters.base.Reparam.rank_factors`: ``lora`` and ``dora``).
 :func:`squeeze` does this post hoc ("Post-Squeeze"; keep training afterwards for "Cont-Squeeze");
 :class:`RankAnnealer` with a :class:`RankSchedule` lowers the rank step by step during training
 ("In-Squeeze"), from a plain loop (``annealer.step()`` after ``optimizer.step()``) or from Lightning
@@ -35,9 +36,7 @@ from ._linalg import factored_svd
 from .base import Reparam
 from .config import get_method
 from .inject import iter_adapters, layer_config
-from .methods.dora import DoRA
 from .methods.dylora import NestedRankLoRA
-from .methods.lora import LoRA
 
 # --- nested ranks -----------------------------------------------------------------------------------------
 
@@ -94,13 +93,6 @@ def parametrize_original(module: nn.Module) -> torch.Tensor:
 # --- LoRA-Squeeze ----------------------------------------------------------------------------------------
 
 
-def _lora_of(reparam: Reparam) -> LoRA | None:
-    inner = reparam.inner if isinstance(reparam, DoRA) else reparam
-    if type(inner) is LoRA and inner.adapt_outputs is None:
-        return inner
-    return None
-
-
 def squeeze(
     model: nn.Module,
     rank: int,
@@ -128,14 +120,14 @@ def squeeze(
     if rank < 1:
         raise ValueError(f"squeeze: rank must be positive, got {rank}")
     adapted = list(iter_adapters(model))
-    unsupported = sorted({r.config.method for _, _, r in adapted if _lora_of(r) is None})
+    unsupported = sorted({r.config.method for _, _, r in adapted if r.rank_factors() is None})
     if unsupported:
-        raise ValueError(f"squeeze works on plain LoRA factors (methods lora, dora); the model also holds "
-                         f"{', '.join(unsupported)} (dylora/matryoshka: use truncate_rank)")
+        raise ValueError(f"squeeze works on plain LoRA factors (methods lora, dora: Reparam.rank_factors); the model "
+                         f"also holds {', '.join(unsupported)} (dylora/matryoshka: use truncate_rank)")
     optimizers = list(optimizers)
     errors: dict[str, float] = {}
     for name, _, reparam in adapted:
-        lora = _lora_of(reparam)
+        lora = reparam.rank_factors()
         assert lora is not None
         if lora.lora_A.shape[0] <= rank:
             continue

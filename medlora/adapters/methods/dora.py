@@ -41,6 +41,9 @@ class DoRA(Reparam):
         self.detach_norm = detach_norm
         self.magnitude = nn.Parameter(channel_norm(w0).detach().clone())
 
+    def rank_factors(self) -> Reparam | None:
+        return self.inner.rank_factors()  # the magnitude does not depend on the rank
+
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         # A pair rule then updates the direction V = W0 + dW as it would update a LoRA; m trains with AdamW.
         return self.inner.rule_pairs()

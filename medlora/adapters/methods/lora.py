@@ -67,6 +67,9 @@ class LoRA(AdditiveReparam):
             self.lora_A = kaiming_uniform_like_lora(rank, fan_in, like=w0)
             self.lora_B = zeros_param(out_channels, rank, like=w0)
 
+    def rank_factors(self) -> LoRA | None:
+        return self if self.adapt_outputs is None else None  # fused blocks: one rank per block, not squeezable
+
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         # Several fused blocks are several pairs stacked in one tensor: no single (A, B) describes them.
         if self.adapt_outputs is not None and len(self.adapt_outputs) > 1:
