@@ -51,10 +51,10 @@ def methods_table() -> str:
 
 
 def rules_table() -> str:
-    lines = ["| rule | paper | what it does |", "|---|---|---|"]
+    lines = ["| rule | label | paper | what it does |", "|---|---|---|---|"]
     for name in list_rules():
         spec = get_rule(name)
-        lines.append(f"| `{name}` | {_cell(spec.citation)} | {_cell(spec.summary)} |")
+        lines.append(f"| `{name}` | {_cell(spec.label)} | {_cell(spec.citation)} | {_cell(spec.summary)} |")
     return "\n".join(lines)
 
 

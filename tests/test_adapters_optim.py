@@ -462,6 +462,22 @@ def test_errors_and_descriptions():
         assert "paper:" in describe_rule(rule)
 
 
+def test_rules_are_laid_out_like_methods():
+    """One file per rule in medlora.adapters.rules, each registered under its file name with the paper's label;
+    medlora.adapters.optim stays importable as the same API."""
+    from pathlib import Path
+
+    import medlora.adapters.optim as optim
+    import medlora.adapters.rules as rules
+
+    files = {p.stem for p in Path(rules.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert files == set(rules.list_rules()) == set(RULES)
+    labels = {r: rules.get_rule(r).label for r in RULES}
+    assert labels == {"adamw": "AdamW", "ffa": "FFA-LoRA", "stable_lora": "Stable-LoRA", "allora": "ALLoRA",
+                      "lora_pro": "LoRA-Pro", "altlora": "AltLoRA", "altlora_plus": "AltLoRA+"}
+    assert optim.build_optimizer is rules.build_optimizer and optim.lora_pairs is rules.lora_pairs
+
+
 def test_methods_table_script_lists_every_method_and_rule():
     import importlib.util
     from pathlib import Path
