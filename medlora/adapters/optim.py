@@ -3,28 +3,7 @@
     >>> from medlora.adapters.optim import build_optimizer, list_rules, describe_rule
 """
 
-from .rules import (
-    LoRAPair,
-    RuleSpec,
-    TrainingRuleError,
-    build_optimizer,
-    check_rule_method,
-    describe_rule,
-    get_rule,
-    list_rules,
-    lora_pairs,
-    register_rule,
-)
+from . import rules as _rules
+from .rules import *  # noqa: F403  (the package's public names, listed in its __all__)
 
-__all__ = [
-    "LoRAPair",
-    "RuleSpec",
-    "TrainingRuleError",
-    "build_optimizer",
-    "check_rule_method",
-    "describe_rule",
-    "get_rule",
-    "list_rules",
-    "lora_pairs",
-    "register_rule",
-]
+__all__ = list(_rules.__all__)
