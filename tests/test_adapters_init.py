@@ -293,12 +293,31 @@ def test_loldu_default_scale_is_the_references_alpha_one(rank):
     np.testing.assert_allclose(layer.weight.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-def test_lora_sb_needs_the_schedules_warmup():
-    """eta = lr / warmup_steps depends on the run's schedule: no default (a default of 1 was 20-100x the reference)."""
+def test_lora_sb_needs_the_schedules_warmup(tmp_path):
+    """eta = lr / warmup_steps depends on the run's schedule: no default (a default of 1 was 20-100x the reference).
+    The initialisation refuses to start without it; a trained adapter saved without it still loads."""
+    from medlora.adapters.config import AdapterConfigError
+
+    calls = []
+
+    def counting_loss(m, x):
+        calls.append(1)
+        return half_mse(m, x)
+
     for options in ({}, {"warmup_steps": 0}):
+        model = inject_layer(nn.Linear(6, 5), AdapterConfig("lora_sb", rank=2, options=options))
         one_line = r"^lora_sb: options.warmup_steps must be given as a positive number[^\n]*$"
-        with pytest.raises(ValueError, match=one_line):
-            inject_layer(nn.Linear(6, 5), AdapterConfig("lora_sb", rank=2, options=options))
+        with pytest.raises(AdapterConfigError, match=one_line):
+            initialise_from_data(model, batches_for((3, 6)), counting_loss)
+        assert calls == [] and torch.isnan(adapters_of(model[0]).lora_R).all()  # nothing computed or changed
+    with torch.no_grad():  # stand-in for a trained adapter of an older file
+        for p in adapters_of(model[0]).parameters():
+            p.copy_(torch.randn_like(p))
+    fresh = nn.Linear(6, 5)
+    fresh.load_state_dict({"weight": base_weight(model[0]).detach(), "bias": model[0].bias.detach()})
+    loaded = load_adapter(nn.Sequential(fresh), save_adapter(model, tmp_path / "sb.safetensors"))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     # from a schedule as the reference's train_arithmetic.py: eff_lr = lr / (warmup_ratio * total_training_steps)
     options = get_method("lora_sb").schedule_options(1e-4, 1000)
     layer, plain, batches, loss_fn = adapt_layer("lora_sb", "linear", rank=2, **options)

@@ -16,6 +16,12 @@ from typing import Any
 
 import torch
 
+from ..errors import MedloraError
+
+
+class AdapterConfigError(MedloraError, ValueError):
+    """An adapter configuration that cannot be used as given (the CLI reports it in one line)."""
+
 
 def option(default: Any, help: str) -> Any:
     """A dataclass field with help text (shown by ``describe_method`` and ``medlora adapters``)."""

@@ -7,8 +7,10 @@ Low-Rank Fine-Tuning", arXiv 2411.19557; official code RaghavSinghal10/lora-sb. 
 ``G_hat = -eta * sign(G)`` with ``G`` the mean ``dL/dW0`` (:func:`medlora.adapters.initialise_from_data`) and
 ``eta = lr / warmup_steps``, the first step of a linear warm-up (the reference's ``lr / (warmup_ratio *
 total_steps)``, lr 1e-4, warmup ratio 0.02-0.06). ``warmup_steps`` has no default: it depends on the run's schedule
-and sets the size of the start (a default of 1 would make it 20-100x the reference's), so it must be given, e.g.
-``options=schedule_options(lr, total_steps)`` (:func:`schedule_options`); its rank-r SVD
+and sets the size of the start (a default of 1 would make it 20-100x the reference's), so
+:func:`~medlora.adapters.initialise_from_data` refuses to start without it; give it, e.g.
+``options=schedule_options(lr, total_steps)`` (:func:`schedule_options`). (A trained adapter loads without it: the
+option only shapes the start.) Its rank-r SVD
 ``G_hat ~ U_r diag(S_r) V_r^T`` (``svd_lowrank``, niter 10) gives ``B = U_r``, ``A = V_r^T``, ``R = diag(S_r) / s``.
 The model starts at ``W0 + G_hat_r`` (not at ``W0``; the paper keeps the base weight), trainable r^2 per layer.
 
@@ -31,7 +33,7 @@ from torch import nn
 
 from .._linalg import top_svd
 from ..base import AdditiveReparam, check_rank, frozen
-from ..config import option, register_method
+from ..config import AdapterConfigError, option, register_method
 from ..data_init import DataInitReparam
 
 
@@ -69,12 +71,6 @@ class LoRASB(DataInitReparam, AdditiveReparam):
         super().__init__(scaling)
         out_channels, fan_in = w0.shape[0], math.prod(w0.shape[1:])
         check_rank("lora_sb", rank, min(out_channels, fan_in), w0)
-        if options.warmup_steps is None or not options.warmup_steps > 0:
-            raise ValueError(
-                f"lora_sb: options.warmup_steps must be given as a positive number, got {options.warmup_steps!r}: the "
-                "warm-up steps of the training schedule (the reference: warmup_ratio 0.02 * total steps); the start is "
-                "the approximated first update with eta = lr / warmup_steps"
-            )
         self.lora_A = frozen(rank, fan_in, like=w0)
         self.lora_B = frozen(out_channels, rank, like=w0)
         self.lora_R = nn.Parameter(torch.full((rank, rank), float("nan"), dtype=w0.dtype, device=w0.device))
@@ -83,6 +79,15 @@ class LoRASB(DataInitReparam, AdditiveReparam):
 
     def _uninitialised_marker(self) -> torch.Tensor:
         return self.lora_R
+
+    def check_data_init(self) -> None:
+        warmup = self.options.warmup_steps
+        if warmup is None or isinstance(warmup, bool) or not warmup > 0:
+            raise AdapterConfigError(
+                f"lora_sb: options.warmup_steps must be given as a positive number, got {warmup!r}: the warm-up steps "
+                "of the training schedule (the reference: warmup_ratio 0.02 * total steps; schedule_options(lr, "
+                "total_steps) derives it); the start is the approximated first update with eta = lr / warmup_steps"
+            )
 
     def init_from_gradient(self, grad: torch.Tensor, weight: torch.Tensor) -> None:
         eta = self.options.lr / self.options.warmup_steps

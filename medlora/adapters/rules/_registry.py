@@ -40,7 +40,7 @@ def lora_pairs(model: nn.Module) -> list[LoRAPair]:
 
 
 class TrainingRuleError(MedloraError, ValueError):
-    """A training rule asked for adapters it cannot train (or with options it does not have)."""
+    """A training rule asked to train adapters it cannot train (the CLI reports it in one line)."""
 
 @dataclass
 class RuleSpec:
@@ -93,7 +93,7 @@ def get_rule(name: str) -> RuleSpec:
     try:
         return _RULES[name]
     except KeyError:
-        raise TrainingRuleError(f"unknown training rule {name!r}; available: {', '.join(list_rules())}") from None
+        raise ValueError(f"unknown training rule {name!r}; available: {', '.join(list_rules())}") from None
 
 
 def describe_rule(name: str) -> str:
@@ -113,7 +113,7 @@ def build_optimizer(model: nn.Module, rule: str = "adamw", lr: float = 1e-3, **o
     known = {f.name for f in dataclasses.fields(spec.options_cls)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise TrainingRuleError(
+        raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for training rule {rule!r}; valid: {', '.join(sorted(known))}"
         )
     if spec.needs_pairs:
