@@ -42,6 +42,7 @@ def lora_pairs(model: nn.Module) -> list[LoRAPair]:
 class TrainingRuleError(MedloraError, ValueError):
     """A training rule asked to train adapters it cannot train (the CLI reports it in one line)."""
 
+
 @dataclass
 class RuleSpec:
     name: str
