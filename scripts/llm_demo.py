@@ -81,7 +81,9 @@ def run(base: nn.Module, method: str | None, rule: str, args, train_batches, eva
         spec = get_method(method)
         # ALLoRA is scaling-free: alpha = rank gives scale 1.
         alpha = float(args.rank) if rule == "allora" else None
-        config = AdapterConfig(method, rank=args.rank, alpha=alpha, targets=targets, exclude=exclude)
+        # options that follow from this run's schedule (LoRA-SB's first warm-up step), as a training run derives them
+        options = spec.schedule_options(lr, args.steps) if spec.schedule_options else {}
+        config = AdapterConfig(method, rank=args.rank, alpha=alpha, targets=targets, exclude=exclude, options=options)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inject(model, config)

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medlora.adapters import AdapterConfig, candidate_layers, inject, list_methods  # noqa: E402
+from medlora.adapters import AdapterConfig, candidate_layers, get_method, inject, list_methods  # noqa: E402
 from medlora.adapters.optim import build_optimizer, list_rules  # noqa: E402
 
 RULE_LR_MULTIPLIER = {"altlora": 10.0}  # a preconditioned-gradient step without Adam normalisation
@@ -114,9 +114,11 @@ def run(base: nn.Module, method: str | None, rule: str, args, train_batches, eva
             p.requires_grad_(True)
     else:
         alpha = float(args.rank) if rule == "allora" else None  # ALLoRA is scaling-free
+        spec = get_method(method)
+        options = spec.schedule_options(lr, args.steps) if spec.schedule_options else {}  # LoRA-SB's warm-up step
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inject(model, AdapterConfig(method, rank=args.rank, alpha=alpha, targets=args.targets))
+            inject(model, AdapterConfig(method, rank=args.rank, alpha=alpha, targets=args.targets, options=options))
         init = data_initialiser()
         if init is not None:
             init(model, train_batches[: args.init_batches], loss_fn)

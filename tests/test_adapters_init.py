@@ -42,6 +42,7 @@ pytestmark = [
     pytest.mark.usefixtures("float64_default", "one_thread"),
 ]
 OPTIONS = {"pissa": EXACT, "lora_ga": EXACT, "lora_sb": {**EXACT, "lr": 0.3, "warmup_steps": 2.0}}
+REQUIRED = {"lora_sb": {"warmup_steps": 2.0}}  # options without a default
 
 
 LAYERS = {
@@ -147,7 +148,7 @@ def test_methods_are_registered_with_their_table_entries():
         spec = get_method(name)
         assert spec.mergeable and spec.trains and spec.citation and "Linear" in spec.layer_types
     assert {n for n in METHODS if not get_method(n).starts_at_base} == {"lora_sb", "nlora", "inttune"}
-    assert get_method("loldu").alpha_over_rank == 0.25 and get_method("lora_ga").alpha_over_rank == 2.0
+    assert get_method("loldu").default_alpha == 1.0 and get_method("lora_ga").alpha_over_rank == 2.0
 
 
 # ---------------------------------------------------------------- effective weight against a dense reference
@@ -273,6 +274,56 @@ def test_loldu_factors_are_an_ldu_decomposition(layer_name):
     assert np.abs(p["lora_B"]).max() <= 1 + 1e-12                                              # partial pivoting
     np.testing.assert_array_equal(p["loldu_z"], p["loldu_d"])                                  # z starts at D_r
     assert torch.equal(layer.weight, base_weight(layer))
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_loldu_default_scale_is_the_references_alpha_one(rank):
+    """SKDDJ/LoLDU keeps lora_alpha = 1 at every rank: W_eff = W0 + (1/r) P L_r diag(z - D_r) U_r (scipy's LU)."""
+    import scipy.linalg
+
+    layer = nn.Linear(12, 10)
+    m = layer.weight.detach().numpy().copy()
+    inject_layer(layer, AdapterConfig("loldu", rank=rank))
+    z = np.random.default_rng(rank).normal(size=rank)
+    with torch.no_grad():
+        adapters_of(layer).loldu_z.copy_(torch.from_numpy(z))
+    p, lower, upper = scipy.linalg.lu(m)
+    d = np.diag(upper)
+    expected = m + (1.0 / rank) * (p @ lower)[:, :rank] @ np.diag(z - d[:rank]) @ (upper / d[:, None])[:rank]
+    np.testing.assert_allclose(layer.weight.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_lora_sb_needs_the_schedules_warmup(tmp_path):
+    """eta = lr / warmup_steps depends on the run's schedule: no default (a default of 1 was 20-100x the reference).
+    The initialisation refuses to start without it; a trained adapter saved without it still loads."""
+    from medlora.adapters.config import AdapterConfigError
+
+    calls = []
+
+    def counting_loss(m, x):
+        calls.append(1)
+        return half_mse(m, x)
+
+    for options in ({}, {"warmup_steps": 0}):
+        model = inject_layer(nn.Linear(6, 5), AdapterConfig("lora_sb", rank=2, options=options))
+        one_line = r"^lora_sb: options.warmup_steps must be given as a positive number[^\n]*$"
+        with pytest.raises(AdapterConfigError, match=one_line):
+            initialise_from_data(model, batches_for((3, 6)), counting_loss)
+        assert calls == [] and torch.isnan(adapters_of(model[0]).lora_R).all()  # nothing computed or changed
+    with torch.no_grad():  # stand-in for a trained adapter of an older file
+        for p in adapters_of(model[0]).parameters():
+            p.copy_(torch.randn_like(p))
+    fresh = nn.Linear(6, 5)
+    fresh.load_state_dict({"weight": base_weight(model[0]).detach(), "bias": model[0].bias.detach()})
+    loaded = load_adapter(nn.Sequential(fresh), save_adapter(model, tmp_path / "sb.safetensors"))
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # from a schedule as the reference's train_arithmetic.py: eff_lr = lr / (warmup_ratio * total_training_steps)
+    options = get_method("lora_sb").schedule_options(1e-4, 1000)
+    layer, plain, batches, loss_fn = adapt_layer("lora_sb", "linear", rank=2, **options)
+    u, sv, vt = svd_np(-(1e-4 / (0.02 * 1000)) * np.sign(plain_gradient(plain, batches, loss_fn)))
+    best = (u[:, :2] * sv[:2]) @ vt[:2]
+    np.testing.assert_allclose(eff_canonical(layer), w0_canonical(layer) + best, atol=1e-12)
 
 
 @pytest.mark.parametrize("layer_name", list(LAYERS))
@@ -412,7 +463,7 @@ def test_save_load_round_trip_is_bitwise(method, tmp_path):
 
 @pytest.mark.parametrize("method", sorted(DATA_METHODS))
 def test_data_methods_refuse_to_run_uninitialised(method):
-    model = inject(Toy(), AdapterConfig(method, rank=2))
+    model = inject(Toy(), AdapterConfig(method, rank=2, options=REQUIRED.get(method, {})))
     with pytest.raises(RuntimeError, match=r"initialise_from_data\(model, batches, loss_fn\)"):
         model(toy_data()[0])
 
@@ -445,7 +496,7 @@ def test_initialise_from_data_restores_flags_and_respects_max_batches():
 
 
 def test_initialise_from_data_names_layers_without_gradient():
-    model = inject(Toy(), AdapterConfig("lora_sb", rank=2))
+    model = inject(Toy(), AdapterConfig("lora_sb", rank=2, options=REQUIRED["lora_sb"]))
     with pytest.raises(ValueError, match=r"no gradient reached layer\(s\) up, fc"):
         initialise_from_data(model, toy_data(), lambda m, x: m.conv(x).sum())
     with pytest.raises(ValueError, match="yielded no batch"):
@@ -463,7 +514,7 @@ def test_rank_limits_are_clear_errors():
 def test_half_precision_weights(method):
     """SVD/LU run in float32 for bfloat16 weights; the factors come back in the weight's dtype."""
     model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8)).to(torch.bfloat16)
-    inject(model, AdapterConfig(method, rank=2))
+    inject(model, AdapterConfig(method, rank=2, options=REQUIRED.get(method, {})))
     x = torch.randn(6, 12, dtype=torch.bfloat16)
     with torch.no_grad():
         initialise_from_data(model, [x], lambda m, b: m(b).float().pow(2).mean())

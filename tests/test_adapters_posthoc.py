@@ -126,6 +126,15 @@ def test_squeeze_is_the_best_rank_k_approximation():
 
 
 def test_squeeze_refuses_other_methods_and_keeps_low_ranks():
+    from medlora.adapters import list_methods
+
+    squeezable = set()
+    for method in list_methods():
+        options = {"warmup_steps": 2.0} if method == "lora_sb" else {}
+        layer = inject(nn.Sequential(nn.Linear(8, 8)), AdapterConfig(method, rank=2, options=options))[0]
+        if adapters_of(layer).rank_factors() is not None:
+            squeezable.add(method)
+    assert squeezable == {"lora", "dora"}
     model = base_model()
     inject(model, AdapterConfig("bone", rank=2, targets=["0"]))
     with pytest.raises(ValueError, match="bone"):
@@ -134,6 +143,69 @@ def test_squeeze_refuses_other_methods_and_keeps_low_ranks():
     inject(model, AdapterConfig("lora", rank=2))
     a = adapters_of(model[0]).lora_A
     assert squeeze(model, 4) == {} and adapters_of(model[0]).lora_A is a and a.shape[0] == 2
+
+
+def head_model() -> nn.Module:
+    """A segmentation tail: a 6-output convolution and a 2-class 1x1x1 head (both below rank 8 on the output side)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(99)
+        return nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv3d(6, 2, 1))
+
+
+def _check_file_and_peft(model: nn.Module, path) -> None:
+    """The saved file loads onto a fresh base with the same outputs, and PEFT computes them from its export."""
+    peft = pytest.importorskip("peft")
+    from medlora.adapters import export_peft
+
+    x = torch.randn(1, 3, 4, 4, 4)
+    save_adapter(model, path)
+    fresh = load_adapter(head_model(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    export_peft(model, path.parent / "peft")
+    theirs = peft.PeftModel.from_pretrained(head_model(), str(path.parent / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["exact", "randomized", "annealer"])
+def test_squeeze_below_a_layers_dimensions_gives_it_its_full_rank(how, tmp_path):
+    """Rank 8 squeezed to 4: the 6-output conv gets rank 4, the 2-class head rank 2 (all its update has)."""
+    model = head_model()
+    inject(model, AdapterConfig("lora", rank=8, alpha=16))
+    set_low_rank_update(model, true_rank=8)
+    layers = [model[0], model[2]]
+    dense = [s * b @ a for b, a, s in (factors_np(layer) for layer in layers)]
+    if how == "annealer":
+        optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        annealer = RankAnnealer(model, RankSchedule(8, 4, end_step=2), optimizers=[optimiser])
+        for step in (1, 2):
+            annealer.step(step)
+    else:
+        squeeze(model, 4, method=how, generator=torch.Generator().manual_seed(0))
+    for layer, full, rank in zip(layers, dense, (4, 2), strict=True):
+        b, a, _ = factors_np(layer)
+        assert a.shape[0] == b.shape[1] == rank == adapters_of(layer).config.rank
+        np.testing.assert_allclose(delta_np(layer), best_rank_k(full, rank), rtol=1e-8, atol=1e-8)
+    _check_file_and_peft(model, tmp_path / "squeezed.safetensors")
+
+
+def test_linear_merge_to_a_rank_above_a_layers_dimensions(tmp_path):
+    paths, dense = [], []
+    for seed in (1, 2):
+        model = head_model()
+        inject(model, AdapterConfig("lora", rank=8, alpha=8))
+        torch.manual_seed(seed)
+        set_low_rank_update(model, true_rank=8)
+        dense.append([delta_np(model[0]), delta_np(model[2])])
+        paths.append(save_adapter(model, tmp_path / f"{seed}.safetensors"))
+    out = merge_adapters(paths, "linear", [0.7, 0.3], rank=4, out=tmp_path / "merged.safetensors")
+    merged = load_adapter(head_model(), out)
+    for i, (layer, rank) in enumerate(((merged[0], 4), (merged[2], 2))):
+        assert adapters_of(layer).config.rank == rank == factors_np(layer)[1].shape[0]
+        reference = best_rank_k(0.7 * dense[0][i] + 0.3 * dense[1][i], rank)
+        np.testing.assert_allclose(delta_np(layer), reference, rtol=1e-9, atol=1e-9)
+    _check_file_and_peft(merged, tmp_path / "again.safetensors")
 
 
 def test_rank_schedule_values():

@@ -109,7 +109,7 @@ def ref_matryoshka(w, p, s, rank, opts, active=None):
     a, b = p["lora_A"], p["lora_B"]
     if active is not None:
         return w + s * g(active) * b[:, :active] @ a[:active]
-    ranks = opts.get("train_ranks") or list(range(1, rank + 1))
+    ranks = opts.get("train_ranks") or sorted({2**i for i in range(8) if 2**i <= rank} | {rank})
     delta = np.zeros_like(w)
     for r in ranks:  # the "binary" form: a sum over the nested ranks; "diag" is |S| times it
         delta += g(r) * b[:, :r] @ a[:r]
@@ -159,6 +159,60 @@ def reference_weight(layer, method, opts, rank, active=None):
         kwargs["kernel"] = int(np.prod(w0.shape[2:]))
     ref = REFS[method](w0.reshape(w0.shape[0], -1), params, reparam.scaling, rank, opts, **kwargs)
     return from_canonical_np(ref.reshape(w0.shape), layer)
+
+
+def official_diag_mask(rank: int, train_ranks: list[int], scaling: str) -> list[float]:
+    """IST-DASLab/MatryoshkaLoRA ``MatryoshkaLayer._create_masks`` for mask_type "diag" (Algorithm 1), transcribed."""
+    get_scale = _scale_fn(scaling)
+    mapping, d, p = {}, [0] * rank, [0] * rank
+    c, n = 0, len(train_ranks)
+    for r in range(rank, 0, -1):
+        i = r - 1
+        if r in train_ranks:
+            c += 1
+        d[i] = c
+        if c not in mapping:
+            mapping[c] = sum(get_scale(train_ranks[j]) for j in range(n - c, n))
+    for i in range(rank):
+        p[i] = mapping[d[i]]
+    return p
+
+
+@pytest.mark.parametrize("rank", [32, 8, 12])
+def test_matryoshka_defaults_are_the_authors_script(rank):
+    """scripts/bash_run.sh: TRAIN_EVAL_RANKS=1,2,4,...,256 with ranks above R removed (config.py), --lora_scaling
+    sqrt, mask diag. At R = 12 (not a power of two) medlora adds R to S so that components 9..12 train."""
+    train_ranks = sorted(r for r in map(int, "1,2,4,8,16,32,64,128,256".split(",")) if r <= rank)
+    if rank == 12:
+        train_ranks.append(12)
+    layer = nn.Linear(20, 10)
+    inject(nn.Sequential(layer), AdapterConfig("matryoshka", rank=rank))
+    reparam = adapters_of(layer)
+    randomise(reparam)
+    a, b = reparam.lora_A.detach().numpy(), reparam.lora_B.detach().numpy()
+    # the official forward x @ (A * P) @ B with its A = our A^T, B = our B^T: dW = B diag(P) A
+    expected = b @ np.diag(official_diag_mask(rank, train_ranks, "sqrt")) @ a
+    dw = (layer.weight - base_weight(layer)).detach().numpy()
+    np.testing.assert_allclose(dw, expected, rtol=1e-12, atol=1e-12)
+    assert reparam.scaling == 1.0
+
+
+def test_bd_lora_block_diagonal_a_is_initialised_as_peft():
+    """PEFT's BD-LoRA (BlockDiagonalLinear) draws its A blocks kaiming-uniform with a = 0: bound sqrt(6 n / F)."""
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(512, 64))
+    config = peft.LoraConfig(r=16, target_modules=["proj"],
+                             use_bdlora=peft.BdLoraConfig(target_modules_bd_a=["proj"], nblocks=2))
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    their_a = theirs.base_model.model.proj.lora_A["default"].weight.detach()
+    inject(base, AdapterConfig("bd_lora", rank=16, options={"nblocks": 2, "block_diagonal": "A"}))
+    our_a = adapters_of(base.proj).bd_A.detach()
+    assert our_a.shape == their_a.shape == (16, 256)
+    bound = math.sqrt(6.0 / 256)
+    for a in (our_a, their_a):
+        assert 0.99 * bound < a.abs().max() <= bound
+        assert a.std() == pytest.approx(bound / math.sqrt(3), rel=0.04)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=_case_id)

@@ -38,6 +38,27 @@ class Reparam(nn.Module):
     def detach(self, module: nn.Module) -> None:
         """Called by ``merge``/``remove`` before this reparameterisation leaves ``module``; undoes ``attach``."""
 
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        """The factors a training rule (:mod:`medlora.adapters.optim`) may treat as plain LoRA pairs.
+
+        Each ``(A, B, s)`` promises that this layer's update is ``s * unfold(B @ A)`` plus terms that do not depend
+        on ``A`` or ``B``, with ``unfold`` a fixed rearrangement of entries (``A: r x n``, ``B: m x r``). A method
+        declares its pairs by overriding this; the default is none, and the pair rules refuse a method without
+        any (a nested-rank, three-factor or frozen-factor method is not a plain pair, whatever its tensors are
+        called). Registering with ``lora_pair=True`` says the same for the method table and for checks made before
+        a model is built.
+        """
+        return []
+
+    def rank_factors(self) -> Reparam | None:
+        """The module holding plain LoRA factors that post-hoc rank tools may replace by factors of another rank.
+
+        The returned module has ``lora_A`` (``r x F``), ``lora_B`` (``O x r``) and ``scaling``, with this layer's
+        update ``scaling * (B @ A).view(W.shape)`` and nothing else tied to r, so that :func:`medlora.adapters.squeeze`
+        can swap in rank-k factors and record rank k in ``config``. Default: none (``squeeze`` refuses the method).
+        """
+        return None
+
     def extra_repr(self) -> str:
         return f"method={self.config.method!r}, rank={self.config.rank}"
 
@@ -69,3 +90,17 @@ def kaiming_uniform_like_lora(rows: int, cols: int, *, like: torch.Tensor) -> nn
 
 def zeros_param(*shape: int, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, dtype=like.dtype, device=like.device))
+
+
+def frozen(*shape: int, like: torch.Tensor, fill: float = float("nan")) -> nn.Parameter:
+    """A tensor that belongs to an adapter (saved with it) but never trains."""
+    return nn.Parameter(torch.full(shape, fill, dtype=like.dtype, device=like.device), requires_grad=False)
+
+
+def check_rank(method: str, rank: int, limit: int, w0: torch.Tensor, what: str = "min(O, I*prod k)") -> None:
+    """A one-line ``ValueError`` when a method's rank exceeds what the weight allows."""
+    if rank > limit:
+        raise ValueError(
+            f"{method}: rank {rank} is too large for a weight of shape {tuple(w0.shape)} (at most {what} = {limit}); "
+            "lower the rank or exclude the layer"
+        )

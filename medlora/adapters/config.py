@@ -16,6 +16,12 @@ from typing import Any
 
 import torch
 
+from ..errors import MedloraError
+
+
+class AdapterConfigError(MedloraError, ValueError):
+    """An adapter configuration that cannot be used as given (the CLI reports it in one line)."""
+
 
 def option(default: Any, help: str) -> Any:
     """A dataclass field with help text (shown by ``describe_method`` and ``medlora adapters``)."""
@@ -38,8 +44,14 @@ class MethodSpec:
     options_cls: type
     summary: str
     citation: str
+    # Display name in tables and reports (the paper's spelling, e.g. "CP-LoRA"); default: the registered name.
+    label: str = ""
+    # The form of the update, one of FAMILIES (a DoRA wrapper takes its inner method's), for grouping in reports.
+    family: str = ""
     # Default alpha as a multiple of rank when the user gives none (e.g. LoRA-C's paper: alpha/r = 2).
     alpha_over_rank: float = 1.0
+    # A default alpha that does not grow with the rank (LoLDU's alpha = 1, i.e. s = 1/r); None: alpha_over_rank.
+    default_alpha: float | None = None
     # True when the adapted weight equals W0 exactly at initialisation.
     starts_at_base: bool = True
     uses_rank: bool = True
@@ -50,7 +62,21 @@ class MethodSpec:
     layer_types: str = "Linear, ConvNd, ConvTransposeNd"
     # Builds state shared by all layers of one inject() call (see medlora.adapters.shared); None: none.
     build_shared: Callable[..., torch.nn.Module] | None = None
+    # True when the method's layers declare a plain LoRA pair dW = s B A (Reparam.rule_pairs), which the
+    # training rules of medlora.adapters.optim (LoRA-Pro, AltLoRA, ...) may update.
+    lora_pair: bool = False
+    # Options that depend on the training schedule, schedule_options(lr, total_steps) -> dict (LoRA-SB's
+    # warm-up step); a runner that knows its schedule merges them under the user's options. None: none.
+    schedule_options: Callable[[float, int], dict[str, Any]] | None = None
 
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
+
+# The families of update form, as the README groups the methods: the seed paper's low-rank, CP and spectral
+# methods; initialisations; shared or random bases; structured updates; nested-rank training.
+FAMILIES = ("low-rank", "cp", "spectral", "initialisation", "shared-basis", "structure", "nested-rank")
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
@@ -61,13 +87,18 @@ def register_method(
     options: type = NoOptions,
     summary: str,
     citation: str,
+    label: str | None = None,
+    family: str,
     alpha_over_rank: float = 1.0,
+    default_alpha: float | None = None,
     starts_at_base: bool = True,
     uses_rank: bool = True,
     mergeable: bool = True,
     trains: str = "",
     layer_types: str = "Linear, ConvNd, ConvTransposeNd",
     shared: Callable[..., torch.nn.Module] | None = None,
+    lora_pair: bool = False,
+    schedule_options: Callable[[float, int], dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., torch.nn.Module]], Callable[..., torch.nn.Module]]:
     """Register a method under ``name``; the decorated callable builds one layer's reparameterisation.
 
@@ -78,24 +109,36 @@ def register_method(
     ``shared``, if given, is called once per ``inject`` as ``shared(layers, config)`` with ``layers`` the
     selected ``(name, canonical w0, per-layer AdapterConfig)`` in module order; it returns a
     :class:`medlora.adapters.shared.SharedState` that every layer's builder then receives as ``shared=``.
+
+    ``label`` is the display name (default ``name``) and ``family`` one of :data:`FAMILIES`.
+    ``lora_pair=True`` declares that the method's layers expose a plain LoRA pair to the training rules (their
+    reparameterisation overrides :meth:`medlora.adapters.base.Reparam.rule_pairs`). ``schedule_options(lr,
+    total_steps)`` gives the options a method derives from the training schedule (LoRA-SB's warm-up step).
     """
 
     def decorator(build: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"adapter method {name!r} is already registered")
+        if family not in FAMILIES:
+            raise ValueError(f"adapter method {name!r}: family must be one of {', '.join(FAMILIES)}, got {family!r}")
         _REGISTRY[name] = MethodSpec(
             name=name,
             build=build,
             options_cls=options,
             summary=summary,
             citation=citation,
+            label=label or name,
+            family=family,
             alpha_over_rank=alpha_over_rank,
+            default_alpha=default_alpha,
             starts_at_base=starts_at_base,
             uses_rank=uses_rank,
             mergeable=mergeable,
             trains=trains,
             layer_types=layer_types,
             build_shared=shared,
+            lora_pair=lora_pair,
+            schedule_options=schedule_options,
         )
         return build
 
@@ -154,7 +197,7 @@ class AdapterConfig:
     alpha: float | None = field(
         default=None,
         metadata={"help": "scale numerator: dW is multiplied by alpha / rank; default: the method's "
-                  "recommended alpha/rank ratio times rank"},
+                  "recommended alpha/rank ratio times rank (or its fixed default alpha, e.g. LoLDU's 1)"},
     )
     targets: list[str] | str | None = field(
         default=None, metadata={"help": "layer-name patterns to adapt; None: every supported layer"}
@@ -219,7 +262,10 @@ class AdapterConfig:
         return get_method(self.method)
 
     def resolved_alpha(self) -> float:
-        return float(self.alpha) if self.alpha is not None else self.spec.alpha_over_rank * self.rank
+        if self.alpha is not None:
+            return float(self.alpha)
+        spec = self.spec
+        return float(spec.default_alpha) if spec.default_alpha is not None else spec.alpha_over_rank * self.rank
 
     def scaling(self) -> float:
         """The factor ``s`` applied to a low-rank update: alpha/r, or alpha/sqrt(r) with rsLoRA."""

@@ -43,6 +43,9 @@ class DataInitReparam:
     _checked = False     # True once the marker was seen finite (after init or after loading)
     _registered = False  # torch evaluates a parametrization once when registering it (a shape check)
 
+    def check_data_init(self) -> None:
+        """Raise (one line) if an option the initialisation needs is missing; called before any gradient is taken."""
+
     def init_from_gradient(self, grad: torch.Tensor, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -88,6 +91,8 @@ def initialise_from_data(
     targets = data_adapters(model)
     if not targets:
         return
+    for _, _, reparam in targets:  # before anything is computed or changed
+        reparam.check_data_init()
     originals = [module.parametrizations["weight"].original for _, module, _ in targets]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     sums = [torch.zeros(o.shape, dtype=torch.promote_types(o.dtype, torch.float32), device=o.device)

@@ -8,7 +8,8 @@ in every source that adapts it. The result is an ordinary ``lora`` adapter file 
 
 ``method="linear"``: the weighted sum, exactly, as one LoRA of rank ``sum r_j`` (``B = [w_j s_j B_j]``,
 ``A = [A_j]`` concatenated; the construction of PEFT's ``combination_type="cat"``); with ``rank=k`` it is
-compressed to its best rank-k approximation (SVD of the factored sum).
+compressed to its best rank-k approximation (SVD of the factored sum), of rank ``min(k, O, I*prod k)`` on a layer
+smaller than k (a 2-class head keeps rank 2; the file records each layer's own rank).
 
 ``method="lego"``: LoRA-LEGO (Zhao et al., "Merging LoRAs like Playing LEGO: Pushing the Modularity of
 LoRA to Extremes Through Rank-Wise Clustering", ICLR 2025, arXiv 2409.16167). Every rank-1 component
@@ -34,10 +35,10 @@ from typing import Any
 
 import torch
 
+from ._linalg import factored_svd
 from .config import AdapterConfig
 from .inject import layer_config
 from .io import EXTRA_PREFIX, adapter_metadata, merged_base_record, read_adapter_file, write_adapter_file
-from .squeeze import factored_svd
 
 Source = str | os.PathLike | tuple[dict[str, Any], dict[str, torch.Tensor]]
 

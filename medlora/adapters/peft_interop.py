@@ -10,8 +10,9 @@ vector. Nothing here imports PEFT: files are written and read directly, so PEFT 
 whoever loads them there.
 
 PEFT's ``vera``, ``randlora`` and ``unilora`` formats (peft 0.21) are covered too, for Linear and transformers'
-Conv1D layers (the only layers PEFT gives these methods); see the section at the end of this module. Convolutions
-adapted with them in medlora raise a ``ValueError`` on export: PEFT has no such layer to load them into.
+Conv1D layers (the only layers PEFT gives these methods): the generic part is the section at the end of this
+module, what is particular to each is a :class:`PeftFormat` its method file registers. Convolutions adapted with
+them in medlora raise a ``ValueError`` on export: PEFT has no such layer to load them into.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +81,17 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     if not adapted:
         raise ValueError("the model has no adapters to export")
     methods = {r.config.method for _, _, r in adapted}
-    if len(methods) == 1 and next(iter(methods)) in _SHARED_METHODS:
-        config, tensors = _export_shared(adapted, next(iter(methods)))
+    formats = peft_formats()
+    if len(methods) == 1 and next(iter(methods)) in formats:
+        method = next(iter(methods))
+        config, tensors = _export_shared(adapted, method, formats[method])
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(tensors, directory / WEIGHTS_NAME, {"format": "pt"})
         atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
         return directory
     if not methods <= set(_PEFT_METHODS) or len(methods) > 1:
         raise ValueError(
-            f"PEFT export supports one of {sorted(_PEFT_METHODS)} (or of {sorted(_SHARED_METHODS)}) per file; "
+            f"PEFT export supports one of {sorted(_PEFT_METHODS)} (or of {sorted(formats)}) per file; "
             f"this model holds {sorted(methods)}"
         )
     rslora = {r.config.use_rslora for _, _, r in adapted}
@@ -175,11 +180,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     except json.JSONDecodeError as exc:
         raise AdapterFileError(f"{config_path}: invalid JSON ({exc})") from None
     peft_type = config.get("peft_type")
-    if peft_type in _SHARED_TYPES:
-        return _import_shared(model, config, _read_peft_tensors(weights_path), config_path, weights_path)
+    shared_format = _format_by_type(peft_type)
+    if shared_format is not None:
+        return _import_shared(model, *shared_format, config, _read_peft_tensors(weights_path), config_path,
+                              weights_path)
     if peft_type != "LORA":
-        raise AdapterFileError(f"{config_path}: peft_type {peft_type!r}; LORA, VERA, RANDLORA and UNILORA adapters "
-                               "import")
+        known = ", ".join(["LORA", *sorted(f.peft_type for f in peft_formats().values())])
+        raise AdapterFileError(f"{config_path}: peft_type {peft_type!r}; {known} adapters import")
     for key, allowed in _UNSUPPORTED_KEYS.items():
         if config.get(key, allowed[0]) not in allowed:
             raise AdapterFileError(f"{config_path}: {key}={config[key]!r} is not supported by medlora")
@@ -243,33 +250,66 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# VeRA, RandLoRA and Uni-LoRA (PEFT 0.21 ``peft_type`` VERA, RANDLORA, UNILORA)
+# Methods whose layers share one state (PEFT 0.21 ``peft_type`` VERA, RANDLORA, UNILORA)
 #
-# Their math is the same in both libraries (see the method modules): VeRA ``(lambda_b B) (lambda_d A)`` with no
-# scale, RandLoRA ``s B.flatten(1) @ (lambda A gamma).flatten(0, 1)`` (transposed when in > out), Uni-LoRA
-# ``B @ A`` read from one vector. PEFT applies them to Linear and transformers' Conv1D only, so only those layers
-# export; all layers must come from one ``inject`` call (one shared state) with one rank. Shared tensors are
-# written as PEFT writes them (``base_model.vera_A``, ``base_model.randlora_A`` plus its per-layer copies,
-# ``base_model.unilora_theta_d``); exports always include the bases (``save_projection``) and Uni-LoRA's
-# indices and scales (``save_indices``), so the file does not depend on either library's random generators.
-# Imports without them regenerate them from the seed, which gives PEFT's numbers (same generator calls).
+# The generic part lives here: PEFT applies these types to Linear and transformers' Conv1D only, so only those layers
+# export; all layers must come from one ``inject`` call (one shared state) with one rank, alpha and option set; the
+# shared tensors go under ``base_model.<key>`` and each layer's under ``base_model.model.<layer>.<key>``. What is
+# particular to a method (its PEFT type, tensor names, config entries and how they map to medlora's options) is a
+# :class:`PeftFormat` registered by the method's own file with :func:`register_peft_format`.
 
-_SHARED_METHODS = {"vera": "VERA", "randlora": "RANDLORA", "unilora": "UNILORA"}
-_SHARED_TYPES = {v: k for k, v in _SHARED_METHODS.items()}
-_PER_LAYER_KEYS = {
-    "vera": ("vera_lambda_b", "vera_lambda_d"),
-    "randlora": ("randlora_lambda", "randlora_gamma"),
-    "unilora": ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
-}
-_GLOBAL_KEYS = {"vera": ("vera_A", "vera_B"), "randlora": ("randlora_A", "randlora_B"), "unilora": ("unilora_theta_d",)}
-_PEFT_DEFAULT_RANK = {"vera": 256, "randlora": 32, "unilora": 4}
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How one medlora method reads and writes a PEFT ``peft_type`` whose layers share state.
+
+    ``layer_keys``: the per-layer tensors PEFT stores; ``shared_keys``: the model-wide ones (attributes of the
+    method's shared state). ``config(adapter_config)`` gives the method's own ``adapter_config.json`` entries and
+    ``import_options(peft_config)`` the medlora ``(options, alpha)`` back. ``layer_tensors(reparam, shared)``
+    (default: the reparameterisation's ``layer_keys`` attributes) are the tensors written per layer, and
+    ``load_layers(adapted, per_layer, shared, copy)`` (default: copied into those attributes) reads them back;
+    ``copy(target, source, what)`` checks the shape. ``targets_from_config``: without per-layer tensors in the file
+    the layers come from ``target_modules`` (a file saved without them, e.g. Uni-LoRA's ``save_indices=False``).
+    """
+
+    peft_type: str
+    layer_keys: tuple[str, ...]
+    shared_keys: tuple[str, ...]
+    default_rank: int
+    config: Callable[[AdapterConfig], dict[str, Any]]
+    import_options: Callable[[dict[str, Any]], tuple[dict[str, Any], float | None]]
+    layer_tensors: Callable[[nn.Module, nn.Module], dict[str, torch.Tensor]] | None = None
+    load_layers: Callable[..., None] | None = None
+    targets_from_config: bool = False
+
+
+_FORMATS: dict[str, PeftFormat] = {}
+
+
+def register_peft_format(method: str, fmt: PeftFormat) -> None:
+    """Register the PEFT format of a shared-state method (called by the method's own file)."""
+    if method in _FORMATS:
+        raise ValueError(f"a PEFT format for {method!r} is already registered")
+    _FORMATS[method] = fmt
+
+
+def peft_formats() -> dict[str, PeftFormat]:
+    """``{method: PeftFormat}`` of the registered shared-state methods (the built-in methods loaded first)."""
+    from .config import list_methods
+
+    list_methods()
+    return dict(_FORMATS)
+
+
+def _format_by_type(peft_type: Any) -> tuple[str, PeftFormat] | None:
+    return next(((m, f) for m, f in peft_formats().items() if f.peft_type == peft_type), None)
 
 
 def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
 
 
-def _export_shared(adapted: list, method: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _export_shared(adapted: list, method: str, fmt: PeftFormat) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     problems = [f"{name}: PEFT's {method} adapts Linear and transformers' Conv1D only, not "
                 f"{type(m).__name__.replace('Parametrized', '')}" for name, m, _ in adapted if not _linear_like(m)]
     if problems:
@@ -291,10 +331,9 @@ def _export_shared(adapted: list, method: str) -> tuple[dict[str, Any], dict[str
     kinds = {_is_hf_conv1d(m) for _, m, _ in adapted}
     if len(kinds) > 1:
         raise ValueError("PEFT export needs all layers to be nn.Linear or all transformers Conv1D (fan_in_fan_out)")
-    opts = cfgs[0].method_options()
     shared = states[0]
     config: dict[str, Any] = {
-        "peft_type": _SHARED_METHODS[method],
+        "peft_type": fmt.peft_type,
         "task_type": None,
         "base_model_name_or_path": None,
         "r": cfgs[0].rank,
@@ -304,39 +343,16 @@ def _export_shared(adapted: list, method: str) -> tuple[dict[str, Any], dict[str
         "modules_to_save": None,
         "init_weights": True,
         "inference_mode": True,
+        **fmt.config(cfgs[0]),
     }
     tensors: dict[str, torch.Tensor] = {}
-
-    def put(key: str, value: torch.Tensor) -> None:
-        tensors[key] = value.detach().clone().contiguous()  # safetensors refuses shared storage
-
-    if method in ("vera", "randlora"):
-        config.update(projection_prng_key=opts.seed, save_projection=True)
-        if method == "vera":
-            config.update(vera_dropout=0.0, d_initial=opts.d_initial)
-        else:
-            config.update(randlora_alpha=cfgs[0].resolved_alpha(), randlora_dropout=0.0, sparse=opts.sparse,
-                          very_sparse=opts.very_sparse)
-        for name, _, reparam in adapted:
-            for key in _PER_LAYER_KEYS[method]:
-                put(f"{PREFIX}{name}.{key}", getattr(reparam, key))
-            if method == "randlora":  # PEFT also writes each layer's view of the shared bases
-                for key in _GLOBAL_KEYS[method]:
-                    put(f"{PREFIX}{name}.{key}", getattr(shared, key))
-        for key in _GLOBAL_KEYS[method]:
-            put(f"base_model.{key}", getattr(shared, key))
-    else:
-        config.update(theta_d_length=opts.theta_d_length, proj_seed=opts.seed, init_theta_d_bound=opts.init_bound,
-                      save_indices=True, unilora_dropout=0.0)
-        put("base_model.unilora_theta_d", shared.unilora_theta_d)
-        for name, _, reparam in adapted:
-            start, stop = reparam.offset, reparam.offset + reparam.size_A + reparam.size_B
-            idx_a, idx_b = shared.unilora_indices[start:stop].split([reparam.size_A, reparam.size_B])
-            sc_a, sc_b = shared.unilora_scales[start:stop].split([reparam.size_A, reparam.size_B])
-            put(f"{PREFIX}{name}.unilora_indices_A", idx_a.view(reparam.rank, reparam.fan_in))
-            put(f"{PREFIX}{name}.unilora_indices_B", idx_b.view(-1, reparam.rank))
-            put(f"{PREFIX}{name}.unilora_scales_A", sc_a.view(reparam.rank, reparam.fan_in))
-            put(f"{PREFIX}{name}.unilora_scales_B", sc_b.view(-1, reparam.rank))
+    for name, _, reparam in adapted:
+        own = (fmt.layer_tensors(reparam, shared) if fmt.layer_tensors is not None
+               else {key: getattr(reparam, key) for key in fmt.layer_keys})
+        for key, value in own.items():
+            tensors[f"{PREFIX}{name}.{key}"] = value.detach().clone().contiguous()  # safetensors refuses shared storage
+    for key in fmt.shared_keys:
+        tensors[f"base_model.{key}"] = getattr(shared, key).detach().clone().contiguous()
     return config, tensors
 
 
@@ -357,28 +373,27 @@ def _peft_target_names(model: nn.Module, target_modules: Any) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
 
 
-def _import_shared(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   config_path: Path, weights_path: Path) -> nn.Module:
-    method = _SHARED_TYPES[config["peft_type"]]
+def _import_shared(model: nn.Module, method: str, fmt: PeftFormat, config: dict[str, Any],
+                   tensors: dict[str, torch.Tensor], config_path: Path, weights_path: Path) -> nn.Module:
     for key, allowed in (("modules_to_save", (None, [])), ("bias", ("none",)), ("layers_to_transform", (None,)),
                          ("exclude_modules", (None, [], ""))):
         if config.get(key, allowed[0]) not in allowed:
             raise AdapterFileError(f"{config_path}: {key}={config[key]!r} is not supported by medlora")
-    per_layer_keys, global_keys = _PER_LAYER_KEYS[method], _GLOBAL_KEYS[method]
-    pattern = re.compile(r"^base_model\.model\.(.+)\.(" + "|".join(per_layer_keys + global_keys) + r")$")
+    layer_keys, shared_keys = fmt.layer_keys, fmt.shared_keys
+    pattern = re.compile(r"^base_model\.model\.(.+)\.(" + "|".join(layer_keys + shared_keys) + r")$")
     per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     shared_tensors: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         match = pattern.match(key)
-        if key.startswith("base_model.") and key[len("base_model."):] in global_keys:
+        if key.startswith("base_model.") and key[len("base_model."):] in shared_keys:
             shared_tensors[key[len("base_model."):]] = value
-        elif match is not None and match.group(2) in per_layer_keys:
+        elif match is not None and match.group(2) in layer_keys:
             per_layer[match.group(1)][match.group(2)] = value
         elif match is None:  # (a per-layer copy of a shared basis, as RandLoRA writes, is skipped)
             raise AdapterFileError(f"{weights_path}: unexpected tensor {key!r} for a {config['peft_type']} adapter")
     modules = dict(model.named_modules())
     order = [n for n in modules if n in per_layer]
-    if method == "unilora" and not per_layer:  # indices not saved: the layers come from target_modules
+    if fmt.targets_from_config and not per_layer:
         order = _peft_target_names(model, config.get("target_modules"))
     missing = sorted(set(per_layer) - set(modules))
     if missing:
@@ -389,23 +404,11 @@ def _import_shared(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
         if not _linear_like(modules[name]):
             raise AdapterFileError(f"{weights_path}: {name} is a {type(modules[name]).__name__}; PEFT's {method} "
                                    "adapts Linear and transformers' Conv1D only")
-        if per_layer and set(per_layer[name]) != set(per_layer_keys):
+        if per_layer and set(per_layer[name]) != set(layer_keys):
             raise AdapterFileError(f"{weights_path}: layer {name!r} has tensors {sorted(per_layer[name])}, "
-                                   f"expected {sorted(per_layer_keys)}")
-    rank = int(config.get("r", _PEFT_DEFAULT_RANK[method]))
-    alpha = None
-    if method == "vera":
-        options = {"seed": config.get("projection_prng_key", 0), "d_initial": config.get("d_initial", 0.1),
-                   "save_projection": bool(config.get("save_projection", True))}
-    elif method == "randlora":
-        options = {"seed": config.get("projection_prng_key", 0), "sparse": bool(config.get("sparse", False)),
-                   "very_sparse": bool(config.get("very_sparse", False)),
-                   "save_projection": bool(config.get("save_projection", True))}
-        alpha = float(config.get("randlora_alpha", 640))
-    else:
-        options = {"theta_d_length": config.get("theta_d_length", 256), "seed": config.get("proj_seed", 42),
-                   "init_bound": config.get("init_theta_d_bound", 0.02),
-                   "save_indices": bool(config.get("save_indices", False))}
+                                   f"expected {sorted(layer_keys)}")
+    rank = int(config.get("r", fmt.default_rank))
+    options, alpha = fmt.import_options(config)
     from .inject import inject
 
     inject(model, AdapterConfig(method=method, rank=rank, alpha=alpha, options=options,
@@ -417,20 +420,15 @@ def _import_shared(model: nn.Module, config: dict[str, Any], tensors: dict[str, 
         if tuple(source.shape) != tuple(target.shape):
             raise AdapterFileError(f"{weights_path}: {what} has shape {tuple(source.shape)}, expected "
                                    f"{tuple(target.shape)} (different rank, seed-sized bases or layer set)")
-        target.copy_(source)
+        target.copy_(source.to(target.dtype))
 
     with torch.no_grad():
         for key, value in shared_tensors.items():
             copy(getattr(shared, key), value, f"base_model.{key}")
-        if method == "unilora":
-            if per_layer:
-                parts = [per_layer[n] for n, _, _ in adapted]
-                indices = torch.cat([p[f"unilora_indices_{f}"].flatten() for p in parts for f in "AB"])
-                scales = torch.cat([p[f"unilora_scales_{f}"].flatten() for p in parts for f in "AB"])
-                copy(shared.unilora_indices, indices, "unilora_indices")
-                copy(shared.unilora_scales, scales.to(shared.unilora_scales.dtype), "unilora_scales")
+        if fmt.load_layers is not None:
+            fmt.load_layers(adapted, per_layer, shared, copy)
         else:
             for name, _, reparam in adapted:
-                for key in per_layer_keys:
+                for key in layer_keys:
                     copy(getattr(reparam, key), per_layer[name][key], f"{name}.{key}")
     return model

@@ -6,7 +6,8 @@ Nested ranks (``dylora``, ``matryoshka``): :func:`set_active_rank` evaluates eve
 
 LoRA-Squeeze (arXiv 2602.10993, 2026): train a LoRA at a high source rank, then compress
 ``dW = s B A`` to a lower rank with a randomized SVD, ``B' = U_k sqrt(S_k / s')``, ``A' = sqrt(S_k / s') V_k^T``
-(``s'`` the scale at the new rank, so ``s' B' A'`` is the best rank-k approximation of ``dW``).
+(``s'`` the scale at the new rank, so ``s' B' A'`` is the best rank-k approximation of ``dW``), on the layers
+whose method hands out such factors (:meth:`medlora.adapters.base.Reparam.rank_factors`: ``lora`` and ``dora``).
 :func:`squeeze` does this post hoc ("Post-Squeeze"; keep training afterwards for "Cont-Squeeze");
 :class:`RankAnnealer` with a :class:`RankSchedule` lowers the rank step by step during training
 ("In-Squeeze"), from a plain loop (``annealer.step()`` after ``optimizer.step()``) or from Lightning
@@ -31,12 +32,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._linalg import factored_svd
 from .base import Reparam
 from .config import get_method
 from .inject import iter_adapters, layer_config
-from .methods.dora import DoRA
 from .methods.dylora import NestedRankLoRA
-from .methods.lora import LoRA
 
 # --- nested ranks -----------------------------------------------------------------------------------------
 
@@ -93,41 +93,6 @@ def parametrize_original(module: nn.Module) -> torch.Tensor:
 # --- LoRA-Squeeze ----------------------------------------------------------------------------------------
 
 
-def factored_svd(
-    b: torch.Tensor,
-    a: torch.Tensor,
-    rank: int,
-    *,
-    method: str = "randomized",
-    oversample: int = 8,
-    n_iter: int = 2,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD ``U, S, Vh`` of ``b @ a`` (``b: m x r``, ``a: r x n``) without forming the product."""
-    if method == "exact":
-        qb, rb = torch.linalg.qr(b)
-        qa, ra = torch.linalg.qr(a.t())
-        u, s, vh = torch.linalg.svd(rb @ ra.t())
-        return (qb @ u)[:, :rank], s[:rank], (vh @ qa.t())[:rank]
-    if method != "randomized":
-        raise ValueError(f"factored_svd: method must be 'randomized' or 'exact', got {method!r}")
-    width = min(rank + oversample, a.shape[1], b.shape[0])
-    omega = torch.randn(a.shape[1], width, dtype=a.dtype, device=a.device, generator=generator)
-    q = torch.linalg.qr(b @ (a @ omega)).Q
-    for _ in range(n_iter):  # power iterations sharpen the range when the spectrum decays slowly
-        q = torch.linalg.qr(a.t() @ (b.t() @ q)).Q
-        q = torch.linalg.qr(b @ (a @ q)).Q
-    u, s, vh = torch.linalg.svd((q.t() @ b) @ a, full_matrices=False)
-    return (q @ u)[:, :rank], s[:rank], vh[:rank]
-
-
-def _lora_of(reparam: Reparam) -> LoRA | None:
-    inner = reparam.inner if isinstance(reparam, DoRA) else reparam
-    if type(inner) is LoRA and inner.adapt_outputs is None:
-        return inner
-    return None
-
-
 def squeeze(
     model: nn.Module,
     rank: int,
@@ -142,7 +107,10 @@ def squeeze(
 
     ``alpha`` is kept (so the scale becomes ``alpha / rank``; with ``alpha=None`` the method's alpha/r ratio
     is kept); the factors absorb the difference. DoRA's
-    magnitude is unchanged. Layers already at or below ``rank`` are left alone; other methods are a
+    magnitude is unchanged. A layer with fewer outputs or inputs than ``rank`` (a segmentation head
+    ``Conv3d(C, 2, 1)``) gets rank ``min(rank, O, I*prod k)``, all its update can have; its configuration records
+    that rank, so the adapter file loads and exports like any other. Layers already at or below ``rank`` are left
+    alone; other methods are a
     ``ValueError`` (nested-rank methods: use :func:`truncate_rank`). The factors become new parameter
     objects: each squeezed parameter in ``optimizers`` is replaced by its successor (with fresh optimiser
     state); other holders of the old objects (an EMA copy, a hand-made parameter list) must be rebuilt.
@@ -152,14 +120,14 @@ def squeeze(
     if rank < 1:
         raise ValueError(f"squeeze: rank must be positive, got {rank}")
     adapted = list(iter_adapters(model))
-    unsupported = sorted({r.config.method for _, _, r in adapted if _lora_of(r) is None})
+    unsupported = sorted({r.config.method for _, _, r in adapted if r.rank_factors() is None})
     if unsupported:
-        raise ValueError(f"squeeze works on plain LoRA factors (methods lora, dora); the model also holds "
-                         f"{', '.join(unsupported)} (dylora/matryoshka: use truncate_rank)")
+        raise ValueError(f"squeeze works on plain LoRA factors (methods lora, dora: Reparam.rank_factors); the model "
+                         f"also holds {', '.join(unsupported)} (dylora/matryoshka: use truncate_rank)")
     optimizers = list(optimizers)
     errors: dict[str, float] = {}
     for name, _, reparam in adapted:
-        lora = _lora_of(reparam)
+        lora = reparam.rank_factors()
         assert lora is not None
         if lora.lora_A.shape[0] <= rank:
             continue
@@ -170,7 +138,7 @@ def squeeze(
             total = torch.sqrt(torch.trace((b.t() @ b) @ (a @ a.t())).clamp_min(0))
             kept = torch.sqrt((total**2 - (s**2).sum()).clamp_min(0))
             errors[name] = float(kept / total) if total > 0 else 0.0
-            config = dataclasses.replace(layer_config(reparam.config, name), rank=rank)
+            config = dataclasses.replace(layer_config(reparam.config, name), rank=s.numel())
             new_scaling = config.scaling()
             root = torch.sqrt(s / new_scaling)
             new_b, new_a = u * root, root[:, None] * vh
@@ -217,6 +185,9 @@ class RankSchedule:
 
 class RankAnnealer:
     """In-Squeeze: lowers the adapters' rank along a :class:`RankSchedule` while training.
+
+    Each rank change is a :func:`squeeze`, so a layer smaller than the scheduled rank (a 2-class head) holds
+    ``min(rank, O, I*prod k)``.
 
     Plain loop::
 

@@ -11,7 +11,11 @@
   just the parameter count.
 
 For a convolution with n | I the fan-in blocks are groups of whole input channels (columns are ordered
-input channel first, then kernel taps). A kaiming-uniform (a = sqrt 5) per block, B zeros: starts at W0.
+input channel first, then kernel taps). B starts at zero (dW = 0). A: with ``block_diagonal="A"`` as PEFT's
+``BlockDiagonalLinear`` (the stacked blocks, ``r x F/n``, kaiming-uniform with torch's default a = 0, bound
+``sqrt(6 n / F)``; the stacked layout is PEFT's weight layout); with ``"B"`` the dense A is PEFT's ``lora_A``
+(kaiming-uniform a = sqrt 5); with ``"both"`` each mini-LoRA's A is a LoRA A of its own (a = sqrt 5, fan-in F/n),
+as MeLoRA's mini-ensemble of ordinary LoRAs.
 The factors are stored compactly as ``bd_A`` (stacked ``A_i``) and ``bd_B`` (stacked ``B_i``), not as
 ``lora_A``/``lora_B``: they are not one dense ``r x F`` / ``O x r`` pair, so the LoRA-pair optimiser rules
 (LoRA-Pro, ...) do not apply to them.
@@ -44,6 +48,8 @@ def block_diag_stack(blocks: torch.Tensor) -> torch.Tensor:
 
 @register_method(
     "bd_lora",
+    label="BD-LoRA",
+    family="structure",
     options=BDLoRAOptions,
     summary="block-diagonal LoRA factors (MeLoRA mini-ensemble, or BD-LoRA with one block-diagonal factor); "
             "trainable r(O+F)/n (both) or r(O/n+F) / r(O+F/n)",
@@ -69,7 +75,10 @@ class BDLoRA(AdditiveReparam):
         self.nblocks, self.mode = n, mode
         a_blocked, b_blocked = mode in ("both", "A"), mode in ("both", "B")
         a_rows, a_cols = rank // n, fan_in // n
-        if a_blocked:  # n blocks of (r/n x F/n), stacked along rows
+        if mode == "A":  # PEFT's BlockDiagonalLinear: one (r x F/n) weight, kaiming-uniform with a = 0
+            a = torch.empty(rank, a_cols, dtype=w0.dtype, device=w0.device)
+            self.bd_A = nn.Parameter(nn.init.kaiming_uniform_(a))
+        elif a_blocked:  # n mini-LoRA A blocks of (r/n x F/n), stacked along rows
             self.bd_A = nn.Parameter(torch.cat([kaiming_uniform_like_lora(a_rows, a_cols, like=w0).data
                                                 for _ in range(n)]))
         else:

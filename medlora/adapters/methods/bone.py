@@ -40,6 +40,8 @@ class BoneOptions:
 
 @register_method(
     "bone",
+    label="Bone",
+    family="structure",
     options=BoneOptions,
     summary="Bone/MiSS: one shared r x O block tiled over the input axis of W (or block-affine 'bat'); "
             "trainable r*O (bat: O*r)",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import register_method
@@ -20,9 +21,12 @@ from ..config import register_method
 
 @register_method(
     "conv_lora",
+    label="convLoRA",
+    family="low-rank",
     summary="loralib ConvLoRA: rank r*k1, A (r*k1)x(I*k1), B (O*k2..kd)x(r*k1)",
     citation="Aleem et al. 2024 (ISBI), arXiv 2402.04964; microsoft/LoRA loralib ConvLoRA",
     trains="lora_A (r*k1 x I*k1), lora_B (O*k2..kd x r*k1)",
+    lora_pair=True,
 )
 class ConvLoRA(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:
@@ -31,6 +35,9 @@ class ConvLoRA(AdditiveReparam):
         k1 = kernel[0] if kernel else 1
         self.lora_A = kaiming_uniform_like_lora(rank * k1, in_channels * k1, like=w0)
         self.lora_B = zeros_param(out_channels * math.prod(kernel[1:]), rank * k1, like=w0)
+
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        return [(self.lora_A, self.lora_B, self.scaling)]
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(w0.shape) * self.scaling

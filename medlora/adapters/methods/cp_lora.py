@@ -34,6 +34,8 @@ class CPLoRAOptions:
 
 @register_method(
     "cp_lora",
+    label="CP-LoRA",
+    family="cp",
     options=CPLoRAOptions,
     summary="rank-R CP decomposition of dW over (O, I, k1..kd); trainable R(O + I + sum k)",
     citation="Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; CP: Kolda & Bader 2009",

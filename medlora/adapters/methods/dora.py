@@ -4,9 +4,10 @@ Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv 2402
 ``W_eff = m * V / ||V||`` with ``V = W0 + dW`` and the norm taken per output channel (over every axis but
 the output one, as PEFT's ``DoraConvNdLayer``), ``m`` initialised to ``||W0||``. The norm is detached from
 the graph by default (paper sec. 4.3; PEFT does the same), which saves memory and changes the gradient
-only through the norm. One wrapper serves every inner method: dora = DoRA(lora),
-dora_c = DoRA(lora_c), conv_dora = DoRA(conv_lora), cp_dora = DoRA(cp_lora), the last three as in
-Minoccheri, Hodgman et al. 2025 (arXiv 2508.01772).
+only through the norm. One wrapper serves every inner method (:func:`register_dora`): this file registers
+dora = DoRA(lora); ``dora_c.py``, ``conv_dora.py`` and ``cp_dora.py`` register DoRA(lora_c), DoRA(conv_lora)
+and DoRA(cp_lora), as in Minoccheri, Hodgman et al. 2025 (arXiv 2508.01772). A wrapper declares the inner
+method's LoRA pair (training rules then update the direction V as they would a LoRA; m trains with AdamW).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..base import AdditiveReparam, Reparam
 from ..config import get_method, option, register_method
-from . import conv_lora, cp_lora, lora, lora_c  # noqa: F401  (inner methods must be registered first)
+from . import lora  # noqa: F401  (the inner method must be registered first)
 
 
 @dataclass
@@ -40,6 +41,13 @@ class DoRA(Reparam):
         self.detach_norm = detach_norm
         self.magnitude = nn.Parameter(channel_norm(w0).detach().clone())
 
+    def rank_factors(self) -> Reparam | None:
+        return self.inner.rank_factors()  # the magnitude does not depend on the rank
+
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        # A pair rule then updates the direction V = W0 + dW as it would update a LoRA; m trains with AdamW.
+        return self.inner.rule_pairs()
+
     def effective(self, w0: torch.Tensor) -> torch.Tensor:
         v = w0 + self.inner.delta(w0)
         norm = channel_norm(v)
@@ -50,7 +58,8 @@ class DoRA(Reparam):
         return v * (self.magnitude / norm).view(-1, *([1] * (v.dim() - 1)))
 
 
-def _register_dora(name: str, inner_name: str, citation: str) -> None:
+def register_dora(name: str, inner_name: str, citation: str, *, label: str) -> None:
+    """Register ``name`` as DoRA around the registered method ``inner_name`` (its options plus ``detach_norm``)."""
     inner_spec = get_method(inner_name)
     # The wrapper's options are the inner method's plus DoRA's own, in one flat dataclass.
     fields = [
@@ -71,12 +80,12 @@ def _register_dora(name: str, inner_name: str, citation: str) -> None:
         options=options_cls,
         summary=f"DoRA magnitude/direction wrapper around {inner_name}; trainable {inner_name} + O",
         citation=citation,
+        label=label,
+        family=inner_spec.family,
         alpha_over_rank=inner_spec.alpha_over_rank,
         trains=f"{inner_name} factors + magnitude m (O)",
+        lora_pair=inner_spec.lora_pair,
     )(build)
 
 
-_register_dora("dora", "lora", "Liu et al. 2024, arXiv 2402.09353")
-_register_dora("dora_c", "lora_c", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")
-_register_dora("conv_dora", "conv_lora", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")
-_register_dora("cp_dora", "cp_lora", "Minoccheri, Hodgman et al. 2025, arXiv 2508.01772; DoRA arXiv 2402.09353")
+register_dora("dora", "lora", "Liu et al. 2024, arXiv 2402.09353", label="DoRA")

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import option, register_method
@@ -41,6 +42,11 @@ class NestedRankLoRA(AdditiveReparam):
     def rank_scale(self, r: int) -> float:
         """The scale of ``B[:, :r] @ A[:r]`` when the adapter is used at rank ``r``."""
         raise NotImplementedError
+
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        # Not a plain pair: the training update is s B diag(P) A (matryoshka) or a truncated product whose lower
+        # components are frozen for the step (dylora); a pair rule would compute wrong gradients for it.
+        return []
 
     def truncated(self, w0: torch.Tensor, r: int) -> torch.Tensor:
         return (self.lora_B[:, :r] @ self.lora_A[:r]).view(w0.shape) * self.rank_scale(r)
@@ -64,6 +70,8 @@ class DyLoRAOptions:
 
 @register_method(
     "dylora",
+    label="DyLoRA",
+    family="nested-rank",
     options=DyLoRAOptions,
     summary="DyLoRA: LoRA trained at a rank drawn from r_min..R each step, usable at any rank afterwards; "
             "trainable R(O + F)",

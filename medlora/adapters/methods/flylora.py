@@ -8,7 +8,12 @@ NeurIPS 2025 (official code gfyddha/FlyLoRA, ``flylora.py``). Inspired by the fl
 ``A: r x (I*prod k)`` is frozen, each row with ``p = max(1, int(rho * n))`` nonzeros drawn from ``N(0, 1/r^2)``
 (``rho = k / r`` by default); ``B: O x r`` starts at zero and trains; ``d`` (r) is a routing bias that is not
 trained by gradient: after each training forward it moves by ``bias_lr * sign(mean(c) - c)`` with ``c`` the
-number of tokens (voxels) routed to each component (auxiliary-loss-free load balancing, as the official code).
+number of tokens (voxels) routed to each component in that forward (the paper's auxiliary-loss-free load balancing).
+The update happens per training forward, not per optimiser step: with n micro-batches accumulated into one step
+the bias moves n times, and a second forward in training mode (e.g. a closure) moves it again. The official
+repository's minimal ``flylora.py`` accumulates the counts over forwards until an explicit ``update_bias()``, which
+compares them with ``k / r`` (a frequency, not a count), and its training script never calls it; we follow the
+paper's formula instead.
 Defaults as the official code: r = 32, k = 8, alpha = 2r; for other ranks k defaults to r // 4 (at least 1),
 the same ratio.
 
@@ -45,6 +50,8 @@ class FlyLoRAOptions:
 
 @register_method(
     "flylora",
+    label="FlyLoRA",
+    family="shared-basis",
     options=FlyLoRAOptions,
     summary="FlyLoRA: frozen sparse random A, top-k routing of the r components per token, trainable B",
     citation="Zou et al. 2025 (NeurIPS), official code gfyddha/FlyLoRA",

@@ -5,7 +5,8 @@ Fine-Tuning", arXiv 2410.13618; official code SKDDJ/LoLDU (``minloldu/loldu.py``
 partial pivoting (``torch.linalg.lu``) of the ``O x (I*prod k)`` matricisation, ``D = diag(U)``, ``U <- D^-1 U``
 (unit diagonal), so ``W0 = P L D U``. With the first r columns of L, rows of U and entries of D,
 ``W_eff = W_res + s P L_r diag(z) U_r``, ``W_res = W0 - s P L_r diag(D_r) U_r``, ``z`` initialised to ``D_r``
-(``init_method="lu"``), ``s = alpha / r`` with the reference defaults r = 4, alpha = 1 (alpha/r = 1/4).
+(``init_method="lu"``), ``s = alpha / r`` with the reference's ``lora_alpha = 1`` as the default at every rank
+(s = 1/r; the reference's default rank is 4).
 Trainable: ``z`` only (r per layer).
 
 Evaluated as ``W0 + s (P L_r) diag(z - D_r) U_r``, equal in exact arithmetic and ``W0`` exactly at the start; the
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam
+from .._linalg import compute_dtype
+from ..base import AdditiveReparam, check_rank, frozen
 from ..config import option, register_method
-from .pissa import check_rank, compute_dtype, frozen
 
 INIT_METHODS = ("lu", "ones", "zeros", "constant")
 
@@ -47,10 +48,12 @@ def ldu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @register_method(
     "loldu",
+    label="LoLDU",
+    family="initialisation",
     options=LoLDUOptions,
     summary="LoLDU: W0 = P L D U; train only the r leading diagonal entries of D (r parameters per layer)",
     citation="Shi et al. 2024, arXiv 2410.13618",
-    alpha_over_rank=0.25,
+    default_alpha=1.0,
     trains="loldu_z (r diagonal entries); P L_r, U_r, D_r frozen",
 )
 class LoLDU(AdditiveReparam):

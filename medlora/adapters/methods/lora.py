@@ -9,6 +9,9 @@ Fused projections (SAMed, Zhang & Liu 2023, arXiv 2304.13785): a ViT's ``qkv`` L
 along its outputs. With ``fused_outputs=3, adapt_outputs=[0, 2]`` each listed output block gets its own
 rank-r pair (``A_j: r x I``, ``B_j: (O/3) x r``) and the other blocks stay frozen: SAMed's q/v-only LoRA,
 ``dW = [s B_q A_q; 0; s B_v A_v]``. The pairs are stored stacked: ``lora_A`` (n r x I), ``lora_B`` (n O/3 x r).
+
+Training rules (``medlora.adapters.optim``): the layer declares ``(lora_A, lora_B)`` as a plain LoRA pair, except
+with two or more fused blocks (stacked pairs), where the pair rules refuse it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import option, register_method
@@ -35,10 +39,13 @@ class LoRAOptions:
 
 @register_method(
     "lora",
+    label="LoRA",
+    family="low-rank",
     options=LoRAOptions,
     summary="low-rank update of the O x (I*prod k) weight matrix; trainable r(O + I*prod k)",
     citation="Hu et al. 2021, arXiv 2106.09685",
     trains="lora_A (r x I*prod k), lora_B (O x r)",
+    lora_pair=True,
 )
 class LoRA(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: LoRAOptions | None = None) -> None:
@@ -59,6 +66,15 @@ class LoRA(AdditiveReparam):
         else:
             self.lora_A = kaiming_uniform_like_lora(rank, fan_in, like=w0)
             self.lora_B = zeros_param(out_channels, rank, like=w0)
+
+    def rank_factors(self) -> LoRA | None:
+        return self if self.adapt_outputs is None else None  # fused blocks: one rank per block, not squeezable
+
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        # Several fused blocks are several pairs stacked in one tensor: no single (A, B) describes them.
+        if self.adapt_outputs is not None and len(self.adapt_outputs) > 1:
+            return []
+        return [(self.lora_A, self.lora_B, self.scaling)]
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         if self.adapt_outputs is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import register_method
@@ -20,10 +21,13 @@ from ..config import register_method
 
 @register_method(
     "lora_c",
+    label="LoRA-C",
+    family="low-rank",
     summary="LoRA-C: rank r on the (O*k1) x (I*k2..kd) unfolding; trainable r(O*k1 + I*k2..kd)",
     citation="Ding et al. 2024, arXiv 2410.16954 (layer-wise LoRA-C)",
     alpha_over_rank=2.0,
     trains="lora_A (r x I*k2..kd), lora_B (O*k1 x r)",
+    lora_pair=True,
 )
 class LoRAC(AdditiveReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:
@@ -32,6 +36,9 @@ class LoRAC(AdditiveReparam):
         k1 = kernel[0] if kernel else 1
         self.lora_A = kaiming_uniform_like_lora(rank, in_channels * math.prod(kernel[1:]), like=w0)
         self.lora_B = zeros_param(out_channels * k1, rank, like=w0)
+
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        return [(self.lora_A, self.lora_B, self.scaling)]
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         out_channels, in_channels, *kernel = w0.shape

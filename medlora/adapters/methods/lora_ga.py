@@ -13,7 +13,7 @@ r = 8): the model starts at ``W0`` exactly; A and B train.
 As the reference code (and unlike PEFT's port, which folds ``S`` into B and scales only B). Differences: the
 reference subtracts ``s B0 A0`` from the stored base weight; here that offset is a frozen part of the adapter
 (saved with it), so the base weights and their fingerprint stay untouched. Singular pairs take a fixed sign
-(``salt.sign_canonical``), which the reference leaves to the SVD backend. Conv layers (the reference and PEFT
+(``_linalg.sign_canonical``), which the reference leaves to the SVD backend. Conv layers (the reference and PEFT
 are Linear-only; PEFT silently falls back to plain LoRA on conv) use the same SVD of the matricised gradient.
 
 No data-free fallback: until :func:`~medlora.adapters.initialise_from_data` runs (or a trained adapter is loaded)
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .._linalg import top_svd
+from ..base import check_rank
 from ..config import option, register_method
 from ..data_init import DataInitReparam
-from .pissa import OffsetLoRA, check_rank, top_svd
+from .pissa import OffsetLoRA
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weightS")
@@ -44,11 +46,14 @@ class LoRAGAOptions:
 
 @register_method(
     "lora_ga",
+    label="LoRA-GA",
+    family="initialisation",
     options=LoRAGAOptions,
     summary="LoRA-GA: LoRA initialised from the SVD of the estimated gradient dL/dW0 (needs initialise_from_data)",
     citation="Wang, Yu & Li 2024, arXiv 2407.05000",
     alpha_over_rank=2.0,
     trains="lora_A (r x I*prod k), lora_B (O x r); frozen offset B0 A0",
+    lora_pair=True,
 )
 class LoRAGA(DataInitReparam, OffsetLoRA):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: LoRAGAOptions) -> None:

@@ -5,10 +5,11 @@ official code TracyGuo2001/NLoRA (a PEFT fork, ``init_lora_weights='s_lora' | 'n
 ``dW = s B N A`` with ``A: r x I*prod k``, ``N: r x r``, ``B: O x r`` on the ``O x (I*prod k)`` matricisation,
 ``s = alpha / r`` (README example: r = alpha = 128).
 
-- ``slora``: A and N kaiming-uniform (a = sqrt 5, as ``nn.Linear``), B = 0; starts at ``W0``; A, N, B train.
-- ``nlora``: Nystrom-style start from the weight itself, ``A = W[:r, :]``, ``B = W[:, :r]``, ``N = W[:r, :r]``;
+- ``slora`` (``slora.py``): A and N kaiming-uniform (a = sqrt 5, as ``nn.Linear``), B = 0; starts at ``W0``;
   A, N, B train.
-- ``inttune``: the NLoRA start with A and B frozen; only N trains (r^2 per layer).
+- ``nlora`` (this file): Nystrom-style start from the weight itself, ``A = W[:r, :]``, ``B = W[:, :r]``,
+  ``N = W[:r, :r]``; A, N, B train.
+- ``inttune`` (``inttune.py``): the NLoRA start with A and B frozen; only N trains (r^2 per layer).
 
 As the official code, N is ``W_II = W[:r, :r]`` itself (the paper's Nystrom formula uses its pseudo-inverse, whose
 line is commented out there; ``use_pinv=True`` selects it) and the base weight is not reduced, so NLoRA and
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
+from .._linalg import compute_dtype
+from ..base import AdditiveReparam, check_rank, kaiming_uniform_like_lora, zeros_param
 from ..config import option, register_method
-from .pissa import check_rank, compute_dtype
 
 
 @dataclass
@@ -75,17 +76,9 @@ class ThreeFactorLoRA(AdditiveReparam):
 
 
 @register_method(
-    "slora",
-    summary="SLoRA: dW = s B N A with an r x r middle factor N; A, N kaiming, B = 0",
-    citation="Guo et al. 2025, arXiv 2502.14482",
-    trains="lora_A (r x I*prod k), lora_N (r x r), lora_B (O x r)",
-)
-def build_slora(w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> ThreeFactorLoRA:
-    return ThreeFactorLoRA(w0, rank=rank, scaling=scaling, nystrom=None, train_outer=True)
-
-
-@register_method(
     "nlora",
+    label="NLoRA",
+    family="initialisation",
     options=NystromOptions,
     summary="NLoRA: dW = s B N A, Nystrom start A = W[:r,:], B = W[:,:r], N = W[:r,:r] (model perturbed at start)",
     citation="Guo et al. 2025, arXiv 2502.14482",
@@ -94,15 +87,3 @@ def build_slora(w0: torch.Tensor, *, rank: int, scaling: float, options: object)
 )
 def build_nlora(w0: torch.Tensor, *, rank: int, scaling: float, options: NystromOptions) -> ThreeFactorLoRA:
     return ThreeFactorLoRA(w0, rank=rank, scaling=scaling, nystrom=options, train_outer=True)
-
-
-@register_method(
-    "inttune",
-    options=NystromOptions,
-    summary="IntTune: the NLoRA start with A, B frozen; only the r x r middle factor N trains",
-    citation="Guo et al. 2025, arXiv 2502.14482",
-    starts_at_base=False,
-    trains="lora_N (r x r); lora_A, lora_B frozen",
-)
-def build_inttune(w0: torch.Tensor, *, rank: int, scaling: float, options: NystromOptions) -> ThreeFactorLoRA:
-    return ThreeFactorLoRA(w0, rank=rank, scaling=scaling, nystrom=options, train_outer=False)

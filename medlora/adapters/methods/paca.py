@@ -46,6 +46,8 @@ class PaCAOptions:
 
 @register_method(
     "paca",
+    label="PaCA",
+    family="structure",
     options=PaCAOptions,
     summary="PaCA: train r randomly chosen input connections (columns / input channels) of W itself; "
             "trainable O*r (conv channel: O*r*prod k)",

@@ -24,37 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..base import AdditiveReparam
+from .._linalg import top_svd
+from ..base import AdditiveReparam, check_rank, frozen
 from ..config import option, register_method
-from .salt import sign_canonical
-
-
-def frozen(*shape: int, like: torch.Tensor, fill: float = float("nan")) -> nn.Parameter:
-    """A tensor that belongs to an adapter (saved with it) but never trains."""
-    return nn.Parameter(torch.full(shape, fill, dtype=like.dtype, device=like.device), requires_grad=False)
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """LAPACK/cuSOLVER have no half-precision SVD or LU: float32 at least."""
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def top_svd(matrix: torch.Tensor, q: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The leading ``q`` singular triplets ``(U, S, V^T)``, sign-canonical (see ``salt.sign_canonical``).
-
-    ``niter=None``: exact thin SVD (``torch.linalg.svd``); otherwise ``torch.svd_lowrank(q=q, niter=niter)``.
-    """
-    m = matrix.to(compute_dtype(matrix))
-    if niter is None:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        u, s, vh = u[:, :q], s[:q], vh[:q]
-    else:
-        u, s, v = torch.svd_lowrank(m, q=q, niter=niter)
-        vh = v.mT
-        if not (torch.isfinite(u).all() and torch.isfinite(vh).all()):  # e.g. an all-zero matrix
-            return top_svd(matrix, q, None)
-    u, vh = sign_canonical(u, vh)
-    return u, s, vh
 
 
 class OffsetLoRA(AdditiveReparam):
@@ -78,16 +50,11 @@ class OffsetLoRA(AdditiveReparam):
         for target, value in ((self.lora_A, a), (self.lora_B, b), (self.offset_A, a), (self.offset_B, b)):
             target.copy_(value)
 
+    def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+        return [(self.lora_A, self.lora_B, self.scaling)]  # the frozen offset is a constant for the rules
+
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         return ((self.lora_B @ self.lora_A - self.offset_B @ self.offset_A) * self.scaling).view(w0.shape)
-
-
-def check_rank(method: str, rank: int, limit: int, w0: torch.Tensor, what: str = "min(O, I*prod k)") -> None:
-    if rank > limit:
-        raise ValueError(
-            f"{method}: rank {rank} is too large for a weight of shape {tuple(w0.shape)} (at most {what} = {limit}); "
-            "lower the rank or exclude the layer"
-        )
 
 
 @dataclass
@@ -99,10 +66,13 @@ class PiSSAOptions:
 
 @register_method(
     "pissa",
+    label="PiSSA",
+    family="initialisation",
     options=PiSSAOptions,
     summary="PiSSA: LoRA initialised on the top-r singular triplets of W0, residual offset inside the adapter",
     citation="Meng, Wang & Zhang 2024, arXiv 2404.02948",
     trains="lora_A (r x I*prod k), lora_B (O x r); frozen offset B0 A0",
+    lora_pair=True,
 )
 class PiSSA(OffsetLoRA):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: PiSSAOptions) -> None:

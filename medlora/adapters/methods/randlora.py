@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..base import AdditiveReparam
 from ..config import AdapterConfig, option, register_method
+from ..peft_interop import PeftFormat, register_peft_format
 from ..shared import SharedState
 
 
@@ -82,6 +84,8 @@ def build_randlora_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], 
 
 @register_method(
     "randlora",
+    label="RandLoRA",
+    family="shared-basis",
     options=RandLoRAOptions,
     summary="RandLoRA: full-rank sum of shared frozen random bases with trainable diagonal scalings",
     citation="Albert et al. 2025, arXiv 2502.00987",
@@ -114,3 +118,32 @@ class RandLoRA(AdditiveReparam):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bases={self.n_bases}"
+
+
+# PEFT's RANDLORA format (medlora.adapters.peft_interop): per layer lambda and gamma, plus each layer's view of the
+# shared bases (PEFT writes them; medlora reads the model-wide copy); alpha is randlora_alpha.
+_SHARED_KEYS = ("randlora_A", "randlora_B")
+
+
+def _peft_config(config: AdapterConfig) -> dict[str, Any]:
+    options = config.method_options()
+    return {"projection_prng_key": options.seed, "save_projection": True, "randlora_alpha": config.resolved_alpha(),
+            "randlora_dropout": 0.0, "sparse": options.sparse, "very_sparse": options.very_sparse}
+
+
+def _peft_options(peft_config: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    options = {"seed": peft_config.get("projection_prng_key", 0), "sparse": bool(peft_config.get("sparse", False)),
+               "very_sparse": bool(peft_config.get("very_sparse", False)),
+               "save_projection": bool(peft_config.get("save_projection", True))}
+    return options, float(peft_config.get("randlora_alpha", 640))
+
+
+def _peft_layer_tensors(reparam: nn.Module, shared: nn.Module) -> dict[str, torch.Tensor]:
+    own = {key: getattr(reparam, key) for key in ("randlora_lambda", "randlora_gamma")}
+    return {**own, **{key: getattr(shared, key) for key in _SHARED_KEYS}}
+
+
+register_peft_format("randlora", PeftFormat(
+    peft_type="RANDLORA", layer_keys=("randlora_lambda", "randlora_gamma"), shared_keys=_SHARED_KEYS,
+    default_rank=32, config=_peft_config, import_options=_peft_options, layer_tensors=_peft_layer_tensors,
+))

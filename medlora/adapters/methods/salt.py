@@ -5,11 +5,11 @@ arXiv 2503.16055 (2025). Thin SVD of the ``O x (I*prod k)`` matricisation ``W0 =
 The top ``r_s`` values become ``a * S + b`` (a = 1, b = 0); the remaining ``k - r_s`` form a block
 ``diag(S_res) + X @ Y`` with ``X: (k - r_s) x r`` (kaiming-uniform, as the authors' SAM2 code) and
 ``Y: r x (k - r_s)`` zeros; ``W = U relu(S') V^T`` with the ReLU taken elementwise over the whole k x k
-matrix, as the paper; singular pairs take a fixed sign convention (see ``sign_canonical``) since
+matrix, as the paper; singular pairs take a fixed sign convention (see ``_linalg.sign_canonical``) since
 that ReLU depends on it. Trainable ``2 r_s + 2 r (k - r_s)``.
 
-S-SAM (``svd``): Paranjape et al., MICCAI 2024, arXiv 2408.06447: every singular value is scaled and
-shifted, ``W = U diag(relu(a * S + b)) V^T``; trainable ``2k``.
+S-SAM (``svd``, in ``svd.py``, on the same cached SVD): Paranjape et al., MICCAI 2024, arXiv 2408.06447: every
+singular value is scaled and shifted, ``W = U diag(relu(a * S + b)) V^T``; trainable ``2k``.
 
 Both are evaluated as ``W0 + U (relu(S') - diag(S)) V^T``, equal to the definitions because ``S >= 0``
 (so ``relu(diag(S)) = diag(S)``); this starts at ``W0`` exactly rather than at its SVD round-off. The SVD is
@@ -25,24 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._linalg import compute_dtype, sign_canonical
 from ..base import Reparam
 from ..config import option, register_method
 
 
-def sign_canonical(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fix the sign of each singular pair so that the largest-magnitude entry of ``u[:, j]`` is positive.
-
-    SVD is unique only up to the sign of each ``(u_j, v_j)`` pair, and SALT's elementwise ReLU on the
-    non-diagonal residual block is not invariant to those signs; a fixed convention (the one of
-    scikit-learn's ``svd_flip``) makes the adapted weight the same on every LAPACK/cuSOLVER backend.
-    """
-    rows = u.abs().argmax(dim=0)
-    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])
-    signs[signs == 0] = 1
-    return u * signs, vh * signs[:, None]
-
-
-class _SpectralReparam(Reparam):
+class SpectralReparam(Reparam):
     """Caches the SVD of the frozen weight, recomputed when that weight changes."""
 
     def __init__(self, w0: torch.Tensor) -> None:
@@ -57,9 +45,7 @@ class _SpectralReparam(Reparam):
         if key != self._svd_of or self.svd_S.numel() == 0:
             with torch.no_grad():
                 matrix = self.layout.to_canonical(weight).flatten(1)
-                if matrix.dtype in (torch.float16, torch.bfloat16):
-                    matrix = matrix.float()  # LAPACK/cuSOLVER have no half-precision SVD
-                u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+                u, s, vh = torch.linalg.svd(matrix.to(compute_dtype(matrix)), full_matrices=False)
                 u, vh = sign_canonical(u, vh)
             self.svd_U, self.svd_S, self.svd_Vh = (t.to(weight.dtype) for t in (u, s, vh))
             self._svd_of = key
@@ -82,12 +68,14 @@ class SALTOptions:
 
 @register_method(
     "salt",
+    label="SALT",
+    family="spectral",
     options=SALTOptions,
     summary="SALT: scale/shift top r_s singular values + rank-r LoRA on the residual spectrum block",
     citation="Elsayed, Hashmi et al. 2025, arXiv 2503.16055",
     trains="scale a, shift b of the top r_s singular values; residual factors X, Y",
 )
-class SALT(_SpectralReparam):
+class SALT(SpectralReparam):
     def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: SALTOptions) -> None:
         super().__init__(w0)
         k = self.n_singular_values(w0)
@@ -120,23 +108,3 @@ class SALT(_SpectralReparam):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, svd_rank={self.svd_rank}"
-
-
-@register_method(
-    "svd",
-    summary="S-SAM: scale and shift every singular value, W = U diag(relu(a S + b)) V^T; trainable 2k",
-    citation="Paranjape et al. 2024 (MICCAI), arXiv 2408.06447",
-    uses_rank=False,
-    trains="scale a, shift b of every singular value (2k)",
-)
-class SingularValueShift(_SpectralReparam):
-    def __init__(self, w0: torch.Tensor, *, rank: int, scaling: float, options: object) -> None:
-        super().__init__(w0)
-        k = self.n_singular_values(w0)
-        self.svd_scale = nn.Parameter(torch.ones(k, dtype=w0.dtype, device=w0.device))
-        self.svd_shift = nn.Parameter(torch.zeros(k, dtype=w0.dtype, device=w0.device))
-
-    def effective(self, w0: torch.Tensor) -> torch.Tensor:
-        s = self.svd_S
-        change = torch.relu(self.svd_scale * s + self.svd_shift) - s
-        return w0 + ((self.svd_U * change) @ self.svd_Vh).view(w0.shape)

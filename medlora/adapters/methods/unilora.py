@@ -18,7 +18,9 @@ regenerated from the seed on load unless ``save_indices``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from torch import nn
 
 from ..base import AdditiveReparam
 from ..config import AdapterConfig, option, register_method
+from ..peft_interop import PeftFormat, register_peft_format
 from ..shared import SharedState
 
 
@@ -73,6 +76,8 @@ def build_unilora_vector(layers: list[tuple[str, torch.Tensor, AdapterConfig]], 
 
 @register_method(
     "unilora",
+    label="Uni-LoRA",
+    family="shared-basis",
     options=UniLoRAOptions,
     summary="Uni-LoRA: all layers' LoRA factors are one fixed isometric projection of a single trainable vector",
     citation="Li et al. 2025, arXiv 2506.00799",
@@ -102,3 +107,48 @@ class UniLoRA(AdditiveReparam):
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
         return (b @ a).view(w0.shape)
+
+
+# PEFT's UNILORA format (medlora.adapters.peft_interop): the vector once; per layer the projection's indices and
+# scales of its A and B (written always, so the file does not depend on either library's generator; a file without
+# them regenerates them from proj_seed over the layers of target_modules); no alpha.
+def _peft_config(config: AdapterConfig) -> dict[str, Any]:
+    options = config.method_options()
+    return {"theta_d_length": options.theta_d_length, "proj_seed": options.seed,
+            "init_theta_d_bound": options.init_bound, "save_indices": True, "unilora_dropout": 0.0}
+
+
+def _peft_options(peft_config: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    return {"theta_d_length": peft_config.get("theta_d_length", 256), "seed": peft_config.get("proj_seed", 42),
+            "init_bound": peft_config.get("init_theta_d_bound", 0.02),
+            "save_indices": bool(peft_config.get("save_indices", False))}, None
+
+
+def _peft_layer_tensors(reparam: UniLoRA, shared: SharedState) -> dict[str, torch.Tensor]:
+    start, stop, sizes = reparam.offset, reparam.offset + reparam.size_A + reparam.size_B, [reparam.size_A,
+                                                                                           reparam.size_B]
+    idx_a, idx_b = shared.unilora_indices[start:stop].split(sizes)
+    sc_a, sc_b = shared.unilora_scales[start:stop].split(sizes)
+    return {"unilora_indices_A": idx_a.view(reparam.rank, reparam.fan_in),
+            "unilora_indices_B": idx_b.view(-1, reparam.rank),
+            "unilora_scales_A": sc_a.view(reparam.rank, reparam.fan_in),
+            "unilora_scales_B": sc_b.view(-1, reparam.rank)}
+
+
+def _peft_load_layers(adapted: list, per_layer: dict[str, dict[str, torch.Tensor]], shared: SharedState,
+                      copy: Callable[[torch.Tensor, torch.Tensor, str], None]) -> None:
+    if not per_layer:  # indices not saved: the ones regenerated from the seed are PEFT's
+        return
+    parts = [per_layer[name] for name, _, _ in adapted]
+    copy(shared.unilora_indices, torch.cat([p[f"unilora_indices_{f}"].flatten() for p in parts for f in "AB"]),
+         "unilora_indices")
+    copy(shared.unilora_scales, torch.cat([p[f"unilora_scales_{f}"].flatten() for p in parts for f in "AB"]),
+         "unilora_scales")
+
+
+register_peft_format("unilora", PeftFormat(
+    peft_type="UNILORA",
+    layer_keys=("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B"),
+    shared_keys=("unilora_theta_d",), default_rank=4, config=_peft_config, import_options=_peft_options,
+    layer_tensors=_peft_layer_tensors, load_layers=_peft_load_layers, targets_from_config=True,
+))

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..base import AdditiveReparam
 from ..config import AdapterConfig, option, register_method
+from ..peft_interop import PeftFormat, register_peft_format
 from ..shared import SharedState
 
 
@@ -57,6 +59,8 @@ def build_vera_bases(layers: list[tuple[str, torch.Tensor, AdapterConfig]], conf
 
 @register_method(
     "vera",
+    label="VeRA",
+    family="shared-basis",
     options=VeRAOptions,
     summary="VeRA: frozen shared random A, B; trainable per-layer scaling vectors b (O) and d (r)",
     citation="Kopiczko et al. 2024, arXiv 2310.11454",
@@ -77,3 +81,21 @@ class VeRA(AdditiveReparam):
         a = self.shared.vera_A[: self.rank, : self.fan_in]
         b = self.shared.vera_B[: w0.shape[0], : self.rank]
         return ((self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)).view(w0.shape)
+
+
+# PEFT's VERA format (medlora.adapters.peft_interop): per layer lambda_b, lambda_d; the bases once; no alpha.
+def _peft_config(config: AdapterConfig) -> dict[str, Any]:
+    options = config.method_options()
+    return {"projection_prng_key": options.seed, "save_projection": True, "vera_dropout": 0.0,
+            "d_initial": options.d_initial}
+
+
+def _peft_options(peft_config: dict[str, Any]) -> tuple[dict[str, Any], None]:
+    return {"seed": peft_config.get("projection_prng_key", 0), "d_initial": peft_config.get("d_initial", 0.1),
+            "save_projection": bool(peft_config.get("save_projection", True))}, None
+
+
+register_peft_format("vera", PeftFormat(
+    peft_type="VERA", layer_keys=("vera_lambda_b", "vera_lambda_d"), shared_keys=("vera_A", "vera_B"),
+    default_rank=256, config=_peft_config, import_options=_peft_options,
+))
