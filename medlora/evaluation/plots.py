@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_bytes
+from .calibration import CalibrationHistogram
 from .statistics import BETTER, CONFIDENCE, PAPER_BINS, WORSE, Comparison, JobStats, column
 
 
@@ -24,8 +25,10 @@ class PlotData:
     """What every figure function receives: the jobs (report order), rows, comparisons, colours and pyplot."""
 
     def __init__(self, stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plt: Any,
-                 comparisons: Sequence[Comparison] = ()) -> None:
+                 comparisons: Sequence[Comparison] = (), calibration: dict[str, CalibrationHistogram] | None = None,
+                 ) -> None:
         self.stats, self.rows, self.plt, self.comparisons = stats, rows, plt, comparisons
+        self.calibration = calibration or {}
         self.names = {s.job: s.name for s in stats}
         cmap = plt.get_cmap("tab10" if len(stats) <= 10 else "tab20")
         self.colours = {s.job: cmap(i % cmap.N) for i, s in enumerate(stats)}
@@ -142,6 +145,29 @@ def significance_forest(f: PlotData) -> Any:
     return fig
 
 
+def reliability(f: PlotData) -> Any:
+    """Reliability diagram of every job with calibration histograms: foreground share against mean probability."""
+    jobs = [s for s in f.stats if s.job in f.calibration]
+    if not jobs:
+        return None
+    fig, ax = f.plt.subplots(figsize=(6.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for s in jobs:
+        hist = f.calibration[s.job]
+        r = hist.reliability("all")
+        ok = r["count"] > 0
+        ax.plot(r["confidence"][ok], r["frequency"][ok], "o-", ms=3, color=f.colours[s.job],
+                label=f"{s.name} (ECE {hist.ece('all'):.3f})")
+    ax.set_xlabel("predicted foreground probability (bin mean)")
+    ax.set_ylabel("observed foreground frequency")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Reliability of the probability maps (held-out voxels)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 # (file name, caption, figure function), in the report's order
 FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
     ("dice_per_method.png", "Dice per method", dice_per_method),
@@ -149,11 +175,13 @@ FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
     ("volume_pred_vs_true.png", "Predicted vs true volume", volume_pred_vs_true),
     ("dice_vs_params.png", "Dice vs trainable parameters", dice_vs_params),
     ("significance.png", "Paired differences with 95% CIs", significance_forest),
+    ("reliability.png", "Reliability diagram", reliability),
 )
 
 
 def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots_dir: str | Path,
-                comparisons: Sequence[Comparison] = ()) -> dict[str, Path]:
+                comparisons: Sequence[Comparison] = (),
+                calibration: dict[str, CalibrationHistogram] | None = None) -> dict[str, Path]:
     """Draw the figures of :data:`FIGURES` into ``plots_dir``; returns ``{caption: path}`` in report order."""
     import matplotlib
 
@@ -162,7 +190,7 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    figure = PlotData(stats, rows, plt, comparisons)
+    figure = PlotData(stats, rows, plt, comparisons, calibration)
     out: dict[str, Path] = {}
     for filename, caption, draw in FIGURES:
         fig = draw(figure)
@@ -176,4 +204,4 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
 
 
 __all__ = ["FIGURES", "PlotData", "dice_by_volume", "dice_per_method", "dice_vs_params", "plot_report",
-           "significance_forest", "volume_pred_vs_true"]
+           "reliability", "significance_forest", "volume_pred_vs_true"]

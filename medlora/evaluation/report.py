@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_bytes
+from .calibration import CalibrationHistogram
 from .findings import Finding, check_findings, comparison_plan, introduction, select_findings
 from .plots import plot_report
 from .results import RunScan, collect, job_sort_key, scan_run, write_results_csv
 from .statistics import JobStats, compare_all, job_stats
 from .summary import ReportError
 from .tables import (
+    CALIBRATION_NOTE,
     RESULTS_NOTE,
     SIGNIFICANCE_NOTE,
+    calibration_table,
     folds_table,
     results_table,
     significance_csv,
@@ -125,6 +128,21 @@ def _completeness(scan: RunScan, study_info: dict[str, Any] | None, stats: Seque
     return lines
 
 
+def _pooled_calibration(scan: RunScan) -> dict[str, CalibrationHistogram]:
+    """Per job, the calibration histograms of its folds added up (jobs whose summaries carry none are left out)."""
+    pooled: dict[str, CalibrationHistogram] = {}
+    for fold in scan.folds:
+        hist = fold.info.get("calibration")
+        if hist is None:
+            continue
+        job = fold.info["job"]
+        try:
+            pooled[job] = hist if job not in pooled else pooled[job] + hist
+        except ValueError as exc:
+            raise ReportError(f"{fold.path}: {exc}") from None
+    return pooled
+
+
 def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | None = None) -> Path:
     """Write ``report.md``, ``results.csv`` and ``plots/*.png`` into ``run_dir``; returns the report's path.
 
@@ -148,7 +166,8 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
     names = {s.job: s.name for s in stats}
     write_results_csv(rows, run_dir / "results.csv")
     atomic_write_bytes(run_dir / "significance.csv", significance_csv(comparisons, names))
-    plots = plot_report(stats, rows, run_dir / "plots", comparisons)
+    calibration = _pooled_calibration(scan)
+    plots = plot_report(stats, rows, run_dir / "plots", comparisons, calibration)
 
     title = (study_info or {}).get("name") or run_dir.name
     md = [f"# Transfer study report: {title}", ""]
@@ -163,6 +182,10 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
     else:
         md += ["No comparisons: the study has no full fine-tuning, module-wise or named reference job.", ""]
     md += [f"- {note}" for note in loaded.skipped] + ([""] if loaded.skipped else [])
+    if calibration:
+        md += ["## Calibration of the probability maps", "",
+               calibration_table([(s.name, calibration[s.job]) for s in stats if s.job in calibration]), "",
+               CALIBRATION_NOTE, ""]
     md += ["## Plots", ""]
     for caption, path in plots.items():
         md += [f"![{caption}]({path.relative_to(run_dir).as_posix()})", ""]

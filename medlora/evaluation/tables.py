@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .calibration import CalibrationHistogram
 from .statistics import ALPHA, CONFIDENCE, PAPER_BINS, Comparison, JobStats
 
 NA = "—"
@@ -103,6 +104,8 @@ def results_table(stats: Sequence[JobStats]) -> str:
 RESULTS_NOTE = (
     "Mean ± population std over the cases of all folds, nan-aware: n counts the cases with a defined "
     "Dice of all held-out cases (Dice is NaN when prediction and reference are both empty, as in nnU-Net). "
+    "Soft Dice is over whole volumes: a low probability spread over every background voxel dominates its "
+    "denominator, so it sits far below Dice (docs/evaluation.md). "
     "Abs. vol. error: mean absolute error of the thresholded predicted volume. Dice per volume bin: mean "
     f"over cases whose true volume lies in (lo, hi] mL ({NA}: no case). Train: training wall time summed "
     "over folds."
@@ -149,6 +152,22 @@ def significance_csv(comparisons: Sequence[Comparison], names: Mapping[str, str]
     return buffer.getvalue()
 
 
-__all__ = ["NA", "RESULTS_NOTE", "SIGNIFICANCE_COLUMNS", "SIGNIFICANCE_NOTE", "fmt", "fmt_ci", "fmt_comparison",
-           "fmt_mean_std", "fmt_p", "fmt_percent", "fmt_setting", "fmt_signed", "folds_table", "md_table",
-           "results_table", "significance_csv", "significance_table", "study_table"]
+def calibration_table(histograms: Sequence[tuple[str, CalibrationHistogram]]) -> str:
+    """Per job: expected calibration error over all, foreground and background voxels, and the voxel counts."""
+    header = ("Method", "ECE all", "ECE foreground", "ECE background", "Foreground voxels", "Background voxels")
+    rows = [(name, fmt(h.ece("all"), 4), fmt(h.ece("foreground"), 4), fmt(h.ece("background"), 4),
+             f"{int(h.counts[1].sum()):,}", f"{int(h.counts[0].sum()):,}") for name, h in histograms]
+    return md_table(header, rows, (False, True, True, True, True, True))
+
+
+CALIBRATION_NOTE = (
+    "Held-out voxels of all folds pooled, equal-width probability bins. ECE foreground is the mean of 1 − p over "
+    "the lesion's voxels (probability missing where the bleed is), ECE background the mean p over all other "
+    "voxels (probability spread where there is none); ECE all compares each bin's mean p with its foreground "
+    "share. See docs/evaluation.md for what this means for soft Dice."
+)
+
+
+__all__ = ["CALIBRATION_NOTE", "NA", "RESULTS_NOTE", "SIGNIFICANCE_COLUMNS", "SIGNIFICANCE_NOTE", "calibration_table",
+           "fmt", "fmt_ci", "fmt_comparison", "fmt_mean_std", "fmt_p", "fmt_percent", "fmt_setting", "fmt_signed",
+           "folds_table", "md_table", "results_table", "significance_csv", "significance_table", "study_table"]
