@@ -421,3 +421,101 @@ def test_unknown_finding_is_one_line_error_and_nothing_is_written(tmp_path):
     with pytest.raises(ReportError, match="must be a list of finding names") as info:
         build_report(run)
     assert str(run / "study_info.json") in str(info.value) and not (run / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------ significance and calibration
+
+
+def _holm_by_hand(p: list[float]) -> list[float]:
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_significance_table_csv_and_the_studys_own_comparisons(tmp_path):
+    import scipy.stats
+
+    dice = dict(AGREE, lora_r4=[v - 0.03 + 0.01 * (i % 3) if not math.isnan(v) else NAN
+                                for i, v in enumerate(AGREE["cp_lora_r4"])])
+    run = make_run(tmp_path, dice)
+    info = {"job_names": ["no_finetune", "full", "lora_r4", "cp_lora_r4", "lora_r16"],
+            "comparisons": [["lora_r4", "no_finetune"], ["full", "cp_lora_r4"], ["lora_r16", "full"]]}
+    text = build_report(run, info).read_text(encoding="utf-8")
+    with open(run / "significance.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    # every job vs full, then the study's new pair ((full, cp) is (cp, full) again), then the findings' pairs
+    assert [(r["method"], r["reference"], r["why"]) for r in table] == [
+        ("no_finetune", "full", "vs full fine-tuning"), ("lora_r4", "full", "vs full fine-tuning"),
+        ("cp_lora_r4", "full", "vs full fine-tuning"), ("lora_r4", "no_finetune", "named by the study"),
+        ("cp_lora_r4", "no_finetune", "finding (1)"), ("cp_lora_r4", "lora_r4", "finding (3)")]
+    p_values = []
+    for r in table:
+        a, b = np.array(dice[r["method"]]), np.array(dice[r["reference"]])
+        d = (a - b)[~np.isnan(a - b)]
+        assert int(r["n"]) == 14 and float(r["delta"]) == pytest.approx(d.mean(), abs=1e-12)
+        assert float(r["p"]) == pytest.approx(scipy.stats.wilcoxon(d).pvalue, rel=1e-12)
+        ci = scipy.stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile",
+                                   rng=np.random.default_rng(0)).confidence_interval
+        assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        p_values.append(float(r["p"]))
+    assert [float(r["p_adj"]) for r in table] == pytest.approx(_holm_by_hand(p_values), rel=1e-12)
+    assert {r["verdict"] for r in table} == {"better", "worse"}
+
+    row = _table_row(text, "Significance (paired per case)", "CP-LoRA r4")
+    cp = table[2]
+    interval = f"[+{float(cp['ci_low']):.3f}, +{float(cp['ci_high']):.3f}]"
+    assert row[1:] == ["full fine-tuning", "14", f"+{float(cp['delta']):.3f}", interval, f"{float(cp['p_adj']):.3f}",
+                       "better"]
+    notes = "\n".join(_section(text, "Significance (paired per case)"))
+    assert "comparison lora_r16 vs full left out: lora_r16 has no finished fold" in notes
+    assert "](plots/significance.png)" in text
+
+
+@pytest.mark.parametrize("comparisons, problem", [
+    ("full vs lora", "must be a list of [method_job, reference_job] pairs"),
+    ([["full", "cp_lora_r4", "no_finetune"]], "must be a list of [method_job, reference_job] pairs"),
+    ([["full", "cp_lora"]], "names an unknown job 'cp_lora'"),
+])
+def test_bad_comparisons_are_one_line_errors_and_nothing_is_written(tmp_path, comparisons, problem):
+    run = make_run(tmp_path, AGREE)
+    with pytest.raises(ReportError) as info:
+        build_report(run, {"comparisons": comparisons})
+    message = str(info.value)
+    assert message.startswith(f"{run / 'study_info.json'}: ") and problem in message and "\n" not in message
+    assert not any((run / name).exists() for name in ("study_info.json", "report.md", "results.csv",
+                                                      "significance.csv"))
+
+
+def test_calibration_histograms_in_summaries_become_a_table_and_a_plot(tmp_path):
+    from medlora.evaluation.calibration import calibration_histogram
+
+    run = make_run(tmp_path, AGREE)
+    gen = np.random.default_rng(0)
+    voxels = {}
+    for fold in FOLDS:
+        label = gen.random(500) < 0.1
+        prob = np.where(label, gen.uniform(0.3, 1.0, 500), gen.uniform(0.0, 0.2, 500))
+        voxels[fold] = (prob, label)
+        path = run / "jobs" / "cp_lora_r4" / f"fold_{fold}" / "summary.json"
+        summary = load_summary(path)
+        summary["medlora"]["calibration"] = calibration_histogram(prob, label, n_bins=10).to_dict()
+        write_json_atomic(summary, path)
+    text = build_report(run).read_text(encoding="utf-8")
+    prob = np.concatenate([p for p, _ in voxels.values()])
+    label = np.concatenate([y for _, y in voxels.values()])
+    row = _table_row(text, "Calibration of the probability maps", "CP-LoRA r4")
+    assert row[2] == f"{np.mean(1 - prob[label]):.4f}" and row[3] == f"{np.mean(prob[~label]):.4f}"
+    assert row[4] == f"{label.sum():,}" and row[5] == f"{(~label).sum():,}"
+    assert not any(line.startswith("| full") for line in _section(text, "Calibration of the probability maps"))
+    assert (run / "plots" / "reliability.png").read_bytes().startswith(b"\x89PNG")
+
+    bad = run / "jobs" / "cp_lora_r4" / "fold_1" / "summary.json"
+    summary = load_summary(bad)
+    summary["medlora"]["calibration"] = {"counts": [[1, 2]], "prob_sums": [[0.1, 0.2]]}
+    write_json_atomic(summary, bad)
+    with pytest.raises(ReportError, match="corrupt 'medlora.calibration' block") as info:
+        build_report(run)
+    assert str(bad) in str(info.value)

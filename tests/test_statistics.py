@@ -158,3 +158,55 @@ def test_seeds_are_averaged_per_case_before_pairing():
     assert not math.isclose(c.delta, pooled)
     with pytest.raises(PairingError, match="'a': case 'c1' appears twice under seed 0"):
         paired_values(rows + _rows("a", [0.5], seed=0, cases=["c1"]), "a", "b")
+
+
+# ------------------------------------------------------------------------------ calibration
+
+
+def _ece_loop(cases, n_bins: int, region: str) -> float:
+    """Expected calibration error by a plain loop over the voxels of all cases."""
+    count, conf, pos = [0] * n_bins, [0.0] * n_bins, [0] * n_bins
+    for prob, label in cases:
+        for p, y in zip(prob.ravel().tolist(), label.ravel().tolist(), strict=True):
+            if (region == "foreground" and not y) or (region == "background" and y):
+                continue
+            b = min(int(p * n_bins), n_bins - 1)
+            count[b] += 1
+            conf[b] += p
+            pos[b] += int(y)
+    total = sum(count)
+    return sum(n / total * abs(c / n - k / n) for n, c, k in zip(count, conf, pos, strict=True) if n)
+
+
+def test_ece_and_reliability_against_a_numpy_loop_with_pooled_cases():
+    import torch
+
+    from medlora.evaluation.calibration import calibration_histogram, empty_histogram
+
+    gen = np.random.default_rng(5)
+    cases = []
+    for shape in ((6, 5, 4), (3, 7, 2)):
+        label = gen.random(shape) < 0.3
+        prob = np.clip(np.where(label, gen.beta(4, 2, shape), gen.beta(1, 6, shape)), 0, 1)
+        prob.flat[0], prob.flat[1] = 1.0, 0.0  # the closed ends of the range
+        cases.append((prob, label))
+    pooled = empty_histogram(8)
+    for prob, label in cases:
+        pooled = pooled + calibration_histogram(torch.from_numpy(prob), label.astype(np.float32), n_bins=8)
+    assert int(pooled.counts.sum()) == sum(p.size for p, _ in cases)
+    for region in ("all", "foreground", "background"):
+        assert pooled.ece(region) == pytest.approx(_ece_loop(cases, 8, region), rel=1e-12)
+    probs = np.concatenate([p.ravel() for p, _ in cases])
+    labels = np.concatenate([y.ravel() for _, y in cases])
+    assert pooled.ece("foreground") == pytest.approx(np.mean(1 - probs[labels]), rel=1e-12)
+    assert pooled.ece("background") == pytest.approx(np.mean(probs[~labels]), rel=1e-12)
+    r = pooled.reliability("all")
+    in_bin = np.minimum((probs * 8).astype(int), 7) == 3
+    assert r["count"][3] == in_bin.sum() and r["confidence"][3] == pytest.approx(probs[in_bin].mean())
+    assert r["frequency"][3] == pytest.approx(labels[in_bin].mean())
+    back = type(pooled).from_dict(pooled.to_dict())
+    assert np.array_equal(back.counts, pooled.counts) and np.array_equal(back.prob_sums, pooled.prob_sums)
+    with pytest.raises(ValueError, match="within"):
+        calibration_histogram(np.array([0.5, 1.5]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="pool"):
+        pooled + empty_histogram(10)
