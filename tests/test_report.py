@@ -17,11 +17,15 @@ from medlora.evaluation.statistics import JobStats, nanmean
 from medlora.evaluation.summary import load_summary, summarise_job, write_json_atomic, write_summary
 
 NAN = float("nan")
-# Held-out cases per fold and their true volumes (mL): one case per paper bin, one small, one empty.
-FOLDS = {0: ["SAH_001", "SAH_002", "SAH_003"], 1: ["SAH_004", "SAH_005", "SAH_006"]}
-TRUE_ML = {"SAH_001": 10.0, "SAH_002": 30.0, "SAH_003": 80.0, "SAH_004": 150.0, "SAH_005": 5.0, "SAH_006": 0.0}
-BIN_OF = {"SAH_001": "0-25", "SAH_002": "25-50", "SAH_003": "50-100", "SAH_004": "100-225", "SAH_005": "0-25",
-          "SAH_006": "0"}
+# Held-out cases per fold and their true volumes (mL): every paper bin, five small and four large bleeds, one empty.
+FOLDS = {0: ["SAH_001", "SAH_002", "SAH_003", "SAH_004", "SAH_005"],
+         1: ["SAH_006", "SAH_007", "SAH_008", "SAH_009", "SAH_010"],
+         2: ["SAH_011", "SAH_012", "SAH_013", "SAH_014", "SAH_015"]}
+TRUE_ML = {"SAH_001": 10.0, "SAH_002": 30.0, "SAH_003": 80.0, "SAH_004": 150.0, "SAH_005": 5.0, "SAH_006": 0.0,
+           "SAH_007": 60.0, "SAH_008": 120.0, "SAH_009": 20.0, "SAH_010": 40.0, "SAH_011": 200.0, "SAH_012": 15.0,
+           "SAH_013": 90.0, "SAH_014": 180.0, "SAH_015": 22.0}
+BIN_OF = {c: ("0" if v == 0 else "0-25" if v <= 25 else "25-50" if v <= 50 else "50-100" if v <= 100 else "100-225")
+          for c, v in TRUE_ML.items()}
 CASES = [c for f in sorted(FOLDS) for c in FOLDS[f]]
 TOTAL = 10_000
 # job -> (method, label, rank, family, trainable parameters)
@@ -34,17 +38,19 @@ JOBS = {
     "cp_lora_r4": ("cp_lora", "CP-LoRA", 4, "adapter", 100),  # a label without the rank suffix
 }
 # Dice per case (order of CASES); the empty case SAH_006 is NaN (empty prediction and reference).
-AGREE = {
-    "no_finetune": [0.10, 0.20, 0.40, 0.50, 0.05, NAN],
-    "full": [0.50, 0.60, 0.70, 0.80, 0.40, NAN],
-    "cp_lora_r4": [0.60, 0.65, 0.75, 0.85, 0.50, NAN],
+AGREE = {  # fine-tuning helps, CP-LoRA beats full on every case, large bleeds segmented better
+    "no_finetune": [0.10, 0.20, 0.40, 0.50, 0.05, NAN, 0.35, 0.45, 0.12, 0.22, 0.55, 0.08, 0.38, 0.52, 0.15],
+    "full": [0.50, 0.60, 0.70, 0.80, 0.40, NAN, 0.72, 0.78, 0.45, 0.62, 0.85, 0.42, 0.70, 0.82, 0.48],
+    "cp_lora_r4": [0.56, 0.64, 0.76, 0.85, 0.47, NAN, 0.75, 0.84, 0.49, 0.69, 0.88, 0.48, 0.74, 0.86, 0.53],
 }
-CONTRADICT = {  # no fine-tuning best, full beats the adapter, smaller bleeds segmented better
-    "no_finetune": [0.90, 0.90, 0.90, 0.90, 0.90, NAN],
-    "full": [0.80, 0.70, 0.60, 0.50, 0.80, NAN],
-    "cp_lora_r4": [0.70, 0.60, 0.50, 0.40, 0.70, NAN],
+_FULL_C = [0.80, 0.70, 0.60, 0.50, 0.82, NAN, 0.62, 0.52, 0.78, 0.68, 0.45, 0.80, 0.58, 0.48, 0.79]
+_GAP_C = [0.10, 0.08, 0.12, 0.09, 0.11, 0.0, 0.10, 0.08, 0.12, 0.09, 0.11, 0.10, 0.08, 0.12, 0.09]
+CONTRADICT = {  # no fine-tuning best, full beats the adapter on every case, smaller bleeds segmented better
+    "no_finetune": [0.90] * 5 + [NAN] + [0.90] * 9,
+    "full": _FULL_C,
+    "cp_lora_r4": [f - g for f, g in zip(_FULL_C, _GAP_C, strict=True)],
 }
-TRAIN_SECONDS = {0: 10.5, 1: 12.25}
+TRAIN_SECONDS = {0: 10.5, 1: 12.25, 2: 7.0}
 
 
 def _case(job: str, case: str, dice: float) -> dict:
@@ -101,14 +107,14 @@ def _ms(values) -> str:
 def test_collect_rows_and_results_csv(tmp_path):
     run = make_run(tmp_path, AGREE)
     rows = collect(run)
-    assert len(rows) == 3 * 6  # 3 jobs x 2 folds x 3 cases; the unfinished lora_r16 is skipped
-    assert [r["job"] for r in rows[::6]] == ["no_finetune", "full", "cp_lora_r4"]  # the study's order
-    row = next(r for r in rows if r["job"] == "cp_lora_r4" and r["case_id"] == "SAH_004")
+    assert len(rows) == 3 * 15  # 3 jobs x 3 folds x 5 cases; the unfinished lora_r16 is skipped
+    assert [r["job"] for r in rows[::15]] == ["no_finetune", "full", "cp_lora_r4"]  # the study's order
+    row = next(r for r in rows if r["job"] == "cp_lora_r4" and r["case_id"] == "SAH_008")
     assert (row["method"], row["rank"], row["family"], row["fold"]) == ("cp_lora", 4, "adapter", 1)
-    assert row["Dice"] == 0.85 and row["volume_bin"] == "100-225" and row["trainable_params"] == 100
+    assert row["Dice"] == 0.84 and row["volume_bin"] == "100-225" and row["trainable_params"] == 100
     assert row["percent_trainable"] == pytest.approx(1.0)
     assert math.isnan(next(r for r in rows if r["case_id"] == "SAH_006")["Dice"])
-    assert scan_run(run).unfinished == ["lora_r16/fold_0"] and len(scan_run(run).folds) == 3 * 2
+    assert scan_run(run).unfinished == ["lora_r16/fold_0"] and len(scan_run(run).folds) == 3 * 3
 
     build_report(run)
     with open(run / "results.csv", newline="") as f:
@@ -118,7 +124,7 @@ def test_collect_rows_and_results_csv(tmp_path):
     assert header[:7] == ["job", "method", "label", "rank", "family", "fold", "case_id"]
     assert header[7:9] == ["Dice", "IoU"] and header[-5:] == [
         "volume_bin", "trainable_params", "total_params", "percent_trainable", "train_seconds"]
-    assert len(table) == 18 and len({(r["job"], r["case_id"]) for r in table}) == 18
+    assert len(table) == 45 and len({(r["job"], r["case_id"]) for r in table}) == 45
     for r in table:
         expected = AGREE[r["job"]][CASES.index(r["case_id"])]
         assert (math.isnan(float(r["Dice"])) and math.isnan(expected)) or float(r["Dice"]) == expected
@@ -132,7 +138,7 @@ def test_collect_rows_and_results_csv(tmp_path):
 def test_report_tables_plots_and_agreeing_findings(tmp_path):
     run = make_run(tmp_path, AGREE)
     info = {"name": "phantom study", "dataset": "SAH phantoms", "folds": 2, "seed": 0, "finetune_epochs": 3,
-            "expected_jobs": 8, "job_names": ["no_finetune", "full", "cp_lora_r4", "lora_r16"]}
+            "expected_jobs": 12, "job_names": ["no_finetune", "full", "cp_lora_r4", "lora_r16"]}
     report = build_report(run, info)
     text = report.read_text(encoding="utf-8")
     assert report == run / "report.md"
@@ -140,7 +146,7 @@ def test_report_tables_plots_and_agreeing_findings(tmp_path):
     study = "\n".join(_section(text, "Study"))
     assert "SAH phantoms" in study and "finetune_epochs" in study
     completeness = "\n".join(_section(text, "Completeness"))
-    assert "Expected job runs: 8 — found 6" in completeness and "INCOMPLETE" in completeness
+    assert "Expected job runs: 12 — found 9" in completeness and "INCOMPLETE" in completeness
     assert "missing entirely: lora_r16" in completeness and "lora_r16/fold_0" in completeness
 
     for job, dice in AGREE.items():
@@ -149,7 +155,7 @@ def test_report_tables_plots_and_agreeing_findings(tmp_path):
         cells = _table_row(text, "Results per method and rank", name)
         rows = [_case(job, c, dice[i]) for i, c in enumerate(CASES)]
         assert cells[2] == f"{trainable:,}" and cells[3] == f"{100 * trainable / TOTAL:.3g}%"
-        assert cells[4] == _ms(dice) and cells[5] == "5/6"
+        assert cells[4] == _ms(dice) and cells[5] == "14/15"
         assert cells[6] == _ms([r["soft_Dice"] for r in rows])
         hd = np.array([r["HD95_mm"] for r in rows])
         assert cells[7] == f"{np.nanmean(hd):.1f} ± {np.nanstd(hd):.1f}"
@@ -162,35 +168,46 @@ def test_report_tables_plots_and_agreeing_findings(tmp_path):
         for k, cases in FOLDS.items():
             assert folds[1 + k] == f"{np.nanmean([dice[CASES.index(c)] for c in cases]):.3f}"
 
-    for png in ("dice_per_method", "dice_by_volume", "volume_pred_vs_true", "dice_vs_params"):
+    for png in ("dice_per_method", "dice_by_volume", "volume_pred_vs_true", "dice_vs_params", "significance"):
         path = run / "plots" / f"{png}.png"
         data = path.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
         assert f"](plots/{png}.png)" in text
 
-    assert "✔ agrees" in _finding(text, "1") and "by 0.420 Dice" in _finding(text, "1")
-    assert "✔ agrees" in _finding(text, "2") and "+0.070" in _finding(text, "2")
+    gain = _paired_mean(AGREE["cp_lora_r4"], AGREE["no_finetune"])
+    assert "✔ agrees" in _finding(text, "1") and f"Δ +{gain:.3f}" in _finding(text, "1")
+    assert "✔ agrees" in _finding(text, "2") and f"Δ +{_paired_mean(AGREE['cp_lora_r4'], AGREE['full']):.3f}" in \
+        _finding(text, "2") and "1 significantly better" in _finding(text, "2")
     assert "not checked" in _finding(text, "3") and "not checked" in _finding(text, "4")
-    assert "✔ agrees" in _finding(text, "5")
-    assert "✘" not in text
+    assert "✔ agrees" in _finding(text, "5") and "Mann–Whitney p 0.016" in _finding(text, "5")  # 2/126, exact
+    assert "✘" not in text and "≈ inconclusive" not in text
 
     # a later rebuild without study info keeps the header (saved beside the results)
     assert "SAH phantoms" in build_report(run).read_text(encoding="utf-8")
 
 
+def _paired_mean(a, b) -> float:
+    return float(np.nanmean(np.array(a) - np.array(b)))
+
+
 def test_findings_flag_contradictions(tmp_path):
     text = build_report(make_run(tmp_path, CONTRADICT)).read_text(encoding="utf-8")
-    assert "✘ contradicts" in _finding(text, "1") and "NOT worse" in _finding(text, "1")
-    assert "✘ contradicts" in _finding(text, "2") and "−0.100" in _finding(text, "2")
-    assert "✘ contradicts" in _finding(text, "5") and "does NOT find" in _finding(text, "5")
+    assert "✘ contradicts" in _finding(text, "1") and "significantly BETTER" in _finding(text, "1")
+    loss = _paired_mean(CONTRADICT["cp_lora_r4"], CONTRADICT["full"])
+    assert "✘ contradicts" in _finding(text, "2") and f"Δ −{-loss:.3f}" in _finding(text, "2")
+    assert "significantly WORSE" in _finding(text, "2")
+    assert "✘ contradicts" in _finding(text, "5") and "significantly WORSE Dice on large" in _finding(text, "5")
 
 
 @pytest.mark.parametrize("r8_better", [True, False])
 def test_findings_rank_and_cp(tmp_path, r8_better):
-    low, high = [0.60, 0.60, 0.60, 0.60, 0.60, NAN], [0.70, 0.70, 0.70, 0.70, 0.70, NAN]
-    dice = {"full": [0.5] * 5 + [NAN], "module_decoder": [0.55] * 5 + [NAN],
+    def constant(v: float) -> list[float]:  # the same Dice on every case: the volume bins differ by exactly 0
+        return [NAN if c == "SAH_006" else v for c in CASES]
+
+    low, high = constant(0.60), constant(0.70)
+    dice = {"full": constant(0.5), "module_decoder": constant(0.55),
             "lora_r4": low if r8_better else high, "lora_r8": high if r8_better else low,
-            "cp_lora_r4": [0.68] * 5 + [NAN]}
+            "cp_lora_r4": constant(0.68)}
     text = build_report(make_run(tmp_path, dice)).read_text(encoding="utf-8")
     rank = _finding(text, "4")
     assert ("✔ agrees" if r8_better else "✘ contradicts") in rank and "r4 " in rank and "r8 " in rank
@@ -199,6 +216,8 @@ def test_findings_rank_and_cp(tmp_path, r8_better):
     assert "✔ agrees" in cp and "−0.020" in cp and fewer in cp
     assert "✔ agrees" in _finding(text, "2b") and "module-wise" in _finding(text, "2b")
     assert "not checked" in _finding(text, "1")
+    # a +0.000 difference between volume bins is not evidence for the paper
+    assert "≈ inconclusive" in _finding(text, "5") and "Δ +0.000" in _finding(text, "5")
 
 
 def test_corrupt_summary_is_one_line_error_naming_the_file(tmp_path):
@@ -342,20 +361,37 @@ def _stats(job: str, method: str, rank: int | None, family: str, dice: float, tr
                     hd95=(3.0, 1.0, 5), abs_volume_error=1.0, bins={}, train_seconds=1.0, folds={0: dice})
 
 
+def _job_rows(job: str, mean: float) -> list[dict]:
+    # twelve cases spread symmetrically around the job's mean: jobs differ by the same amount on every case
+    offsets = [-0.05, -0.03, -0.01, 0.01, 0.03, 0.05] * 2
+    return [{"job": job, "case_id": f"c{i:02d}", "Dice": mean + o, "volume_bin": "0-25"}
+            for i, o in enumerate(offsets)]
+
+
 def test_check_findings_on_job_statistics():
     # LoRA at three ranks, not monotone: the finding compares the highest with the lowest rank (0.65 > 0.60)
+    means = {"lora_r4": 0.60, "lora_r8": 0.70, "lora_r16": 0.65, "dora_r4": 0.66, "dora_r8": 0.64}
     stats = [_stats("lora_r4", "lora", 4, "adapter", 0.60, 800), _stats("lora_r8", "lora", 8, "adapter", 0.70, 1600),
              _stats("lora_r16", "lora", 16, "adapter", 0.65, 3200),
              _stats("dora_r4", "dora", 4, "adapter", 0.66, 900), _stats("dora_r8", "dora", 8, "adapter", 0.64, 1800)]
+    rows = [r for job, m in means.items() for r in _job_rows(job, m)]
     rank = next(f for f in SEED_FINDINGS if f.name == "higher_rank_better")
-    (verdict,) = check_findings(stats, [], [rank])
-    assert verdict.number == "4" and verdict.status == "contradicts"  # DoRA r8 < r4
-    assert "in 1 of 2 adapter methods" in verdict.text and "r4 0.600 → r8 0.700 → r16 0.650" in verdict.text
-    assert verdict.line().startswith("- (4) ✘ contradicts — highest rank")
+    (verdict,) = check_findings(stats, rows, [rank])
+    assert verdict.number == "4" and verdict.status == "contradicts"  # DoRA r8 < r4 on every case
+    assert "better in 1, worse in 1 of 2 adapter methods" in verdict.text
+    assert "r4 0.600 → r8 0.700 → r16 0.650; r16 vs r4 Δ +0.050" in verdict.text
+    assert "r8 vs r4 Δ −0.020" in verdict.text and "higher rank WORSE" in verdict.text
+    assert verdict.line().startswith("- (4) ✘ contradicts — highest vs lowest rank")
+    (verdict,) = check_findings(stats[:3], rows, [rank])
+    assert verdict.status == "agrees" and "better in 1, worse in 0 of 1" in verdict.text
+    # without per-case rows nothing can be tested: inconclusive, never a verdict from the means
     (verdict,) = check_findings(stats[:3], [], [rank])
-    assert verdict.status == "agrees" and "1 of 1" in verdict.text
+    assert verdict.status == "inconclusive" and "no paired cases" in verdict.text
+    # only one rank per method: not tested
+    (verdict,) = check_findings([stats[0], stats[3]], rows, [rank])
+    assert verdict.status == "not checked" and "not tested" in verdict.text
     # module-wise fine-tuning is optional: without such a job (2b) is left out, (2) is not checked
-    verdicts = check_findings(stats, [], select_findings(["adapters_beat_full", "adapters_beat_module"]))
+    verdicts = check_findings(stats, rows, select_findings(["adapters_beat_full", "adapters_beat_module"]))
     assert [(v.number, v.status) for v in verdicts] == [("2", "not checked")]
 
 
@@ -385,3 +421,101 @@ def test_unknown_finding_is_one_line_error_and_nothing_is_written(tmp_path):
     with pytest.raises(ReportError, match="must be a list of finding names") as info:
         build_report(run)
     assert str(run / "study_info.json") in str(info.value) and not (run / "report.md").exists()
+
+
+# ------------------------------------------------------------------------------ significance and calibration
+
+
+def _holm_by_hand(p: list[float]) -> list[float]:
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_significance_table_csv_and_the_studys_own_comparisons(tmp_path):
+    import scipy.stats
+
+    dice = dict(AGREE, lora_r4=[v - 0.03 + 0.01 * (i % 3) if not math.isnan(v) else NAN
+                                for i, v in enumerate(AGREE["cp_lora_r4"])])
+    run = make_run(tmp_path, dice)
+    info = {"job_names": ["no_finetune", "full", "lora_r4", "cp_lora_r4", "lora_r16"],
+            "comparisons": [["lora_r4", "no_finetune"], ["full", "cp_lora_r4"], ["lora_r16", "full"]]}
+    text = build_report(run, info).read_text(encoding="utf-8")
+    with open(run / "significance.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    # every job vs full, then the study's new pair ((full, cp) is (cp, full) again), then the findings' pairs
+    assert [(r["method"], r["reference"], r["why"]) for r in table] == [
+        ("no_finetune", "full", "vs full fine-tuning"), ("lora_r4", "full", "vs full fine-tuning"),
+        ("cp_lora_r4", "full", "vs full fine-tuning"), ("lora_r4", "no_finetune", "named by the study"),
+        ("cp_lora_r4", "no_finetune", "finding (1)"), ("cp_lora_r4", "lora_r4", "finding (3)")]
+    p_values = []
+    for r in table:
+        a, b = np.array(dice[r["method"]]), np.array(dice[r["reference"]])
+        d = (a - b)[~np.isnan(a - b)]
+        assert int(r["n"]) == 14 and float(r["delta"]) == pytest.approx(d.mean(), abs=1e-12)
+        assert float(r["p"]) == pytest.approx(scipy.stats.wilcoxon(d).pvalue, rel=1e-12)
+        ci = scipy.stats.bootstrap((d,), np.mean, n_resamples=10_000, method="percentile",
+                                   rng=np.random.default_rng(0)).confidence_interval
+        assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        p_values.append(float(r["p"]))
+    assert [float(r["p_adj"]) for r in table] == pytest.approx(_holm_by_hand(p_values), rel=1e-12)
+    assert {r["verdict"] for r in table} == {"better", "worse"}
+
+    row = _table_row(text, "Significance (paired per case)", "CP-LoRA r4")
+    cp = table[2]
+    interval = f"[+{float(cp['ci_low']):.3f}, +{float(cp['ci_high']):.3f}]"
+    assert row[1:] == ["full fine-tuning", "14", f"+{float(cp['delta']):.3f}", interval, f"{float(cp['p_adj']):.3f}",
+                       "better"]
+    notes = "\n".join(_section(text, "Significance (paired per case)"))
+    assert "comparison lora_r16 vs full left out: lora_r16 has no finished fold" in notes
+    assert "](plots/significance.png)" in text
+
+
+@pytest.mark.parametrize("comparisons, problem", [
+    ("full vs lora", "must be a list of [method_job, reference_job] pairs"),
+    ([["full", "cp_lora_r4", "no_finetune"]], "must be a list of [method_job, reference_job] pairs"),
+    ([["full", "cp_lora"]], "names an unknown job 'cp_lora'"),
+])
+def test_bad_comparisons_are_one_line_errors_and_nothing_is_written(tmp_path, comparisons, problem):
+    run = make_run(tmp_path, AGREE)
+    with pytest.raises(ReportError) as info:
+        build_report(run, {"comparisons": comparisons})
+    message = str(info.value)
+    assert message.startswith(f"{run / 'study_info.json'}: ") and problem in message and "\n" not in message
+    assert not any((run / name).exists() for name in ("study_info.json", "report.md", "results.csv",
+                                                      "significance.csv"))
+
+
+def test_calibration_histograms_in_summaries_become_a_table_and_a_plot(tmp_path):
+    from medlora.evaluation.calibration import calibration_histogram
+
+    run = make_run(tmp_path, AGREE)
+    gen = np.random.default_rng(0)
+    voxels = {}
+    for fold in FOLDS:
+        label = gen.random(500) < 0.1
+        prob = np.where(label, gen.uniform(0.3, 1.0, 500), gen.uniform(0.0, 0.2, 500))
+        voxels[fold] = (prob, label)
+        path = run / "jobs" / "cp_lora_r4" / f"fold_{fold}" / "summary.json"
+        summary = load_summary(path)
+        summary["medlora"]["calibration"] = calibration_histogram(prob, label, n_bins=10).to_dict()
+        write_json_atomic(summary, path)
+    text = build_report(run).read_text(encoding="utf-8")
+    prob = np.concatenate([p for p, _ in voxels.values()])
+    label = np.concatenate([y for _, y in voxels.values()])
+    row = _table_row(text, "Calibration of the probability maps", "CP-LoRA r4")
+    assert row[2] == f"{np.mean(1 - prob[label]):.4f}" and row[3] == f"{np.mean(prob[~label]):.4f}"
+    assert row[4] == f"{label.sum():,}" and row[5] == f"{(~label).sum():,}"
+    assert not any(line.startswith("| full") for line in _section(text, "Calibration of the probability maps"))
+    assert (run / "plots" / "reliability.png").read_bytes().startswith(b"\x89PNG")
+
+    bad = run / "jobs" / "cp_lora_r4" / "fold_1" / "summary.json"
+    summary = load_summary(bad)
+    summary["medlora"]["calibration"] = {"counts": [[1, 2]], "prob_sums": [[0.1, 0.2]]}
+    write_json_atomic(summary, bad)
+    with pytest.raises(ReportError, match="corrupt 'medlora.calibration' block") as info:
+        build_report(run)
+    assert str(bad) in str(info.value)

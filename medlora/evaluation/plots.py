@@ -1,8 +1,9 @@
 """The study report's figures, as PNGs written atomically (matplotlib, headless).
 
-Each figure is one function of the job statistics and per-case rows; :data:`FIGURES` lists them in the
-report's order with their captions and file names, and :func:`plot_report` draws them all. A job keeps
-the same colour in every figure.
+Each figure is one function of the job statistics, per-case rows and the study's paired comparisons;
+:data:`FIGURES` lists them in the report's order with their captions and file names, and
+:func:`plot_report` draws them all (a function that returns None has nothing to show and is left out).
+A job keeps the same colour in every figure.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_write_bytes
-from .statistics import PAPER_BINS, JobStats, column
+from .calibration import CalibrationHistogram
+from .statistics import BETTER, CONFIDENCE, PAPER_BINS, WORSE, Comparison, JobStats, column
 
 
 class PlotData:
-    """What every figure function receives: the jobs (report order), their rows and colours, and pyplot."""
+    """What every figure function receives: the jobs (report order), rows, comparisons, colours and pyplot."""
 
-    def __init__(self, stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plt: Any) -> None:
-        self.stats, self.rows, self.plt = stats, rows, plt
+    def __init__(self, stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plt: Any,
+                 comparisons: Sequence[Comparison] = (), calibration: dict[str, CalibrationHistogram] | None = None,
+                 ) -> None:
+        self.stats, self.rows, self.plt, self.comparisons = stats, rows, plt, comparisons
+        self.calibration = calibration or {}
+        self.names = {s.job: s.name for s in stats}
         cmap = plt.get_cmap("tab10" if len(stats) <= 10 else "tab20")
         self.colours = {s.job: cmap(i % cmap.N) for i, s in enumerate(stats)}
         self.rows_of = {s.job: [r for r in rows if r["job"] == s.job] for s in stats}
@@ -89,23 +95,75 @@ def volume_pred_vs_true(f: PlotData) -> Any:
 
 
 def dice_vs_params(f: PlotData) -> Any:
-    """Mean Dice (± std over cases) against trainable parameters on a log axis."""
-    fig, ax = f.plt.subplots(figsize=(7, 4.8))
+    """Mean Dice (± std over cases) against trainable parameters, one line per method through its ranks."""
+    fig, ax = f.plt.subplots(figsize=(7.5, 4.8))
+    families: dict[str, list[JobStats]] = {}
     for s in f.stats:
-        if s.dice[2] == 0:
-            continue
-        if s.trainable > 0:
-            ax.errorbar(s.trainable, s.dice[0], yerr=s.dice[1], fmt="o", capsize=3, color=f.colours[s.job],
-                        label=s.name)
-            ax.annotate(s.name, (s.trainable, s.dice[0]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        else:
-            # no fine-tuning (0 parameters) cannot sit on a log axis: a horizontal line instead
-            ax.axhline(s.dice[0], ls=":", color=f.colours[s.job], label=f"{s.name} (0 params)")
+        if s.dice[2] > 0:
+            families.setdefault(s.method, []).append(s)
+    for jobs in families.values():
+        first = jobs[0]
+        label = first.name.removesuffix(f" r{first.rank}") if first.rank is not None else first.name
+        tuned = sorted((s for s in jobs if s.trainable > 0), key=lambda s: s.trainable)
+        if tuned:
+            x, y, err = ([s.trainable for s in tuned], [s.dice[0] for s in tuned], [s.dice[1] for s in tuned])
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f.colours[first.job], label=label, alpha=0.9)
+            for s in tuned:
+                if s.rank is not None:
+                    ax.annotate(f"r{s.rank}", (s.trainable, s.dice[0]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+        for s in jobs:
+            if s.trainable == 0:
+                # no fine-tuning (0 parameters) cannot sit on a log axis: a horizontal line instead
+                ax.axhline(s.dice[0], ls=":", color=f.colours[s.job], label=f"{s.name} (0 params)")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("mean Dice ± std over cases")
-    ax.set_title("Dice vs trainable parameters")
+    ax.set_title("Dice vs trainable parameters per method")
     ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def significance_forest(f: PlotData) -> Any:
+    """The study's paired Dice differences (method − reference) with their bootstrap intervals, one row each."""
+    shown = [c for c in f.comparisons if c.n > 0]
+    if not shown:
+        return None
+    fig, ax = f.plt.subplots(figsize=(7.5, max(2.5, 0.28 * len(shown) + 1.2)))
+    colour = {BETTER: "tab:green", WORSE: "tab:red"}
+    for i, c in enumerate(shown):
+        y = len(shown) - 1 - i  # the table's order, top to bottom
+        ax.plot(c.ci, [y, y], color=colour.get(c.verdict, "0.5"), lw=2)
+        ax.plot([c.delta], [y], "o", color=colour.get(c.verdict, "0.5"), ms=4)
+    ax.axvline(0.0, color="k", lw=1)
+    ax.set_yticks(range(len(shown)), [f"{f.names.get(c.method, c.method)} vs {f.names.get(c.reference, c.reference)}"
+                                      for c in reversed(shown)], fontsize=7)
+    ax.set_xlabel(f"Δ Dice (method − reference), {CONFIDENCE:.0%} bootstrap CI")
+    ax.set_title("Paired differences (green/red: significant after Holm, grey: inconclusive)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def reliability(f: PlotData) -> Any:
+    """Reliability diagram of every job with calibration histograms: foreground share against mean probability."""
+    jobs = [s for s in f.stats if s.job in f.calibration]
+    if not jobs:
+        return None
+    fig, ax = f.plt.subplots(figsize=(6.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for s in jobs:
+        hist = f.calibration[s.job]
+        r = hist.reliability("all")
+        ok = r["count"] > 0
+        ax.plot(r["confidence"][ok], r["frequency"][ok], "o-", ms=3, color=f.colours[s.job],
+                label=f"{s.name} (ECE {hist.ece('all'):.3f})")
+    ax.set_xlabel("predicted foreground probability (bin mean)")
+    ax.set_ylabel("observed foreground frequency")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Reliability of the probability maps (held-out voxels)")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
@@ -116,11 +174,15 @@ FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
     ("dice_by_volume.png", "Dice by volume bin", dice_by_volume),
     ("volume_pred_vs_true.png", "Predicted vs true volume", volume_pred_vs_true),
     ("dice_vs_params.png", "Dice vs trainable parameters", dice_vs_params),
+    ("significance.png", "Paired differences with 95% CIs", significance_forest),
+    ("reliability.png", "Reliability diagram", reliability),
 )
 
 
-def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots_dir: str | Path) -> dict[str, Path]:
-    """Draw every figure of :data:`FIGURES` into ``plots_dir``; returns ``{caption: path}`` in report order."""
+def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots_dir: str | Path,
+                comparisons: Sequence[Comparison] = (),
+                calibration: dict[str, CalibrationHistogram] | None = None) -> dict[str, Path]:
+    """Draw the figures of :data:`FIGURES` into ``plots_dir``; returns ``{caption: path}`` in report order."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: reports are built on cluster nodes and in CI
@@ -128,10 +190,12 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    figure = PlotData(stats, rows, plt)
+    figure = PlotData(stats, rows, plt, comparisons, calibration)
     out: dict[str, Path] = {}
     for filename, caption, draw in FIGURES:
         fig = draw(figure)
+        if fig is None:
+            continue
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -140,4 +204,4 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
 
 
 __all__ = ["FIGURES", "PlotData", "dice_by_volume", "dice_per_method", "dice_vs_params", "plot_report",
-           "volume_pred_vs_true"]
+           "reliability", "significance_forest", "volume_pred_vs_true"]

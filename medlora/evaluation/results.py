@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_bytes
+from .calibration import CalibrationHistogram
 from .metrics import volume_bin
 from .statistics import as_float
 from .summary import FOREGROUND_LABELS, ReportError, load_summary
@@ -38,7 +39,11 @@ _FAMILY_BY_JOB = {"no_finetune": "none", "full": "full"}
 
 @dataclass
 class FoldResult:
-    """One finished (job, fold): its ``summary.json``, the job's description and one row per held-out case."""
+    """One finished (job, fold): its ``summary.json``, the job's description and one row per held-out case.
+
+    ``info["calibration"]`` is the fold's :class:`~.calibration.CalibrationHistogram` when its summary's
+    ``medlora`` block carries one (``CalibrationHistogram.to_dict()`` under ``calibration``), else None.
+    """
 
     path: Path
     info: dict[str, Any]
@@ -78,12 +83,19 @@ def _fold_result(path: Path) -> FoldResult:
         train_seconds = as_float(block.get("train_seconds", 0.0))
     except (TypeError, ValueError) as exc:
         raise ReportError(f"{path}: corrupt 'medlora' block ({exc})".replace("\n", " ")) from None
+    calibration = None
+    if block.get("calibration") is not None:  # optional: pooled voxel histograms of the fold's cases
+        try:
+            calibration = CalibrationHistogram.from_dict(block["calibration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReportError(f"{path}: corrupt 'medlora.calibration' block ({type(exc).__name__} {exc})"
+                              .replace("\n", " ")) from None
     info = {
         "job": job, "method": str(block.get("method") or job), "label": str(block.get("label") or job),
         "rank": rank, "family": str(block.get("family") or _infer_family(job)), "fold": fold,
         "trainable_params": trainable, "total_params": total,
         "percent_trainable": 100.0 * trainable / total if total else float("nan"),
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "calibration": calibration,
     }
     result = FoldResult(path, info)
     label = FOREGROUND_LABELS[0]

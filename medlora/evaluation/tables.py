@@ -6,12 +6,15 @@ Every table the report shows is built here from :class:`~medlora.evaluation.stat
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .statistics import PAPER_BINS, JobStats
+from .calibration import CalibrationHistogram
+from .statistics import ALPHA, CONFIDENCE, PAPER_BINS, Comparison, JobStats
 
 NA = "—"
 
@@ -30,6 +33,24 @@ def fmt_mean_std(stat: tuple[float, float, int], digits: int = 3) -> str:
 def fmt_signed(value: float) -> str:
     """A difference with its sign and a true minus sign, e.g. ``"−0.020"``."""
     return f"{value:+.3f}".replace("-", "−")
+
+
+def fmt_p(p: float) -> str:
+    """A p-value: three decimals, ``<0.001`` below that, ``—`` when missing."""
+    if math.isnan(p):
+        return NA
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_ci(ci: tuple[float, float]) -> str:
+    """A confidence interval of a difference, e.g. ``"[−0.020, +0.041]"``."""
+    return NA if any(math.isnan(v) for v in ci) else f"[{fmt_signed(ci[0])}, {fmt_signed(ci[1])}]"
+
+
+def fmt_comparison(c: Comparison) -> str:
+    """A comparison's numbers in a sentence: ``Δ +0.070 (95% CI [...], p_adj 0.012, n = 15 cases)``."""
+    return (f"Δ {fmt_signed(c.delta)} ({CONFIDENCE:.0%} CI {fmt_ci(c.ci)}, p_adj {fmt_p(c.p_adj)}, "
+            f"n = {c.n} cases)")
 
 
 def fmt_percent(percent: float) -> str:
@@ -83,6 +104,8 @@ def results_table(stats: Sequence[JobStats]) -> str:
 RESULTS_NOTE = (
     "Mean ± population std over the cases of all folds, nan-aware: n counts the cases with a defined "
     "Dice of all held-out cases (Dice is NaN when prediction and reference are both empty, as in nnU-Net). "
+    "Soft Dice is over whole volumes: a low probability spread over every background voxel dominates its "
+    "denominator, so it sits far below Dice (docs/evaluation.md). "
     "Abs. vol. error: mean absolute error of the thresholded predicted volume. Dice per volume bin: mean "
     f"over cases whose true volume lies in (lo, hi] mL ({NA}: no case). Train: training wall time summed "
     "over folds."
@@ -97,5 +120,54 @@ def folds_table(stats: Sequence[JobStats]) -> str:
                     (False, *(True for _ in folds)))
 
 
-__all__ = ["NA", "RESULTS_NOTE", "fmt", "fmt_mean_std", "fmt_percent", "fmt_setting", "fmt_signed",
-           "folds_table", "md_table", "results_table", "study_table"]
+def significance_table(comparisons: Sequence[Comparison], names: Mapping[str, str]) -> str:
+    """Per comparison: method, reference, paired cases, Δ Dice, its interval, Holm-adjusted p, verdict."""
+    header = ("Method", "Reference", "n", "Δ Dice", f"{CONFIDENCE:.0%} CI", "p_adj", "Verdict")
+    rows = [(names.get(c.method, c.method), names.get(c.reference, c.reference), str(c.n),
+             NA if math.isnan(c.delta) else fmt_signed(c.delta), fmt_ci(c.ci), fmt_p(c.p_adj), c.verdict)
+            for c in comparisons]
+    return md_table(header, rows, (False, False, True, True, True, True, False))
+
+
+SIGNIFICANCE_NOTE = (
+    "Δ: mean over the paired cases of the method's Dice minus the reference's (each case averaged over seeds "
+    f"first; cases without a Dice on both sides left out). CI: percentile bootstrap over cases. p_adj: two-sided "
+    "Wilcoxon signed-rank p-value (scipy defaults: zero differences dropped), Holm-adjusted over all "
+    f"comparisons of this table. Verdict: better/worse when the CI excludes 0 and p_adj < {ALPHA:g}, else "
+    "inconclusive. Full numbers in significance.csv."
+)
+SIGNIFICANCE_COLUMNS: tuple[str, ...] = ("method", "reference", "method_name", "reference_name", "why", "n",
+                                         "delta", "ci_low", "ci_high", "p", "p_adj", "verdict")
+
+
+def significance_csv(comparisons: Sequence[Comparison], names: Mapping[str, str]) -> str:
+    """``significance.csv``: one row per comparison, numbers unrounded (NaN empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SIGNIFICANCE_COLUMNS)
+    for c in comparisons:
+        numbers = (c.delta, c.ci[0], c.ci[1], c.p, c.p_adj)
+        writer.writerow([c.method, c.reference, names.get(c.method, c.method), names.get(c.reference, c.reference),
+                         c.why, c.n, *("" if math.isnan(v) else repr(float(v)) for v in numbers), c.verdict])
+    return buffer.getvalue()
+
+
+def calibration_table(histograms: Sequence[tuple[str, CalibrationHistogram]]) -> str:
+    """Per job: expected calibration error over all, foreground and background voxels, and the voxel counts."""
+    header = ("Method", "ECE all", "ECE foreground", "ECE background", "Foreground voxels", "Background voxels")
+    rows = [(name, fmt(h.ece("all"), 4), fmt(h.ece("foreground"), 4), fmt(h.ece("background"), 4),
+             f"{int(h.counts[1].sum()):,}", f"{int(h.counts[0].sum()):,}") for name, h in histograms]
+    return md_table(header, rows, (False, True, True, True, True, True))
+
+
+CALIBRATION_NOTE = (
+    "Held-out voxels of all folds pooled, equal-width probability bins. ECE foreground is the mean of 1 − p over "
+    "the lesion's voxels (probability missing where the bleed is), ECE background the mean p over all other "
+    "voxels (probability spread where there is none); ECE all compares each bin's mean p with its foreground "
+    "share. See docs/evaluation.md for what this means for soft Dice."
+)
+
+
+__all__ = ["CALIBRATION_NOTE", "NA", "RESULTS_NOTE", "SIGNIFICANCE_COLUMNS", "SIGNIFICANCE_NOTE", "calibration_table",
+           "fmt", "fmt_ci", "fmt_comparison", "fmt_mean_std", "fmt_p", "fmt_percent", "fmt_setting", "fmt_signed",
+           "folds_table", "md_table", "results_table", "significance_csv", "significance_table", "study_table"]

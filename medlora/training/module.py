@@ -15,6 +15,7 @@ module's settings in one flat list, built through :func:`~medlora.assembly.build
 """
 
 # No `from __future__ import annotations` here: LightningCLI reads the factory's return annotation as a class.
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,7 @@ from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics
 from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
 from ..evaluation.statistics import nanmean_std
+from .losses import forgetting_kl
 
 LOGGED_METRICS = ("Dice", "soft_Dice", "HD95_mm", "volume_error_ml")
 
@@ -57,6 +59,14 @@ class SegmentationModule(pl.LightningModule):
         roi_size: sliding-window size for validation (default: the data module's patch size).
         sw_batch_size, sw_overlap: sliding-window batch and overlap.
         threshold: probability threshold for hard metrics.
+        forgetting_weight: λ of the "Mask the Target" forgetting regulariser (:mod:`medlora.training.losses`):
+            the loss becomes ``loss + λ · KL(base ‖ adapted)`` outside the target label. The base predictions
+            come from a frozen copy of ``network`` taken here, before any training step (its adapters, still at
+            their start, add nothing; evaluation mode; kept out of the state dict and checkpoints): one extra
+            forward pass per step and one copy of the weights, but it serves every fine-tuning family alike
+            (adapters, module-wise, full) and is exact where an adapter's start rewrites the frozen weight
+            (PiSSA-style residuals), which switching the adapters off would not be. 0 (default) computes nothing
+            and leaves the loss bitwise as it was.
     """
 
     def __init__(
@@ -72,8 +82,11 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
         threshold: float = DEFAULT_THRESHOLD,
+        forgetting_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (math.isfinite(forgetting_weight) and forgetting_weight >= 0):
+            raise ValueError(f"forgetting_weight must be a finite number >= 0, got {forgetting_weight!r}")
         if norm_stats not in ("update", "freeze"):
             raise ValueError(f"norm_stats must be 'update' or 'freeze', got {norm_stats!r}")
         if loss not in ("dice_ce", "soft_dice"):
@@ -86,7 +99,10 @@ class SegmentationModule(pl.LightningModule):
             **self.model_spec.to_dict(), "norm_stats": norm_stats, "loss": loss, "lr": lr,
             "weight_decay": weight_decay, "roi_size": None if roi_size is None else list(roi_size),
             "sw_batch_size": sw_batch_size, "sw_overlap": sw_overlap, "threshold": threshold,
+            "forgetting_weight": forgetting_weight,
         })
+        # a plain list keeps the frozen base out of submodules: no state-dict keys, no optimiser, no .train()
+        self._frozen_base: list[nn.Module] = [self._freeze_copy(network)] if forgetting_weight > 0 else []
         if loss == "dice_ce":
             self.loss_fn: nn.Module = DiceCELoss(sigmoid=True)
         else:
@@ -119,8 +135,30 @@ class SegmentationModule(pl.LightningModule):
             return self.loss_fn(self.model(image, boxes=self.model.training_boxes(label)), label)
         return self.loss_fn(self.model(image), label)
 
+    @staticmethod
+    def _freeze_copy(network: nn.Module) -> nn.Module:
+        # Adapters stay attached (merging the copy would strip the parametrisation class it shares with the
+        # original, and input-dependent adapters cannot be merged); frozen at their start they add nothing.
+        base = copy.deepcopy(network)
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+
+    def loss_with_forgetting(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Task loss + λ · the forgetting regulariser against the frozen base (``forgetting_weight`` > 0)."""
+        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
+        base = self._frozen_base[0].to(image.device)
+        kwargs = {"boxes": self.model.training_boxes(label)} if getattr(self.model, "prompt", None) == "box" else {}
+        logits = self.model(image, **kwargs)
+        with torch.no_grad():
+            base_logits = base(image, **kwargs)
+        kl = forgetting_kl(logits, base_logits.to(logits.dtype), label)
+        self.log("train/forgetting_kl", kl.detach(), on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return self.loss_fn(logits, label) + self.hparams.forgetting_weight * kl
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.batch_loss(batch)
+        loss = self.loss_with_forgetting(batch) if self._frozen_base else self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -231,6 +269,7 @@ def segmentation_module(
     threshold: float = 0.5,
     training_rule: str | None = None,
     training_rule_options: dict[str, Any] | None = None,
+    forgetting_weight: float = 0.0,
 ) -> SegmentationModule:
     """A :class:`SegmentationModule` around ``build_model(ModelSpec(...))``: the ``model:`` section of fit configs.
 
@@ -253,10 +292,12 @@ def segmentation_module(
         training_rule: an adapter training rule of :mod:`medlora.adapters.optim` (``ffa``, ``stable_lora``,
             ``allora``, ``lora_pro``, ``altlora``, ...) instead of Adam(W); ``training_rule_options`` are its
             options (``medlora adapters --rules`` lists them), ``lr`` its learning rate.
+        forgetting_weight: λ of the "Mask the Target" forgetting regulariser (0: off; see
+            :class:`SegmentationModule`).
     """
     spec = ModelSpec(backbone=backbone, backbone_args=dict(backbone_args or {}), spatial_dims=spatial_dims,
                      pretrained=pretrained, adapter=adapter, finetune=finetune, training_rule=training_rule,
                      training_rule_options=dict(training_rule_options or {}))
     return SegmentationModule(build_model(spec), spec, loss=loss, lr=lr, weight_decay=weight_decay,
                               norm_stats=norm_stats, roi_size=roi_size, sw_batch_size=sw_batch_size,
-                              sw_overlap=sw_overlap, threshold=threshold)
+                              sw_overlap=sw_overlap, threshold=threshold, forgetting_weight=forgetting_weight)
