@@ -214,7 +214,8 @@ def test_only_adapter_parameters_get_gradients(method):
 
 
 def test_parameter_counts_follow_the_design_table():
-    # One 32->32 3x3 conv (9,216 weights), rank r (sah_salt.md reference table + DESIGN.md formulas).
+    # One 32->32 3x3 conv (9,216 weights), rank r (sah_salt.md reference table;
+    # parameter-count formulas of docs/adapter_methods.md).
     o = i = 32
     k = (3, 3)
     expected = {

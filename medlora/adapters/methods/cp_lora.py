@@ -2,7 +2,8 @@
 
 Minoccheri, Hodgman et al., "LoRA-based methods on Unet for transfer learning in Subarachnoid
 Hematoma Segmentation", arXiv 2508.01772 (2025). The paper's equation could not be read; resolution
-used here (DESIGN.md): ``dW = s * [[1; U_O, U_I, U_1, ..., U_d]]`` (Kolda & Bader 2009, eq. 3.2), the sum of
+used here (see docs/adapter_methods.md):
+``dW = s * [[1; U_O, U_I, U_1, ..., U_d]]`` (Kolda & Bader 2009, eq. 3.2), the sum of
 R rank-one tensors ``U_O[:, i] o U_I[:, i] o U_1[:, i] o ...``, evaluated with tensorly's
 ``cp_to_tensor`` on the PyTorch backend. ``U_O`` starts at zero so that ``dW = 0``; the other factors are
 Gaussian with a standard deviation chosen so that each rank-one component has the per-entry scale

@@ -2,7 +2,7 @@
 
 Ding et al., "LoRA-C: Parameter-Efficient Fine-Tuning of Robust CNN for IoT Devices", arXiv 2410.16954
 (2024), layer-wise form: ``A: r x (I*k2..kd)``, ``B: (O*k1) x r``, ``BA`` reshaped to the kernel.
-Resolution used here (the SAH paper's own equation could not be read, see DESIGN.md): permute the
+Resolution used here (the SAH paper's own equation could not be read, see docs/adapter_methods.md): permute the
 canonical weight to ``(O, k1, I, k2..kd)``, apply the rank-r update to its ``(O*k1) x (I*k2..kd)``
 unfolding, permute back. Trainable ``r (O*k1 + I*k2..kd)``. The paper finds ``alpha/r = 2`` best, which
 is the default here. A Linear layer has no kernel axis and reduces to plain LoRA.
