@@ -391,3 +391,22 @@ def test_infer_refuses_a_corrupt_adapter_or_another_base_in_one_line(cli_files, 
     assert err[0].startswith(f"medlora: error: {cli_files[adapter]}: ") and expected in err[0]
     assert "check_base" not in err[0]
     assert not out.exists()
+
+
+def test_a_peft_adapter_with_a_nan_tensor_is_refused_naming_file_and_tensor(tmp_path):
+    from safetensors.torch import load_file
+
+    from medlora.adapters import export_peft, import_peft
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    inject(model, AdapterConfig("lora", rank=2, target_types=["Linear"]))
+    export_peft(model, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(weights))
+    base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(AdapterFileError, match=f"{weights}.*{key}"):
+        import_peft(base, tmp_path / "peft")

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..fileio import atomic_save_safetensors, atomic_write_bytes
+from ..fileio import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from .config import AdapterConfig
 from .inject import iter_adapters
 from .io import AdapterFileError
@@ -190,11 +189,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     for key, allowed in _UNSUPPORTED_KEYS.items():
         if config.get(key, allowed[0]) not in allowed:
             raise AdapterFileError(f"{config_path}: {key}={config[key]!r} is not supported by medlora")
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise AdapterFileError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    tensors = _read_peft_tensors(weights_path)
 
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
     per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -357,11 +352,8 @@ def _export_shared(adapted: list, method: str, fmt: PeftFormat) -> tuple[dict[st
 
 
 def _read_peft_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise AdapterFileError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    """A PEFT adapter's tensors (finite-checked: a NaN adapter is refused naming the file and tensor)."""
+    return read_safetensors(weights_path, error=AdapterFileError)[0]
 
 
 def _peft_target_names(model: nn.Module, target_modules: Any) -> list[str]:
