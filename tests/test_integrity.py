@@ -410,3 +410,19 @@ def test_a_peft_adapter_with_a_nan_tensor_is_refused_naming_file_and_tensor(tmp_
     base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     with pytest.raises(AdapterFileError, match=f"{weights}.*{key}"):
         import_peft(base, tmp_path / "peft")
+
+
+def test_an_adapter_with_non_finite_tensors_is_not_written(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    inject(model, AdapterConfig("lora", rank=2, target_types=["Linear"]))
+    target = tmp_path / "adapter.safetensors"
+    save_adapter(model, target)
+    before = target.read_bytes()
+    _, _, reparam = next(iter_adapters(model))
+    with torch.no_grad():
+        reparam.lora_B[0, 0] = float("inf")
+    with pytest.raises(AdapterFileError, match="not written.*lora_B.*non-finite"):
+        save_adapter(model, target)
+    assert target.read_bytes() == before  # the earlier file is left as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]

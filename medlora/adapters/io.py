@@ -246,6 +246,11 @@ def write_adapter_file(path: str | os.PathLike, meta: dict[str, Any], tensors: M
     """Write an adapter file atomically (temporary file beside it, then ``os.replace``): ``tensors`` and
     ``meta`` (from :func:`adapter_metadata`) with the checksum of exactly the bytes written."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # a diverged training must not leave a file that looks like a result (loading would refuse it later)
+    bad = next((k for k, v in clean.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise AdapterFileError(f"{path}: not written: tensor {bad!r} holds non-finite values (the training diverged; "
+                               "lower the learning rate or check the data)")
     meta = {**meta, "tensors_sha256": tensors_checksum(clean)}
     return atomic_save_safetensors(clean, Path(path), {"format": "pt", "medlora": json.dumps(meta)})
 
