@@ -32,6 +32,7 @@ from ..evaluation.metrics import case_metrics, nanmean_std
 from ..evaluation.predict import predict_volume
 from ..models import create_model, group_module_names, group_parameters, set_trainable
 from ..models.weights import load_weights
+from .checks import SettingError, input_window_problem, positive
 
 LOGGED_METRICS = ("Dice", "soft_Dice", "HD95_mm", "volume_error_ml")
 
@@ -58,6 +59,21 @@ def spacing_of(image: torch.Tensor) -> tuple[float, ...]:
         affine = affine[0]
     n = affine.shape[0] - 1
     return tuple(float(v) for v in torch.linalg.norm(affine[:n, :n].double(), dim=0))
+
+
+def prepare_network(model: nn.Module, adapter: AdapterConfig | dict[str, Any] | None, finetune: str | None) -> None:
+    """Attach ``adapter`` (its ``targets`` may name groups as ``group:encoder``) and unfreeze ``finetune`` on top;
+    without an adapter, train only the module group ``finetune`` (default ``all``). In place."""
+    if adapter is None:
+        set_trainable(model, finetune or "all")
+        return
+    if isinstance(adapter, dict):
+        adapter = AdapterConfig.from_dict(adapter)
+    targets = expand_group_targets(model, adapter.targets)
+    inject(model, AdapterConfig.from_dict({**adapter.to_dict(), "targets": targets}))
+    if finetune not in (None, "none"):
+        for p in group_parameters(model, finetune):
+            p.requires_grad_(True)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -115,21 +131,14 @@ class SegmentationModule(pl.LightningModule):
         if isinstance(adapter, AdapterConfig):
             # plain data in the checkpoint, so that it loads with torch.load(weights_only=True)
             self.hparams["adapter"] = adapter.to_dict()
+        positive("lr", lr)
         args = {"spatial_dims": spatial_dims, **(backbone_args or {})}
         self.model = create_model(backbone, **args)
         if pretrained:
             load_weights(self.model, pretrained)
+        prepare_network(self.model, adapter, finetune)
         if adapter is not None:
-            if isinstance(adapter, dict):
-                adapter = AdapterConfig.from_dict(adapter)
-            targets = expand_group_targets(self.model, adapter.targets)
-            inject(self.model, AdapterConfig.from_dict({**adapter.to_dict(), "targets": targets}))
-            if finetune not in (None, "none"):
-                for p in group_parameters(self.model, finetune):
-                    p.requires_grad_(True)
             self.strict_loading = False  # checkpoints hold the trained part only; the base comes from `pretrained`
-        else:
-            set_trainable(self.model, finetune or "all")
         if loss == "dice_ce":
             self.loss_fn: nn.Module = DiceCELoss(sigmoid=True)
         else:
@@ -164,7 +173,9 @@ class SegmentationModule(pl.LightningModule):
         else:
             logits = self.model(image)
         loss = self.loss_fn(logits, label)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        # sync_dist: under DDP the logged loss is the mean over ranks, not rank 0's share of the batch
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0],
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -215,13 +226,9 @@ class SegmentationModule(pl.LightningModule):
 
     def check_input_window(self) -> None:
         """A backbone that maps intensities back to HU (SAM's CT windows) must see the data's HU window."""
-        expected = getattr(self.model, "input_window", None)
-        window = self.preprocessing()["hu_window"]
-        if expected is not None and [float(v) for v in window] != [float(v) for v in expected]:
-            raise ValueError(
-                f"data.hu_window {list(window)} differs from the backbone's input_window {list(expected)}: set both "
-                "to the same HU range (SAM configs use [-1024, 3071] and window inside the model)"
-            )
+        problem = input_window_problem(self.model, self.preprocessing()["hu_window"])
+        if problem:
+            raise SettingError("data.hu_window", problem)
 
     # ------------------------------------------------------------------------------------ adapter files
 
