@@ -46,10 +46,12 @@ class MedloraCLI(LightningCLI):
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
         parser.link_arguments("data.patch_size", "model.roi_size")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # checked here, before Lightning seeds, instantiates or prints anything
+        subcommand = self.config.get("subcommand")
         try:
-            check_settings(config)
+            check_settings(self.config[subcommand] if subcommand else self.config)
         except checks.SettingError as exc:
             raise MedloraError(f"{config_origin(exc.key, sys.argv[1:])}: {exc}") from None
 
@@ -86,7 +88,6 @@ def check_settings(config: Any) -> None:
     checks.within("model.threshold", get("model.threshold", 0.5), 0.0, 1.0)
     if config.get("model.roi_size") is not None:
         checks.axes("model.roi_size", list(config.get("model.roi_size")), dims)
-    checks.existing_file("model.pretrained", config.get("model.pretrained"))
     adapter = config.get("model.adapter")
     if adapter is not None:
         try:
@@ -101,6 +102,7 @@ def check_settings(config: Any) -> None:
                          training_rule=config.get("model.training_rule"),
                          rule_options=_plain_dict(get("model.training_rule_options", {})),
                          hu_window_=get("data.hu_window"))
+    checks.existing_file("model.pretrained", config.get("model.pretrained"))
     _check_fold(config)
 
 
@@ -174,21 +176,26 @@ def _file_sets(path: str, key: str) -> bool:
     return True
 
 
-_KEY_IN_MESSAGE = re.compile(r"""(?:option|[Kk]ey)\s+['"]([\w.\-\[\]]+)['"]""")
-
-
 def parse_error_line(message: str, args: list[str]) -> MedloraError:
-    """A jsonargparse error (usage text and all) as one line: ``<file>: <key path>: <problem>``."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    found = _KEY_IN_MESSAGE.search(message)
-    if found is None:
-        return MedloraError(" ".join(lines))
-    key = found.group(1)
-    if "does not accept option" in message or "No action for key" in message:
-        problem = "unknown key (see `medlora fit --help` for the valid ones)"
+    """A jsonargparse error (several indented lines, nested for a dataclass such as ``model.adapter``) as one
+    line: ``<file>: <key path>: <problem>``."""
+    unknown = re.search(r"does not accept option '([^']+)'", message)
+    nested = re.findall(r'Parser key "([^"]+)":\s*\n\s*([^\n]+)', message)
+    required = re.search(r'Key "([^"]+)" is required', message)
+    if unknown:
+        key, problem = unknown.group(1), "unknown key"
+    elif nested:
+        key, problem = ".".join(k for k, _ in nested), nested[-1][1].strip()
+        inner = re.search(r"Option '([^']+)' is not accepted", message)
+        if inner:
+            key, problem = f"{key}.{inner.group(1)}", "unknown key"
+    elif required:
+        key, problem = required.group(1), "required, but set nowhere"
     else:
-        rest = [line for line in lines if key not in line] or lines
-        problem = re.sub(r"<class '(\w+)'>", r"\1", " ".join(rest))
+        return MedloraError(" ".join(line.strip() for line in message.splitlines() if line.strip()))
+    if problem == "unknown key":
+        problem += f" (`medlora {args[0] if args else 'fit'} --help` lists the valid ones)"
+    problem = re.sub(r"<class '(\w+)'>", r"\1", problem)
     return MedloraError(f"{config_origin(key, args)}: {key}: {problem}")
 
 
@@ -218,7 +225,7 @@ def run(args: list[str]) -> int:
             save_config_kwargs={"overwrite": False},
         )
     except ArgumentError as exc:
-        raise parse_error_line(str(exc), args[1:]) from None
+        raise parse_error_line(str(exc), args) from None
     finally:
         sys.argv = saved
         notices.removeFilter(hide)

@@ -28,6 +28,7 @@ ends with one line saying how many jobs are done and exit code 130; the same com
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -497,8 +498,9 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
               f"{study.config.folds} folds, run folder {study.out}", flush=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=False) as bar:
+            say = functools.partial(bar.console.print, soft_wrap=True)  # a log line stays one line (grep-able)
             if (todo or may_pretrain) and not study.pretrain_done():
-                with _waiting(study.lock("pretrain"), "pretraining", bar.console.print):
+                with _waiting(study.lock("pretrain"), "pretraining", say):
                     if not study.pretrain_done():
                         if not may_pretrain:
                             raise MedloraError(
@@ -506,13 +508,13 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
                                 f"--config {study.config_path} --out {study.out} --only pretrain` first")
                         task = bar.add_task("pretraining on the source domain", total=study.config.pretrain.epochs)
                         summary = study.run_pretraining(lambda e, n: bar.update(task, completed=e))
-                        bar.console.print(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source "
-                                          f"training cases ({summary['train_seconds']:.0f} s) -> {study.base_path}")
+                        say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source "
+                            f"training cases ({summary['train_seconds']:.0f} s) -> {study.base_path}")
             overall = bar.add_task("cross-validation jobs", total=len(todo))
 
             def finished(job: Job, outcome: dict[str, Any] | JobHeld | None) -> None:
                 bar.advance(overall)
-                bar.console.print(_outcome_line(job, outcome))
+                say(_outcome_line(job, outcome))
 
             if workers == 1 or len(todo) <= 1:
                 for job in todo:
