@@ -195,7 +195,8 @@ BAD_STUDIES = [
     ({"finetune": {"epochs": 1, "adapter_lr": 0}}, "study.finetune.adapter_lr", "must be greater than 0, got 0"),
     ({"finetune": {"epochs": -1}}, "study.finetune.epochs", "must be at least 0, got -1"),
     ({"methods": [{"name": "lora", "ranks": [2], "lr": -1.0}]}, "study.methods[0].lr", "greater than 0"),
-    ({"methods": [{"name": "module", "group": "decodr"}]}, "study.methods[0].group", "no module group 'decodr'"),
+    ({"methods": [{"name": "lora", "ranks": [2], "targets": ["nothing_here"]}]}, "study.methods[0]", "nothing_here"),
+    ({"methods": [{"name": "paca", "ranks": [1, 8]}]}, "study.methods[0]", "rank 8: paca: rank 8 exceeds"),
     ({"base_checkpoint": "no/such/base.safetensors"}, "study.base_checkpoint", "file not found"),
 ]
 

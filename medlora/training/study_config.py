@@ -17,6 +17,7 @@ import yaml
 
 from ..adapters import AdapterConfig, get_method, list_methods
 from ..errors import MedloraError
+from ..models import GROUP_ALIASES, module_groups
 from . import checks
 
 BASELINES = ("no_finetune", "full", "module")
@@ -231,11 +232,31 @@ def _check(config: StudyConfig) -> None:
     if not config.methods:
         raise StudyConfigError("study.methods: list at least one method")
     seen: set[str] = set()
+    groups = _model_groups(config)
     for i, entry in enumerate(config.methods):
-        for job in _check_method(config, None, entry, f"study.methods[{i}]"):
+        where = f"study.methods[{i}]"
+        for key, value in (("group", entry.group), ("finetune", entry.finetune)):
+            unknown = [g for g in (value or "").split("+") if value and groups is not None and g.strip() not in groups]
+            if unknown:
+                raise StudyConfigError(f"{where}.{key}: {config.model.backbone} has no module group {unknown[0]!r} "
+                                       f"(groups: {', '.join(sorted(groups))})")
+        for job in _check_method(config, None, entry, where):
             if job in seen:
-                raise StudyConfigError(f"study.methods[{i}]: job {job!r} appears twice")
+                raise StudyConfigError(f"{where}: job {job!r} appears twice")
             seen.add(job)
+
+
+def _model_groups(config: StudyConfig) -> set[str] | None:
+    """The backbone's module-group names, from a weightless (meta-device) build; None if it cannot be built so."""
+    try:
+        base = checks.meta_network(config.model.backbone, config.model.backbone_args, config.model.spatial_dims,
+                                   {"backbone": "study.model.backbone", "backbone_args": "study.model.backbone_args"})
+    except checks.SettingError:
+        return None  # reported with the file checks, see check_study_inputs
+    if base is None:
+        return None
+    names = set(module_groups(base))
+    return names | set(GROUP_ALIASES) if "shallow" in names else names
 
 
 def check_study_inputs(config: StudyConfig, path: str | Path) -> None:
