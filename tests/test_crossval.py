@@ -233,15 +233,19 @@ def test_a_study_that_failed_while_preparing_does_not_block_the_corrected_one(sm
     capsys.readouterr()
 
 
-def _hold(lock_path: Path, marker: Path | None = None) -> subprocess.Popen:
-    """A live child process holding ``lock_path`` (with a half-written job folder, as a running job has)."""
-    code = ("import sys, time; from medlora.training.locks import FileLock; from pathlib import Path\n"
-            f"lock = FileLock({str(lock_path)!r}); assert lock.acquire(wait=False)\n"
-            + (f"m = Path({str(marker)!r}); m.parent.mkdir(parents=True); m.write_text('in progress')\n"
-               if marker else "")
-            + "print('held', flush=True); time.sleep(600)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+def _hold(lock_path: Path, marker: Path) -> subprocess.Popen:
+    """A live child process holding ``lock_path`` with a half-written job folder, as a running job has.
+
+    Plain ``fcntl.flock`` (the protocol, not our class) and the holder line, so that the child starts fast.
+    """
+    code = ("import fcntl, os, socket, sys, time; from pathlib import Path\n"
+            f"fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())\n"
+            f"m = Path({str(marker)!r}); m.parent.mkdir(parents=True); m.write_text('in progress')\n"
+            "print('held', flush=True); time.sleep(600)\n")
+    lock_path.parent.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
 
