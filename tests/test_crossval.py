@@ -149,6 +149,21 @@ def test_a_run_folder_refuses_a_different_study(tmp_path, capsys):
     assert code == 2 and "holds a different study" in capsys.readouterr().err
     assert done.is_file()
 
+    # nothing completed, but a live process runs the first study (it holds the folder's shared lock)
+    from medlora.training.locks import FileLock
+
+    running = tmp_path / "running"
+    first = Study(write_config(tmp_path), running)
+    first.claim_run_dir()
+    holder = FileLock(running / "locks" / "study.lock", shared=True)
+    assert holder.acquire(wait=False)
+    try:
+        code = main(["crossval", "--config", str(other), "--out", str(running)])
+    finally:
+        holder.release()
+    assert code == 2 and "holds a different study" in capsys.readouterr().err
+    assert json.loads((running / "study.json").read_text(encoding="utf-8"))["seed"] == 0
+
 
 # ------------------------------------------------------------------ small studies on a given base and dataset
 

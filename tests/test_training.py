@@ -181,6 +181,17 @@ def test_a_bad_fit_config_is_one_line_naming_the_file_and_key(text, key, problem
         "medlora: error: command line: data.batch_size: must be at least 1, got 0")
 
 
+def test_a_missing_or_unparsable_config_file_is_one_line(capsys, tmp_path):
+    missing = tmp_path / "missing.yaml"
+    assert main(["fit", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"medlora: error: {missing}: config file not found"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [\n", encoding="utf-8")
+    assert main(["fit", "--config", str(CONFIGS / "finetune_sah_3d.yaml"), f"--config={broken}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"medlora: error: {broken}: invalid YAML (")
+
+
 def test_missing_dataset_and_bad_weights_are_one_line_errors(capsys, phantoms, tmp_path):
     code = main(fit_args([CONFIGS / "pretrain_tbi_3d.yaml"], tmp_path, tmp_path / "nowhere", 3))
     err = capsys.readouterr().err.strip().splitlines()

@@ -138,28 +138,40 @@ def _check_fold(config: Any) -> None:
                                                "(or all)")
 
 
+def _arguments(args: list[str]) -> list[tuple[str, str | None]]:
+    """``(option, config file)`` pairs in order: ``("config", path)`` for ``--config``, ``(option, None)`` else."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name == "--config":
+            out.append(("config", value if eq else (args[i + 1] if i + 1 < len(args) else "")))
+            i += 1 if eq else 2
+            continue
+        if name.startswith("--"):
+            out.append((name[2:], None))
+        i += 1
+    return out
+
+
+def _config_files(args: list[str]) -> list[str]:
+    return [path for option, path in _arguments(args) if path is not None]
+
+
 def config_origin(key: str, args: list[str]) -> str:
     """Where ``key`` (``model.lr``) was set last: a ``--config`` file, or ``command line`` for ``--model.lr``.
 
     Later arguments override earlier ones, as in jsonargparse. A key set nowhere (a default, a missing
     required key) is reported against the last config file.
     """
-    origin, last_file = None, None
-    i = 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        if name == "--config":
-            path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            last_file = path
-            if _file_sets(path, key):
-                origin = path
-            i += 1 if eq else 2
-            continue
-        option = name[2:] if name.startswith("--") else None
-        if option and (key == option or key.startswith(option + ".") or option.startswith(key + ".")):
+    origin = None
+    for option, path in _arguments(args):
+        if path is not None and _file_sets(path, key):
+            origin = path
+        elif path is None and (key == option or key.startswith(option + ".") or option.startswith(key + ".")):
             origin = COMMAND_LINE
-        i += 1
-    return origin or last_file or COMMAND_LINE
+    files = _config_files(args)
+    return origin or (files[-1] if files else COMMAND_LINE)
 
 
 def _file_sets(path: str, key: str) -> bool:
@@ -179,6 +191,17 @@ def _file_sets(path: str, key: str) -> bool:
 def parse_error_line(message: str, args: list[str]) -> MedloraError:
     """A jsonargparse error (several indented lines, nested for a dataclass such as ``model.adapter``) as one
     line: ``<file>: <key path>: <problem>``."""
+    missing = re.search(r"File does not exist: '([^']+)'", message)
+    if missing:
+        return MedloraError(f"{missing.group(1)}: config file not found")
+    if "Problems parsing config" in message:
+        for path in _config_files(args):
+            try:
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                return MedloraError(f"{path}: invalid YAML ({' '.join(str(exc).split())})")
+            except OSError:
+                continue
     unknown = re.search(r"does not accept option '([^']+)'", message)
     nested = re.findall(r'Parser key "([^"]+)":\s*\n\s*([^\n]+)', message)
     required = re.search(r'Key "([^"]+)" is required', message)
