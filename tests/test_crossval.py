@@ -153,7 +153,8 @@ def test_a_run_folder_refuses_a_different_study(tmp_path, capsys):
     from medlora.training.locks import FileLock
 
     running = tmp_path / "running"
-    first = Study(write_config(tmp_path), running)
+    (tmp_path / "first").mkdir()
+    first = Study(write_config(tmp_path / "first"), running)
     first.claim_run_dir()
     holder = FileLock(running / "locks" / "study.lock", shared=True)
     assert holder.acquire(wait=False)
