@@ -484,7 +484,7 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     running = study.lock("study", shared=True)  # while held, no other process may replace the study
-    with _waiting(study.lock("prepare"), "preparing this run folder"):
+    with _waiting(study.lock("prepare"), "data preparation"):
         study.claim_run_dir()
         study.prepare_data()
         running.acquire()
