@@ -48,6 +48,7 @@ __all__ = [
     "build_model",
     "expand_group_targets",
     "load_adapter_onto",
+    "make_trainable",
 ]
 
 # Layer types a ``group:<name>`` adapter target expands to (those the adapter core can adapt).
@@ -55,7 +56,19 @@ _GROUP_TARGET_TYPES = (nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d, nn.C
 
 
 class ModelSpecError(MedloraError, ValueError):
-    """A model record that cannot be built: one line naming the key (``model.<key>``) and the problem."""
+    """A model record that cannot be built: one line ``model.<key>: <problem>``.
+
+    ``key`` and ``problem`` are the two halves, so that a caller checking another file's section (a study's
+    method entry) can name its own key instead.
+    """
+
+    @property
+    def key(self) -> str:
+        return str(self).partition(": ")[0]
+
+    @property
+    def problem(self) -> str:
+        return str(self).partition(": ")[2]
 
 
 @dataclass
@@ -182,9 +195,9 @@ def _create(spec: ModelSpec) -> nn.Module:
                              f"{message}") from None
 
 
-def _check_groups(model: nn.Module, spec: ModelSpec) -> None:
+def _check_group(model: nn.Module, group: str) -> None:
     try:
-        group_parameters(model, spec.trains_group)
+        group_parameters(model, group)
     except ValueError as exc:
         raise ModelSpecError(f"model.finetune: {exc}") from None
 
@@ -210,7 +223,7 @@ def build_architecture(spec: ModelSpec, *, device: str | torch.device | None = "
     else:
         with torch.device(device):
             model = _create(spec)
-    _check_groups(model, spec)
+    _check_group(model, spec.trains_group)
     if spec.adapter is not None:
         try:
             select_layers(model, _adapter_with_layers(model, spec.adapter))
@@ -233,21 +246,36 @@ def build_model(spec: ModelSpec, *, device: str | torch.device | None = None) ->
     model = _create(spec)
     if spec.pretrained:
         load_weights(model, spec.pretrained)  # WeightsError names the file
+    make_trainable(model, spec.adapter, spec.finetune)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def make_trainable(model: nn.Module, adapter: AdapterConfig | Mapping[str, Any] | None,
+                   finetune: str | None = None) -> nn.Module:
+    """The last step of :func:`build_model`, in place on a network that has its base weights: inject ``adapter``
+    (its ``group:`` targets expanded) and unfreeze the module group ``finetune`` on top (default: nothing), or,
+    without an adapter, leave exactly ``finetune`` trainable (default ``all``). Returns ``model``.
+
+    It works on a network built on the meta device as well, which is how configs are checked before anything
+    runs (:mod:`medlora.training.checks`).
+    """
+    spec = ModelSpec(adapter=adapter, finetune=finetune)  # checks both, an adapter given as a mapping too
+    trains = spec.trains_group
     if spec.adapter is not None:
         adapter = _adapter_with_layers(model, spec.adapter)
         try:
             inject(model, adapter)
         except ValueError as exc:
             raise ModelSpecError(f"model.adapter: {' '.join(str(exc).split())}") from None
-        if spec.trains_group != "none":
-            _check_groups(model, spec)
-            for p in group_parameters(model, spec.trains_group):
+        if trains != "none":
+            _check_group(model, trains)
+            for p in group_parameters(model, trains):
                 p.requires_grad_(True)
     else:
-        _check_groups(model, spec)
-        set_trainable(model, spec.trains_group)
-    if device is not None:
-        model.to(device)
+        _check_group(model, trains)
+        set_trainable(model, trains)
     return model
 
 

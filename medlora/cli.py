@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MedloraError, FileExistsError) as exc:
         print(f"medlora: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (what to do next, if the command says) and 128 + SIGINT
+        print(f"medlora: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

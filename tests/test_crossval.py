@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,9 +141,186 @@ def test_a_run_folder_refuses_a_different_study(tmp_path, capsys):
     run = tmp_path / "run"
     study = Study(write_config(tmp_path), run)
     study.claim_run_dir()
+    done = run / "jobs" / "full" / "fold_0" / "summary.json"  # something of the first study has completed
+    done.parent.mkdir(parents=True)
+    done.write_text("{}", encoding="utf-8")
     other = write_config(tmp_path, seed=1)
     code = main(["crossval", "--config", str(other), "--out", str(run)])
     assert code == 2 and "holds a different study" in capsys.readouterr().err
+    assert done.is_file()
+
+    # nothing completed, but a live process runs the first study (it holds the folder's shared lock)
+    from medlora.training.locks import FileLock
+
+    running = tmp_path / "running"
+    (tmp_path / "first").mkdir()
+    first = Study(write_config(tmp_path / "first"), running)
+    first.claim_run_dir()
+    holder = FileLock(running / "locks" / "study.lock", shared=True)
+    assert holder.acquire(wait=False)
+    try:
+        code = main(["crossval", "--config", str(other), "--out", str(running)])
+    finally:
+        holder.release()
+    assert code == 2 and "holds a different study" in capsys.readouterr().err
+    assert json.loads((running / "study.json").read_text(encoding="utf-8"))["seed"] == 0
+
+
+# ------------------------------------------------------------------ small studies on a given base and dataset
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, Path]:
+    """Four target phantoms and a random base for the mv_unet of TINY: studies that skip pretraining."""
+    import torch
+
+    from medlora.data.phantoms import write_dataset
+    from medlora.models import create_model
+
+    root = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    base = root / "base.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(create_model("mv_unet", spatial_dims=3, level=1, width=4).state_dict(), str(base))
+    return {"data": write_dataset(root / "sah", "sah", 4, seed=1, shape=(48, 48, 16), spacing=(4, 4, 10)),
+            "base": base}
+
+
+def small_config(tmp_path: Path, small: dict[str, Path], name: str = "study.yaml", **changes) -> Path:
+    config = {**TINY, "base_checkpoint": str(small["base"]), "target": {"data_dir": str(small["data"])},
+              "methods": [{"name": "no_finetune"}, {"name": "lora", "ranks": [2]}]}
+    config.pop("source")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({**config, **changes}), encoding="utf-8")
+    return path
+
+
+# (changes to the study, the key path the error names, words of the problem)
+BAD_STUDIES = [
+    ({"folds": 5}, "study.folds", "5 folds need at least 5 cases"),
+    ({"model": {"backbone": "mv_unett", "spatial_dims": 3}}, "study.model.backbone", "unknown backbone 'mv_unett'"),
+    ({"model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "widht": 4}}}, "study.model.backbone_args",
+     "unexpected keyword argument 'widht'"),
+    ({"data": {"patch_size": [32, 32, 16], "batch_size": 0}}, "study.data.batch_size", "must be at least 1, got 0"),
+    ({"data": {"patch_size": [32, 32, 16], "samples_per_volume": 0}}, "study.data.samples_per_volume", "at least 1"),
+    ({"data": {"patch_size": [32, 32, 16], "pos_fraction": 1.5}}, "study.data.pos_fraction", "in [0, 1], got 1.5"),
+    ({"data": {"patch_size": [32, 32]}}, "study.data.patch_size", "must be 3 positive numbers"),
+    ({"data": {"patch_size": [32, 32, 16], "hu_window": [140.0, 0.0]}}, "study.data.hu_window", "low < high"),
+    ({"finetune": {"epochs": 1, "lr": -0.001}}, "study.finetune.lr", "must be greater than 0, got -0.001"),
+    ({"finetune": {"epochs": 1, "adapter_lr": 0}}, "study.finetune.adapter_lr", "must be greater than 0, got 0"),
+    ({"finetune": {"epochs": -1}}, "study.finetune.epochs", "must be at least 0, got -1"),
+    ({"methods": [{"name": "lora", "ranks": [2], "lr": -1.0}]}, "study.methods[0].lr", "greater than 0"),
+    ({"methods": [{"name": "lora", "ranks": [2], "targets": ["nothing_here"]}]}, "study.methods[0]", "nothing_here"),
+    ({"methods": [{"name": "paca", "ranks": [1, 8]}]}, "study.methods[0]", "rank 8: paca: rank 8 exceeds"),
+    ({"base_checkpoint": "no/such/base.safetensors"}, "study.base_checkpoint", "file not found"),
+]
+
+
+@pytest.mark.parametrize("changes,key,problem", BAD_STUDIES, ids=[k for _, k, _ in BAD_STUDIES])
+def test_a_bad_study_value_is_one_line_and_claims_nothing(changes, key, problem, small, tmp_path, capsys):
+    config = small_config(tmp_path, small, **changes)
+    run = tmp_path / "run"
+    code = main(["crossval", "--config", str(config), "--out", str(run)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1, captured.err
+    assert err[0].startswith(f"medlora: error: {config}: {key}: ") and problem in err[0], err[0]
+    assert not run.exists()
+
+
+def test_a_study_that_failed_while_preparing_does_not_block_the_corrected_one(small, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(small["data"], broken)
+    image = broken / "imagesTr" / "SAH_002_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:200])  # truncated: only the voxel check while preparing finds it
+    run = tmp_path / "run"
+    first = small_config(tmp_path, small, "first.yaml", target={"data_dir": str(broken)})
+    assert main(["crossval", "--config", str(first), "--out", str(run)]) == 2
+    assert "SAH_002_0000.nii.gz" in capsys.readouterr().err and (run / "study.json").is_file()
+
+    fixed = small_config(tmp_path, small, "fixed.yaml")
+    assert main(["crossval", "--config", str(fixed), "--out", str(run), "--only", "job=no_finetune,fold=0"]) == 0
+    assert (run / "jobs" / "no_finetune" / "fold_0" / "summary.json").is_file()
+    record = json.loads((run / "study.json").read_text(encoding="utf-8"))
+    assert record["target"]["data_dir"] == str(small["data"])
+    capsys.readouterr()
+
+
+def _hold(lock_path: Path, marker: Path) -> subprocess.Popen:
+    """A live child process holding ``lock_path`` with a half-written job folder, as a running job has.
+
+    Plain ``fcntl.flock`` (the protocol, not our class) and the holder line, so that the child starts fast.
+    """
+    code = ("import fcntl, os, socket, sys, time; from pathlib import Path\n"
+            f"fd = os.open({str(lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())\n"
+            f"m = Path({str(marker)!r}); m.parent.mkdir(parents=True); m.write_text('in progress')\n"
+            "print('held', flush=True); time.sleep(600)\n")
+    lock_path.parent.mkdir(parents=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_concurrent_processes_share_a_run_folder_by_job_locks(small, tmp_path, capsys):
+    config = small_config(tmp_path, small, methods=[{"name": "no_finetune"}, {"name": "full"}])
+    run = tmp_path / "run"
+    marker = run / "jobs" / "full" / "fold_0" / "partial.txt"
+    child = _hold(run / "locks" / "job_full_fold_0.lock", marker)
+    try:
+        assert main(["crossval", "--config", str(config), "--out", str(run)]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.startswith("full fine-tuning") and "fold 0" in x)
+        assert re.fullmatch(rf"full fine-tuning +fold 0: running in another process \(pid {child.pid} on \S+\); "
+                            "skipped", line)
+        assert marker.read_text() == "in progress"  # the other process's job folder is left alone
+        assert sorted(summaries(run)) == ["full/fold_1", "no_finetune/fold_0", "no_finetune/fold_1"]
+        assert "report not built: 1 of 4 jobs are not done" in out and not (run / "report.md").exists()
+    finally:
+        child.kill()  # dies without releasing anything: its lock is stale now
+        child.wait()
+    assert main(["crossval", "--config", str(config), "--out", str(run)]) == 0
+    assert len(summaries(run)) == 4 and not marker.exists() and (run / "report.md").is_file()
+    assert (run / "locks" / "job_full_fold_0.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    capsys.readouterr()
+
+
+def test_a_process_waits_for_pretraining_held_by_another(small, tmp_path, capsys):
+    from medlora.training.locks import FileLock
+
+    source = {"phantoms": {"domain": "tbi", "cases": 2, "seed": 0, "shape": [48, 48, 16], "spacing": [4, 4, 10]}}
+    config = small_config(tmp_path, small, base_checkpoint=None, source=source, methods=[{"name": "no_finetune"}])
+    run = tmp_path / "run"
+    other = FileLock(run / "locks" / "pretrain.lock")  # another holder (a second open file: flock conflicts)
+    assert other.acquire(wait=False)
+    threading.Timer(2.0, other.release).start()  # it ends without a base: this process pretrains then
+    assert main(["crossval", "--config", str(config), "--out", str(run), "--only", "pretrain"]) == 0
+    out = capsys.readouterr().out
+    assert f"pretraining is running in another process (pid {os.getpid()} on " in out and "waiting for it" in out
+    assert (run / "pretrain" / "summary.json").is_file()
+
+
+def test_ctrl_c_during_a_job_is_one_line_and_exit_130(small, tmp_path):
+    config = small_config(tmp_path, small, finetune={"epochs": 200}, methods=[{"name": "full"}])
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", "crossval", "--config", str(config), "--out",
+                             str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = run / "jobs" / "full" / "fold_0" / "logs"
+    deadline = time.monotonic() + 240
+    while not logs.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside Lightning's training loop
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "medlora: interrupted; run the same command again to resume: 0 of 2 jobs done")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 def test_parallel_workers_run_every_job(tmp_path, capsys):

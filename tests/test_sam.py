@@ -434,10 +434,13 @@ def test_sam_configs_fast_dev_run(method: str, sam_phantoms: dict[str, Path], tm
         assert meta["extra"]["backbone"] == "sam" and meta["extra"]["preprocessing"]["hu_window"] == [-1024, 3071]
 
 
-def test_sam_pretrain_config_and_the_window_check(sam_phantoms: dict[str, Path], tmp_path: Path) -> None:
+def test_sam_pretrain_config_and_the_window_check(sam_phantoms: dict[str, Path], tmp_path: Path, capsys) -> None:
     from medlora.cli import main
 
     main(_sam_fit([SAM_CONFIGS / "pretrain_tbi_tiny.yaml"], tmp_path / "ok", sam_phantoms["tbi"]))
-    with pytest.raises(ValueError, match=r"data.hu_window \[0.0, 140.0\] differs from the backbone's input_window"):
-        main(_sam_fit([SAM_CONFIGS / "pretrain_tbi_tiny.yaml"], tmp_path / "bad", sam_phantoms["tbi"],
-                      "--data.hu_window", "[0, 140]"))
+    capsys.readouterr()
+    code = main(_sam_fit([SAM_CONFIGS / "pretrain_tbi_tiny.yaml"], tmp_path / "bad", sam_phantoms["tbi"],
+                         "--data.hu_window", "[0, 140]"))
+    assert code == 2 and capsys.readouterr().err.strip().startswith(
+        "medlora: error: command line: data.hu_window: [0.0, 140.0] differs from the backbone's input_window")
+    assert not (tmp_path / "bad").exists()

@@ -132,12 +132,11 @@ class CTSegDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if len(patch_size) != spatial_dims:
-            raise ValueError(
-                f"patch_size {tuple(patch_size)} has {len(patch_size)} axes; spatial_dims is {spatial_dims}"
-            )
+        from ..training.checks import check_data
+
+        check_data("", spatial_dims=spatial_dims, patch_size=patch_size, batch_size=batch_size,
+                   samples_per_volume=samples_per_volume, pos_fraction=pos_fraction, hu_window_=hu_window,
+                   target_spacing=target_spacing)
         self.save_hyperparameters()
         self.data_dir = Path(os.path.expanduser(data_dir))
         self.train_ids: list[str] = []

@@ -7,22 +7,42 @@ The ``model:`` section is :func:`~medlora.training.module.segmentation_module`: 
 ``adapter_file`` section (where the adapter file goes) and an ``adapter_init`` section (data-driven adapter
 starts), adds the checkpoint records (:mod:`medlora.training.callbacks`), and links the data's
 ``spatial_dims`` and ``patch_size`` to the model's, so they are written once.
+
+Bad configs end in one line, ``medlora: error: <file>: <key path>: <problem>`` (exit 2), where ``<file>``
+is the last ``--config`` file that sets the key (or ``command line``): jsonargparse's parse errors (a
+misspelt key, a wrong type) are rewritten so, and before anything is built the settings are checked
+(:mod:`medlora.training.checks`: value ranges, the dataset's folds, the network with its adapter or module
+group built on the meta device). Ctrl-C ends with one line and exit code 130.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from ..adapters import AdapterConfig
 from ..data.datamodule import CTSegDataModule
+from ..errors import MedloraError
+from . import checks
 from .callbacks import AdapterFileWriter, AdapterInitFromData, CheckpointRecords
 from .module import segmentation_module
 
+COMMAND_LINE = "command line"
+
 
 class MedloraCLI(LightningCLI):
+    def init_parser(self, **kwargs: Any) -> Any:
+        # parse errors are raised (and rewritten into one line by `run`) instead of printing the whole usage
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/Dice",
@@ -33,16 +53,187 @@ class MedloraCLI(LightningCLI):
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
         parser.link_arguments("data.patch_size", "model.roi_size")
 
-    def before_instantiate_classes(self) -> None:
-        # Check the adapter section while we can still answer with a parser error (one line, exit 2).
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        adapter = config.get("model.adapter") if hasattr(config, "get") else None
-        if adapter is not None:
-            values = adapter.as_dict() if hasattr(adapter, "as_dict") else dict(adapter)
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # checked here, before Lightning seeds, instantiates or prints anything
+        subcommand = self.config.get("subcommand")
+        try:
+            check_settings(self.config[subcommand] if subcommand else self.config)
+        except checks.SettingError as exc:
+            raise MedloraError(f"{config_origin(exc.key, sys.argv[1:])}: {exc}") from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1) after its teardown; tell the caller what it was
+            if self.trainer.interrupted:
+                raise KeyboardInterrupt("resume from the last saved checkpoint with the same command and "
+                                        "--ckpt_path last") from None
+            raise
+
+
+def check_settings(config: Any) -> None:
+    """Check a parsed ``fit``/``validate``/``test``/``predict`` config; :class:`~.checks.SettingError` names the key."""
+    def get(key: str, default: Any = None) -> Any:
+        value = config.get(key, default)
+        return default if value is None else value
+
+    dims = get("data.spatial_dims")
+    checks.check_data("data.", spatial_dims=dims, patch_size=get("data.patch_size"), batch_size=get("data.batch_size"),
+                      samples_per_volume=get("data.samples_per_volume"), pos_fraction=get("data.pos_fraction"),
+                      hu_window_=get("data.hu_window"), target_spacing=config.get("data.target_spacing"))
+    epochs = config.get("trainer.max_epochs")
+    bounded = (get("trainer.max_steps", -1) or -1) > 0 or config.get("trainer.max_time") is not None
+    if epochs is not None and not (epochs == -1 and bounded):  # -1 with a step or time limit: Lightning's "no limit"
+        checks.at_least("trainer.max_epochs", epochs, 0)
+    checks.check_training({k: f"model.{k}" for k in ("lr", "loss", "norm_stats")}, lr=get("model.lr"),
+                          loss=get("model.loss"), norm_stats=get("model.norm_stats"))
+    checks.at_least("model.weight_decay", get("model.weight_decay", 0.0), 0)
+    checks.at_least("model.sw_batch_size", get("model.sw_batch_size", 1), 1)
+    checks.within("model.sw_overlap", get("model.sw_overlap", 0.0), 0.0, 1.0, high_open=True)
+    checks.within("model.threshold", get("model.threshold", 0.5), 0.0, 1.0)
+    if config.get("model.roi_size") is not None:
+        checks.axes("model.roi_size", list(config.get("model.roi_size")), dims)
+    adapter = config.get("model.adapter")
+    if adapter is not None:
+        try:
+            adapter = AdapterConfig.from_dict(_plain_dict(adapter))
+        except ValueError as exc:
+            raise checks.SettingError("model.adapter", str(exc)) from None
+    base = checks.meta_network(get("model.backbone"), dict(get("model.backbone_args", {})), dims,
+                               {"backbone": "model.backbone", "backbone_args": "model.backbone_args"})
+    checks.check_network(base, {"adapter": "model.adapter", "finetune": "model.finetune",
+                                "training_rule": "model.training_rule", "hu_window": "data.hu_window"},
+                         adapter=adapter, finetune=config.get("model.finetune"),
+                         training_rule=config.get("model.training_rule"),
+                         rule_options=_plain_dict(get("model.training_rule_options", {})),
+                         hu_window_=get("data.hu_window"))
+    checks.existing_file("model.pretrained", config.get("model.pretrained"))
+    _check_fold(config)
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value)
+
+
+def _check_fold(config: Any) -> None:
+    """The fold must exist: in ``splits_file``, in the dataset's own ``splits_final.json``, or among ``num_folds``."""
+    from ..data.dataset import SPLITS_FILE, DatasetError, load_splits, read_dataset
+
+    data_dir = Path(str(config.get("data.data_dir"))).expanduser()
+    try:
+        n_cases = len(read_dataset(data_dir).case_ids)
+    except DatasetError as exc:
+        raise checks.SettingError("data.data_dir", str(exc)) from None
+    fold, splits_file = config.get("data.fold"), config.get("data.splits_file")
+    if fold == "all":
+        return
+    if not isinstance(fold, int) or isinstance(fold, bool):
+        raise checks.SettingError("data.fold", f"must be a fold index or 'all', got {fold!r}")
+    if splits_file or (data_dir / SPLITS_FILE).is_file():
+        key = "data.splits_file" if splits_file else "data.data_dir"
+        try:
+            k, source = len(load_splits(splits_file or data_dir)), str(splits_file or data_dir / SPLITS_FILE)
+        except DatasetError as exc:
+            raise checks.SettingError(key, str(exc)) from None
+    else:
+        k, source = config.get("data.num_folds"), f"data.num_folds {config.get('data.num_folds')}"
+        checks.check_folds("data.num_folds", k, n_cases, str(data_dir))
+    if not 0 <= fold < k:
+        raise checks.SettingError("data.fold", f"fold {fold} does not exist: {source} gives folds 0..{k - 1} "
+                                               "(or all)")
+
+
+def _arguments(args: list[str]) -> list[tuple[str, str | None]]:
+    """``(option, config file)`` pairs in order: ``("config", path)`` for ``--config``, ``(option, None)`` else."""
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name == "--config":
+            out.append(("config", value if eq else (args[i + 1] if i + 1 < len(args) else "")))
+            i += 1 if eq else 2
+            continue
+        if name.startswith("--"):
+            out.append((name[2:], None))
+        i += 1
+    return out
+
+
+def _config_files(args: list[str]) -> list[str]:
+    return [path for option, path in _arguments(args) if path is not None]
+
+
+def config_origin(key: str, args: list[str]) -> str:
+    """Where ``key`` (``model.lr``) was set last: a ``--config`` file, or ``command line`` for ``--model.lr``.
+
+    Later arguments override earlier ones, as in jsonargparse. A key set nowhere (a default, a missing
+    required key) is reported against the last config file.
+    """
+    origin = None
+    for option, path in _arguments(args):
+        if path is not None and _file_sets(path, key):
+            origin = path
+        elif path is None and (key == option or key.startswith(option + ".") or option.startswith(key + ".")):
+            origin = COMMAND_LINE
+    files = _config_files(args)
+    return origin or (files[-1] if files else COMMAND_LINE)
+
+
+def _file_sets(path: str, key: str) -> bool:
+    try:
+        node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return True  # a value set above this level (e.g. the whole section as a string)
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def parse_error_line(message: str, args: list[str]) -> MedloraError:
+    """A jsonargparse error (several indented lines, nested for a dataclass such as ``model.adapter``) as one
+    line: ``<file>: <key path>: <problem>``."""
+    missing = re.search(r"File does not exist: '([^']+)'", message)
+    if missing:
+        return MedloraError(f"{missing.group(1)}: config file not found")
+    if "Problems parsing config" in message:
+        for path in _config_files(args):
             try:
-                AdapterConfig.from_dict(values)
-            except ValueError as exc:
-                self.parser.error(f"model.adapter: {exc}")
+                yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                return MedloraError(f"{path}: invalid YAML ({' '.join(str(exc).split())})")
+            except OSError:
+                continue
+    unknown = re.search(r"does not accept option '([^']+)'", message)
+    nested = re.findall(r'Parser key "([^"]+)":\s*\n\s*([^\n]+)', message)
+    required = re.search(r'Key "([^"]+)" is required', message)
+    if unknown:
+        key, problem = unknown.group(1), "unknown key"
+    elif nested:
+        key, problem = ".".join(k for k, _ in nested), nested[-1][1].strip()
+        inner = re.search(r"Option '([^']+)' is not accepted", message)
+        if inner:
+            key, problem = f"{key}.{inner.group(1)}", "unknown key"
+    elif required:
+        key, problem = required.group(1), "required, but set nowhere"
+    else:
+        return MedloraError(" ".join(line.strip() for line in message.splitlines() if line.strip()))
+    if problem == "unknown key":
+        problem += f" (`medlora {args[0] if args else 'fit'} --help` lists the valid ones)"
+    problem = re.sub(r"<class '(\w+)'>", r"\1", problem)
+    return MedloraError(f"{config_origin(key, args)}: {key}: {problem}")
+
+
+class _HideInterruptNotice(logging.Filter):
+    """Lightning logs its own "Detected KeyboardInterrupt" notice; ours is the one line the user sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Detected KeyboardInterrupt" not in record.getMessage()
 
 
 def run(args: list[str]) -> int:
@@ -53,6 +244,9 @@ def run(args: list[str]) -> int:
     """
     saved = sys.argv
     sys.argv = [saved[0] if saved else "medlora", *args]
+    notices = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    hide = _HideInterruptNotice()
+    notices.addFilter(hide)
     try:
         MedloraCLI(
             segmentation_module,
@@ -61,6 +255,9 @@ def run(args: list[str]) -> int:
             save_config_kwargs={"overwrite": False},
             trainer_defaults={"callbacks": [CheckpointRecords()]},
         )
+    except ArgumentError as exc:
+        raise parse_error_line(str(exc), args) from None
     finally:
         sys.argv = saved
+        notices.removeFilter(hide)
     return 0

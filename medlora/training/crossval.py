@@ -12,14 +12,28 @@ done when its ``summary.json`` exists (written last, atomically). Running the co
 jobs and restarts an interrupted one from scratch, so the numbers equal those of an uninterrupted run.
 ``--only`` selects jobs (``--list`` prints them) so that a scheduler can run them in parallel; the report
 is built from the job folders alone (``medlora report RUN_DIR``).
+
+Several processes may share one run folder (scheduler-array tasks, or the same command started twice):
+file locks under ``RUN_DIR/locks`` (:mod:`medlora.training.locks`) let one process at a time prepare the
+data, pretrain, or run a given job. A process that finds a job held by another live process says so in
+one line and goes on with the next job; one that finds pretraining held waits for it, because every job
+needs the base. A lock of a process that died is released by the operating system and taken over.
+
+The whole study is checked (value ranges, datasets, every job's network built on the meta device) before
+the run folder is claimed; a folder that holds another study is refused unless nothing of that study has
+completed and no process runs it (a study that failed while preparing), which is then replaced. Ctrl-C
+ends with one line saying how many jobs are done and exit code 130; the same command resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,8 +52,16 @@ from ..evaluation.report import build_report
 from ..evaluation.summary import summarise_job, write_json_atomic
 from ..fileio import atomic_save_safetensors
 from .callbacks import run_callbacks
+from .locks import FileLock
 from .module import SegmentationModule
-from .study_config import BASELINES, MethodEntry, StudyConfig, StudyConfigError, load_study_config
+from .study_config import (
+    BASELINES,
+    MethodEntry,
+    StudyConfig,
+    StudyConfigError,
+    check_study_inputs,
+    load_study_config,
+)
 
 METHOD_LABELS = {
     "no_finetune": "no fine-tuning", "full": "full fine-tuning", "lora": "LoRA", "lora_c": "LoRA-C",
@@ -129,6 +151,41 @@ class _EpochProgress(pl.Callback):
         self.report(trainer.current_epoch + 1, trainer.max_epochs)
 
 
+def fit_or_interrupt(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> None:
+    """``trainer.fit``, with Ctrl-C raised as ``KeyboardInterrupt``.
+
+    Lightning catches ``KeyboardInterrupt`` itself, tears down, sets SIGINT to "ignore" and calls
+    ``sys.exit(1)``; the caller could not tell an interrupt from a failure, so it is raised again here and
+    the previous SIGINT handler restored.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, datamodule)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+
+
+class JobHeld(MedloraError):
+    """Another live process runs this job (its lock is held)."""
+
+
+@contextlib.contextmanager
+def _waiting(lock: FileLock, what: str, say: Any = print) -> Iterator[None]:
+    """Hold ``lock``, first saying in one line whom we wait for if another process holds it."""
+    if not lock.acquire(wait=False):
+        say(f"{what} is running in another process ({lock.holder()}); waiting for it")
+        lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _trainer(epochs: int, log_dir: Path, progress: Any | None, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs, accelerator="auto", devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name="logs"),
@@ -152,19 +209,48 @@ class Study:
 
     # ---- set-up
 
+    def check_inputs(self) -> None:
+        """Datasets, splits, base weights and every job's network (meta device): see ``check_study_inputs``."""
+        check_study_inputs(self.config, self.config_path)
+
+    def lock(self, name: str, shared: bool = False) -> FileLock:
+        return FileLock(self.out / "locks" / f"{name}.lock", shared=shared)
+
+    def job_lock(self, job: Job) -> FileLock:
+        return self.lock(f"job_{job.name}_fold_{job.fold}")
+
+    def completed(self) -> list[Path]:
+        """The ``summary.json`` of every finished step (pretraining, jobs) in the run folder."""
+        return sorted([*self.out.glob("pretrain/summary.json"), *self.out.glob("jobs/*/fold_*/summary.json")])
+
     def claim_run_dir(self) -> None:
-        """Record the config in the run folder; refuse a folder that holds a different study."""
+        """Record the config in the run folder (``study.json``); refuse a folder that holds a different study.
+
+        A different study whose ``study.json`` is all there is of it (nothing completed, no process running
+        it: a study that failed while preparing) is replaced, together with the data, folds and unfinished
+        folders it generated, so that the corrected study starts clean. Callers sharing the folder with
+        other processes hold the ``prepare`` lock.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         record = self.out / "study.json"
-        current = asdict(self.config)
+        current = json.loads(json.dumps(asdict(self.config)))
         if record.exists():
-            previous = json.loads(record.read_text(encoding="utf-8"))
-            if previous != json.loads(json.dumps(current)):
+            try:
+                previous = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                previous = None
+            if previous == current:
+                return
+            busy = self.lock("study")
+            if self.completed() or not busy.acquire(wait=False):
                 raise StudyConfigError(
                     f"{self.out}: this run folder holds a different study (see {record}); use another --out"
                 )
-        else:
-            write_json_atomic(current, record)
+            busy.release()
+            for generated in ("data/target", "data/source", "pretrain", "jobs"):
+                shutil.rmtree(self.out / generated, ignore_errors=True)
+            (self.out / "splits_final.json").unlink(missing_ok=True)
+        write_json_atomic(current, record)
 
     def _dataset(self, spec: Any, name: str) -> Path:
         if spec.data_dir is not None:
@@ -236,7 +322,7 @@ class Study:
         dm = self._datamodule(self.source_dir, "all", self.config.seed)
         start = time.perf_counter()
         with _quiet_lightning():
-            _trainer(spec.epochs, folder, progress).fit(module, dm)
+            fit_or_interrupt(_trainer(spec.epochs, folder, progress), module, dm)
         seconds = time.perf_counter() - start
         atomic_save_safetensors(module.model.state_dict(), self.base_path)
         rows = self._evaluate(module, dm)
@@ -294,8 +380,8 @@ class Study:
             start = time.perf_counter()
             with _quiet_lightning():
                 # the adapter file is written at the end of fit
-                _trainer(c.finetune.epochs, folder, progress,
-                         run_callbacks(adapter_path=folder / "adapter.safetensors")).fit(module, dm)
+                fit_or_interrupt(_trainer(c.finetune.epochs, folder, progress,
+                                          run_callbacks(adapter_path=folder / "adapter.safetensors")), module, dm)
             train_seconds = time.perf_counter() - start
         # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
@@ -316,6 +402,19 @@ class Study:
         summary = summarise_job(rows, info)
         write_json_atomic(summary, folder / "summary.json")
         return summary
+
+    def run_job_if_free(self, job: Job, progress: Any | None = None) -> dict[str, Any] | None:
+        """:meth:`run_job` under the job's lock; None if another process finished the job meanwhile.
+
+        Raises :class:`JobHeld` at once if another live process holds the job.
+        """
+        lock = self.job_lock(job)
+        if not lock.acquire(wait=False):
+            raise JobHeld(f"running in another process ({lock.holder()})")
+        try:
+            return None if self.job_done(job) else self.run_job(job, progress)
+        finally:
+            lock.release()
 
     def study_info(self) -> dict[str, Any]:
         c = self.config
@@ -346,9 +445,9 @@ def _init_worker(config_path: str, out_dir: str, threads: int) -> None:
     _WORKER_STUDY.prepare_data()
 
 
-def _run_in_worker(index: int) -> tuple[int, dict[str, Any]]:
+def _run_in_worker(index: int) -> tuple[int, dict[str, Any] | None]:
     assert _WORKER_STUDY is not None
-    return index, _WORKER_STUDY.run_job(_WORKER_STUDY.jobs[index])
+    return index, _WORKER_STUDY.run_job_if_free(_WORKER_STUDY.jobs[index])
 
 
 def _job_line(job: Job, summary: dict[str, Any]) -> str:
@@ -364,10 +463,8 @@ def run_crossval(
 
     ``workers > 1`` runs that many jobs at once in separate processes, sharing the CPU threads; the
     numbers then equal those of another run with the same ``workers`` (thread counts change the order
-    of floating-point sums).
+    of floating-point sums). Ctrl-C raises ``KeyboardInterrupt`` whose message says how far the study got.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     study = Study(config_path, out_dir)
     selector = parse_only(only)
     if list_jobs:
@@ -378,55 +475,112 @@ def run_crossval(
         return 0
     if workers < 1:
         raise StudyConfigError(f"--workers must be at least 1, got {workers}")
-    study.claim_run_dir()
-    study.prepare_data()
-    run_pretrain = not study.pretrain_done() and (selector is None or selector.get("stage") == "pretrain")
-    if selector and selector.get("stage") == "pretrain":
-        todo: list[Job] = []
-    else:
-        todo = [j for j in study.jobs if (selector is None or j.matches(selector)) and not study.job_done(j)]
-        if selector is not None and not [j for j in study.jobs if j.matches(selector)]:
-            raise StudyConfigError(f"--only {only!r} matches no job (see --list)")
-    if todo and not study.pretrain_done() and not run_pretrain:
-        raise MedloraError(f"{study.base_path}: the pretrained base does not exist yet; run "
-                           f"`medlora crossval --config {config_path} --out {out_dir} --only pretrain` first")
-    done_before = sum(study.job_done(j) for j in study.jobs)
-    print(f"study {study.config.name!r}: {len(study.jobs)} jobs ({done_before} already done), "
-          f"{study.config.folds} folds, run folder {study.out}", flush=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as bar:
-        if run_pretrain:
-            task = bar.add_task("pretraining on the source domain", total=study.config.pretrain.epochs)
-            summary = study.run_pretraining(lambda e, n: bar.update(task, completed=e))
-            bar.console.print(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "
-                              f"({summary['train_seconds']:.0f} s) -> {study.base_path}")
-        overall = bar.add_task("cross-validation jobs", total=len(todo))
-        if workers == 1 or len(todo) <= 1:
-            for job in todo:
-                task = bar.add_task(f"  {job.label}, fold {job.fold}", total=max(study.config.finetune.epochs, 1))
-                summary = study.run_job(job, lambda e, n, t=task: bar.update(t, completed=e))
-                bar.remove_task(task)
-                bar.advance(overall)
-                bar.console.print(_job_line(job, summary))
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            threads = max(1, torch.get_num_threads() // workers)
-            indices = [study.jobs.index(j) for j in todo]
-            context = multiprocessing.get_context("spawn")
-            init_args = (str(config_path), str(out_dir), threads)
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                     initargs=init_args) as pool:
-                futures = [pool.submit(_run_in_worker, i) for i in indices]
-                for future in as_completed(futures):
-                    index, summary = future.result()
-                    bar.advance(overall)
-                    bar.console.print(_job_line(study.jobs[index], summary))
-    if selector is None:
-        report = build_report(study.out, study.study_info())
-        print(f"report: {report}")
+    if selector is not None and selector.get("stage") != "pretrain" and not any(j.matches(selector)
+                                                                                  for j in study.jobs):
+        raise StudyConfigError(f"--only {only!r} matches no job (see --list)")
+    study.check_inputs()
+    try:
+        _run_study(study, selector, workers)
+    except KeyboardInterrupt:
+        done = sum(study.job_done(j) for j in study.jobs)
+        raise KeyboardInterrupt(f"run the same command again to resume: {done} of {len(study.jobs)} jobs done") \
+            from None
     return 0
+
+
+def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    running = study.lock("study", shared=True)  # while held, no other process may replace the study
+    with _waiting(study.lock("prepare"), "data preparation"):
+        study.claim_run_dir()
+        study.prepare_data()
+        running.acquire()
+    try:
+        only_pretrain = selector is not None and selector.get("stage") == "pretrain"
+        may_pretrain = selector is None or only_pretrain
+        todo = [] if only_pretrain else [j for j in study.jobs if (selector is None or j.matches(selector))
+                                         and not study.job_done(j)]
+        done_before = sum(study.job_done(j) for j in study.jobs)
+        print(f"study {study.config.name!r}: {len(study.jobs)} jobs ({done_before} already done), "
+              f"{study.config.folds} folds, run folder {study.out}", flush=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=False) as bar:
+            say = functools.partial(bar.console.print, soft_wrap=True)  # a log line stays one line (grep-able)
+            if (todo or may_pretrain) and not study.pretrain_done():
+                with _waiting(study.lock("pretrain"), "pretraining", say):
+                    if not study.pretrain_done():
+                        if not may_pretrain:
+                            raise MedloraError(
+                                f"{study.base_path}: the pretrained base does not exist yet; run `medlora crossval "
+                                f"--config {study.config_path} --out {study.out} --only pretrain` first")
+                        task = bar.add_task("pretraining on the source domain", total=study.config.pretrain.epochs)
+                        summary = study.run_pretraining(lambda e, n: bar.update(task, completed=e))
+                        say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source "
+                            f"training cases ({summary['train_seconds']:.0f} s) -> {study.base_path}")
+            overall = bar.add_task("cross-validation jobs", total=len(todo))
+
+            def finished(job: Job, outcome: dict[str, Any] | JobHeld | None) -> None:
+                bar.advance(overall)
+                say(_outcome_line(job, outcome))
+
+            if workers == 1 or len(todo) <= 1:
+                for job in todo:
+                    task = bar.add_task(f"  {job.label}, fold {job.fold}", total=max(study.config.finetune.epochs, 1))
+                    try:
+                        outcome = study.run_job_if_free(job, lambda e, n, t=task: bar.update(t, completed=e))
+                    except JobHeld as exc:
+                        outcome = exc
+                    bar.remove_task(task)
+                    finished(job, outcome)
+            else:
+                _run_in_pool(study, todo, workers, finished)
+        if selector is None:
+            _report(study)
+    finally:
+        running.release()
+
+
+def _outcome_line(job: Job, outcome: dict[str, Any] | JobHeld | None) -> str:
+    if isinstance(outcome, dict):
+        return _job_line(job, outcome)
+    state = "finished by another process" if outcome is None else f"{outcome}; skipped"
+    return f"{job.label:<24} fold {job.fold}: {state}"
+
+
+def _run_in_pool(study: Study, todo: list[Job], workers: int, finished: Any) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    init_args = (str(study.config_path), str(study.out), threads)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
+        try:
+            futures = {pool.submit(_run_in_worker, study.jobs.index(j)): j for j in todo}
+            for future in as_completed(futures):
+                try:
+                    outcome: dict[str, Any] | JobHeld | None = future.result()[1]
+                except JobHeld as exc:
+                    outcome = exc
+                finished(futures[future], outcome)
+        except KeyboardInterrupt:
+            # stop the workers now rather than wait for their jobs (Ctrl-C in a terminal reaches them too)
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in multiprocessing.active_children():
+                process.terminate()
+            raise
+
+
+def _report(study: Study) -> None:
+    missing = [j for j in study.jobs if not study.job_done(j)]
+    if missing:
+        print(f"report not built: {len(missing)} of {len(study.jobs)} jobs are not done (running in other "
+              f"processes); `medlora report {study.out}` builds it later")
+        return
+    with study.lock("report"):  # processes finishing together write it one after the other
+        report = build_report(study.out, study.study_info())
+    print(f"report: {report}")
 
 
 __all__ = ["BASELINES", "Job", "Study", "plan_jobs", "run_crossval"]

@@ -30,6 +30,7 @@ from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics
 from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
 from ..evaluation.statistics import nanmean_std
+from .checks import SettingError, input_window_problem, positive
 from .losses import forgetting_kl
 
 LOGGED_METRICS = ("Dice", "soft_Dice", "HD95_mm", "volume_error_ml")
@@ -91,6 +92,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError(f"norm_stats must be 'update' or 'freeze', got {norm_stats!r}")
         if loss not in ("dice_ce", "soft_dice"):
             raise ValueError(f"loss must be 'dice_ce' or 'soft_dice', got {loss!r}")
+        positive("lr", lr)
         self.model = network
         self.model_spec = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
         # The record's keys at the top level: `medlora infer` reads backbone, backbone_args, spatial_dims,
@@ -159,7 +161,9 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss_with_forgetting(batch) if self._frozen_base else self.batch_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0])
+        # sync_dist: under DDP the logged loss is the mean over ranks, not rank 0's share of the batch
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -182,13 +186,9 @@ class SegmentationModule(pl.LightningModule):
         """A backbone that maps intensities back to HU (SAM's CT windows) must see the data's HU window."""
         from .callbacks import preprocessing_record
 
-        expected = getattr(self.model, "input_window", None)
-        window = preprocessing_record(self._trainer, self)["hu_window"]
-        if expected is not None and [float(v) for v in window] != [float(v) for v in expected]:
-            raise ValueError(
-                f"data.hu_window {list(window)} differs from the backbone's input_window {list(expected)}: set both "
-                "to the same HU range (SAM configs use [-1024, 3071] and window inside the model)"
-            )
+        problem = input_window_problem(self.model, preprocessing_record(self._trainer, self)["hu_window"])
+        if problem:
+            raise SettingError("data.hu_window", problem)
 
     # ------------------------------------------------------------------------------------ evaluation
 

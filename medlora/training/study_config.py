@@ -17,7 +17,8 @@ import yaml
 
 from ..adapters import AdapterConfig, get_method, list_methods
 from ..errors import MedloraError
-from ..models import GROUP_ALIASES
+from ..models import GROUP_ALIASES, module_groups
+from . import checks
 
 BASELINES = ("no_finetune", "full", "module")
 
@@ -132,22 +133,6 @@ class StudyConfig:
                                            **({"targets": list(entry.targets)} if entry.targets else {})}})
 
 
-def _model_groups(config: StudyConfig) -> set[str] | None:
-    """The backbone's module-group names, from a weightless (meta-device) build; None if it cannot be built so."""
-    import torch
-
-    from ..models import create_model, module_groups
-
-    try:
-        with torch.device("meta"):
-            model = create_model(config.model.backbone, spatial_dims=config.model.spatial_dims,
-                                 **config.model.backbone_args)
-    except Exception:  # e.g. a backbone that loads a checkpoint while built: checked when the job runs
-        return None
-    names = set(module_groups(model))
-    return names | set(GROUP_ALIASES) if "shallow" in names else names
-
-
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -212,69 +197,130 @@ def load_study_config(path: str | Path) -> StudyConfig:
     try:
         config = from_mapping(StudyConfig, data or {}, "study")
         _check(config)
-    except StudyConfigError as exc:
+    except (StudyConfigError, checks.SettingError) as exc:
         raise StudyConfigError(f"{path}: {exc}") from None
     return config
 
 
 def _check(config: StudyConfig) -> None:
+    """The checks that read nothing but the config (a run folder's study.json is loaded with them too)."""
     for name, spec in (("target", config.target), ("source", config.source)):
         if spec is not None and (spec.data_dir is None) == (spec.phantoms is None):
             raise StudyConfigError(f"study.{name}: give exactly one of data_dir or phantoms")
+        if spec is not None and spec.phantoms is not None:
+            ph, where = spec.phantoms, f"study.{name}.phantoms"
+            checks.one_of(f"{where}.domain", ph.domain, ("tbi", "sah"))
+            checks.at_least(f"{where}.cases", ph.cases, 1)
+            for key in ("shape", "spacing"):
+                if getattr(ph, key) is not None:
+                    checks.axes(f"{where}.{key}", getattr(ph, key), 3)
     if config.base_checkpoint is None and config.source is None:
         raise StudyConfigError("study: give base_checkpoint (pretrained weights) or source (data to pretrain on)")
-    if config.folds < 2:
-        raise StudyConfigError(f"study.folds: need at least 2 folds, got {config.folds}")
-    roi = config.data.inference_roi
-    if roi is not None and len(roi) != config.model.spatial_dims:
-        raise StudyConfigError(f"study.data.inference_roi: {roi} does not have {config.model.spatial_dims} axes")
-    if len(config.data.patch_size) != config.model.spatial_dims:
-        raise StudyConfigError(
-            f"study.data.patch_size: {config.data.patch_size} does not have {config.model.spatial_dims} axes"
-        )
+    target_phantoms = config.target.phantoms
+    checks.check_folds("study.folds", config.folds, target_phantoms.cases if target_phantoms else config.folds,
+                       "study.target.phantoms")
+    d, dims = config.data, config.model.spatial_dims
+    checks.check_data("study.data.", spatial_dims=dims, patch_size=d.patch_size, batch_size=d.batch_size,
+                      samples_per_volume=d.samples_per_volume, pos_fraction=d.pos_fraction, hu_window_=d.hu_window,
+                      target_spacing=d.target_spacing)
+    if d.inference_roi is not None:
+        checks.axes("study.data.inference_roi", d.inference_roi, dims)
+    for stage, spec in (("pretrain", config.pretrain), ("finetune", config.finetune)):
+        checks.check_training({k: f"study.{stage}.{k}" for k in ("epochs", "lr", "loss", "norm_stats")},
+                              epochs=spec.epochs, lr=spec.lr, loss=spec.loss, norm_stats=spec.norm_stats)
+        checks.positive(f"study.{stage}.adapter_lr", spec.adapter_lr)
     if not config.methods:
         raise StudyConfigError("study.methods: list at least one method")
-    seen = set()
-    adapters = set(list_methods())
+    seen: set[str] = set()
     groups = _model_groups(config)
     for i, entry in enumerate(config.methods):
         where = f"study.methods[{i}]"
-        if entry.name not in BASELINES and entry.name not in adapters:
-            raise StudyConfigError(
-                f"{where}.name: unknown method {entry.name!r} (valid: {', '.join(BASELINES + tuple(sorted(adapters)))})"
-            )
-        if entry.name == "module" and not entry.group:
-            raise StudyConfigError(f"{where}.group: module-wise fine-tuning needs a module group")
         for key, value in (("group", entry.group), ("finetune", entry.finetune)):
             unknown = [g for g in (value or "").split("+") if value and groups is not None and g.strip() not in groups]
             if unknown:
                 raise StudyConfigError(f"{where}.{key}: {config.model.backbone} has no module group {unknown[0]!r} "
                                        f"(groups: {', '.join(sorted(groups))})")
-        if entry.training_rule is not None:
-            from ..adapters.optim import get_rule
-
-            if entry.name not in adapters:
-                raise StudyConfigError(f"{where}.training_rule: only adapter methods take a training rule")
-            try:
-                spec = get_rule(entry.training_rule)
-            except ValueError as exc:
-                raise StudyConfigError(f"{where}.training_rule: {exc}") from None
-            known = {f.name for f in dataclasses.fields(spec.options_cls)}
-            bad = sorted(set(entry.training_rule_options) - known)
-            if bad:
-                raise StudyConfigError(f"{where}.training_rule_options: unknown option(s) {', '.join(bad)} for "
-                                       f"rule {entry.training_rule!r}; valid: {', '.join(sorted(known))}")
-        if entry.name in adapters:
-            if not entry.ranks or any(r < 1 for r in entry.ranks):
-                raise StudyConfigError(f"{where}.ranks: give positive ranks")
-            for rank in entry.ranks:
-                try:
-                    config.adapter_config(entry, rank)
-                except ValueError as exc:
-                    raise StudyConfigError(f"{where}: {exc}") from None
-        ranked = entry.name in adapters and get_method(entry.name).uses_rank
-        for rank in entry.ranks if ranked else [None]:
-            job = entry.job_name(rank)
+        for job in _check_method(config, None, entry, where):
             if job in seen:
                 raise StudyConfigError(f"{where}: job {job!r} appears twice")
             seen.add(job)
+
+
+def _model_groups(config: StudyConfig) -> set[str] | None:
+    """The backbone's module-group names, from a weightless (meta-device) build; None if it cannot be built so."""
+    try:
+        base = checks.meta_network(config.model.backbone, config.model.backbone_args, config.model.spatial_dims,
+                                   {"backbone": "study.model.backbone", "backbone_args": "study.model.backbone_args"})
+    except checks.SettingError:
+        return None  # reported with the file checks, see check_study_inputs
+    if base is None:
+        return None
+    names = set(module_groups(base))
+    return names | set(GROUP_ALIASES) if "shallow" in names else names
+
+
+def check_study_inputs(config: StudyConfig, path: str | Path) -> None:
+    """What :func:`load_study_config` leaves out because it reads other files or builds networks: the datasets
+    (their case counts against the folds), ``splits_file``, ``base_checkpoint``, and every job's network built
+    on the meta device. ``medlora crossval`` runs this before it claims the run folder."""
+    from ..data.dataset import DatasetError, load_splits, read_dataset
+
+    try:
+        for name, spec in (("target", config.target), ("source", config.source)):
+            if spec is not None and spec.data_dir is not None:
+                try:
+                    n_cases = len(read_dataset(spec.data_dir).case_ids)
+                except DatasetError as exc:
+                    raise StudyConfigError(f"study.{name}.data_dir: {exc}") from None
+                if name == "target":
+                    checks.check_folds("study.folds", config.folds, n_cases, str(spec.data_dir))
+        if config.splits_file:
+            try:
+                splits = load_splits(config.splits_file)
+            except DatasetError as exc:
+                raise StudyConfigError(f"study.splits_file: {exc}") from None
+            if len(splits) != config.folds:
+                raise StudyConfigError(f"study.splits_file: {config.splits_file} has {len(splits)} folds, "
+                                       f"study.folds is {config.folds}")
+        checks.existing_file("study.base_checkpoint", config.base_checkpoint)
+        base = checks.meta_network(config.model.backbone, config.model.backbone_args, config.model.spatial_dims,
+                                   {"backbone": "study.model.backbone", "backbone_args": "study.model.backbone_args"})
+        checks.check_network(base, {"hu_window": "study.data.hu_window"}, hu_window_=config.data.hu_window)
+        for i, entry in enumerate(config.methods):
+            _check_method(config, base, entry, f"study.methods[{i}]")
+    except (StudyConfigError, checks.SettingError) as exc:
+        raise StudyConfigError(f"{path}: {exc}") from None
+
+
+def _check_method(config: StudyConfig, base: Any, entry: MethodEntry, where: str) -> list[str]:
+    """Check one method entry (its network too, given the meta-device ``base``); returns its job names."""
+    adapters = set(list_methods())
+    if entry.name not in BASELINES and entry.name not in adapters:
+        raise StudyConfigError(
+            f"{where}.name: unknown method {entry.name!r} (valid: {', '.join(BASELINES + tuple(sorted(adapters)))})"
+        )
+    if entry.name == "module" and not entry.group:
+        raise StudyConfigError(f"{where}.group: module-wise fine-tuning needs a module group")
+    if entry.training_rule is not None and entry.name not in adapters:
+        raise StudyConfigError(f"{where}.training_rule: only adapter methods take a training rule")
+    if entry.lr is not None:
+        checks.positive(f"{where}.lr", entry.lr)
+    keys = {"finetune": f"{where}.group" if entry.name == "module" else f"{where}.finetune",
+            "training_rule": f"{where}.training_rule", "adapter": where}
+    if entry.name not in adapters:
+        checks.check_network(base, keys, finetune=entry.group if entry.name == "module" else "all")
+        return [entry.job_name(None)]
+    if not entry.ranks or any(r < 1 for r in entry.ranks):
+        raise StudyConfigError(f"{where}.ranks: give positive ranks")
+    ranks: list[int | None] = list(entry.ranks) if get_method(entry.name).uses_rank else [None]
+    for rank in ranks:
+        try:
+            adapter = config.adapter_config(entry, rank)
+            checks.check_network(base, keys, adapter=adapter, finetune=entry.finetune,
+                                 training_rule=entry.training_rule, rule_options=dict(entry.training_rule_options))
+        except checks.SettingError as exc:
+            prefix = f"rank {rank}: " if len(ranks) > 1 and exc.key == where else ""
+            raise StudyConfigError(f"{exc.key}: {prefix}{exc.problem}") from None
+        except ValueError as exc:
+            raise StudyConfigError(f"{where}: {exc}") from None
+    return [entry.job_name(rank) for rank in ranks]
