@@ -160,20 +160,22 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
     study_info, findings = loaded.info, loaded.findings
     job_names = (study_info or {}).get("job_names")
     job_names = [str(n) for n in job_names] if isinstance(job_names, list) else None
-    rows = scan.rows(job_names)
-    stats = sorted(job_stats(scan.folds), key=lambda s: job_sort_key(s.family, s.method, s.rank, s.job, job_names))
+    main = scan.select()  # the target cases of jobs trained on whole folds: tables, statistics, findings
+    rows = main.rows(job_names)
+    stats = sorted(job_stats(main.folds), key=lambda s: job_sort_key(s.family, s.method, s.rank, s.job, job_names))
     comparisons = compare_all(rows, comparison_plan(stats, rows, findings, loaded.named))
     names = {s.job: s.name for s in stats}
-    write_results_csv(rows, run_dir / "results.csv")
+    write_results_csv(scan.rows(job_names), run_dir / "results.csv")  # every row: all seeds, sizes, domains
     atomic_write_bytes(run_dir / "significance.csv", significance_csv(comparisons, names))
-    calibration = _pooled_calibration(scan)
+    calibration = _pooled_calibration(main)
     plots = plot_report(stats, rows, run_dir / "plots", comparisons, calibration)
 
     title = (study_info or {}).get("name") or run_dir.name
     md = [f"# Transfer study report: {title}", ""]
     if study_info:
         md += ["## Study", "", study_table(study_info), ""]
-    md += ["## Completeness", "", *(f"- {line}" for line in _completeness(scan, study_info, stats)), ""]
+    finished = scan.select(train_cases=None)  # every finished job run (target summaries)
+    md += ["## Completeness", "", *(f"- {line}" for line in _completeness(finished, study_info, stats)), ""]
     md += ["## Results per method and rank", "", results_table(stats), "", RESULTS_NOTE, ""]
     md += ["## Dice per fold", "", folds_table(stats), ""]
     md += ["## Significance (paired per case)", ""]

@@ -204,8 +204,9 @@ class SegmentationModule(pl.LightningModule):
         return predict_volume(self.model, image, self.hparams.spatial_dims, self._roi(),
                               self.hparams.sw_batch_size, self.hparams.sw_overlap)
 
-    def _evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        prob = self.predict_case(batch["image"])
+    def _evaluate(self, batch: dict[str, Any], prob: torch.Tensor | None = None) -> dict[str, Any]:
+        """The metric row of one validation case; ``prob``: its probability map if the caller has it already."""
+        prob = self.predict_case(batch["image"]) if prob is None else prob
         spacing = spacing_of(batch["image"])
         metrics = case_metrics(prob[0, 0].float().cpu(), torch.as_tensor(batch["label"])[0, 0].cpu(), spacing,
                                self.hparams.threshold)
@@ -266,7 +267,7 @@ def segmentation_module(
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 2,
     sw_overlap: float = 0.25,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
     training_rule: str | None = None,
     training_rule_options: dict[str, Any] | None = None,
     forgetting_weight: float = 0.0,
