@@ -6,7 +6,8 @@ The ``model:`` section is :func:`~medlora.training.module.segmentation_module`: 
 ``ModelCheckpoint`` with ``save_last``) so that ``--ckpt_path last`` resumes an interrupted run, an
 ``adapter_file`` section (where the adapter file goes) and an ``adapter_init`` section (data-driven adapter
 starts), adds the checkpoint records (:mod:`medlora.training.callbacks`), and links the data's
-``spatial_dims`` and ``patch_size`` to the model's, so they are written once.
+``spatial_dims`` to the model's, so it is written once. ``model.roi_size`` (the sliding-window size of
+evaluation) defaults to the data's ``patch_size``. A study (``medlora crossval``) reads these same sections.
 
 Bad configs end in one line, ``medlora: error: <file>: <key path>: <problem>`` (exit 2), where ``<file>``
 is the last ``--config`` file that sets the key (or ``command line``): jsonargparse's parse errors (a
@@ -50,7 +51,6 @@ class MedloraCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterFileWriter, "adapter_file")
         parser.add_lightning_class_args(AdapterInitFromData, "adapter_init")
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
-        parser.link_arguments("data.patch_size", "model.roi_size")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)

@@ -28,7 +28,7 @@ from torch import nn
 from ..adapters import AdapterConfig, iter_adapters
 from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics
-from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
+from ..evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP, DEFAULT_THRESHOLD, predict_volume
 from ..evaluation.statistics import nanmean_std
 from .checks import SettingError, input_window_problem, positive
 from .losses import forgetting_kl
@@ -80,8 +80,8 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = 0.0,
         norm_stats: str = "update",
         roi_size: Sequence[int] | None = None,
-        sw_batch_size: int = 2,
-        sw_overlap: float = 0.25,
+        sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+        sw_overlap: float = DEFAULT_SW_OVERLAP,
         threshold: float = DEFAULT_THRESHOLD,
         forgetting_weight: float = 0.0,
     ) -> None:
@@ -265,8 +265,8 @@ def segmentation_module(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     roi_size: Sequence[int] | None = None,
-    sw_batch_size: int = 2,
-    sw_overlap: float = 0.25,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+    sw_overlap: float = DEFAULT_SW_OVERLAP,
     threshold: float = DEFAULT_THRESHOLD,
     training_rule: str | None = None,
     training_rule_options: dict[str, Any] | None = None,

@@ -377,10 +377,16 @@ class StudyConfig:
         return AdapterConfig.from_dict(self.job_model(entry, rank, None)["adapter"])
 
     def to_record(self) -> dict[str, Any]:
-        """The config as JSON-native data (``study.json``)."""
+        """The config as JSON-native data (``study.json``), its ``model`` and ``data`` sections completed with the
+        defaults of the signatures they are checked against, so that a reader of the run folder needs none."""
         import json
 
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        record = dataclasses.asdict(self)
+        record["model"] = {**{k: v for k, v in _defaults(model_parameters()).items()
+                              if k not in PER_JOB_MODEL_KEYS + LINKED_MODEL_KEYS}, **self.model}
+        record["data"] = {**{k: v for k, v in _defaults(data_parameters()).items() if k not in PER_JOB_DATA_KEYS},
+                          **self.data}
+        return json.loads(json.dumps(record))
 
 
 _STUDY_SECTIONS = {"model", "data", "trainer", "pretrain", "adapter_methods", "methods"}
