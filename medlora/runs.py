@@ -60,6 +60,7 @@ __all__ = [
     "RunJob",
     "job_label",
     "job_name",
+    "job_name_without_forgetting",
     "job_relpath",
     "method_family",
     "plan_jobs",
@@ -110,6 +111,11 @@ def job_name(method: str, rank: int | None, finetune: str | None = None, trainin
     if forgetting_weight:
         base = f"{base}_fw{_weight_text(forgetting_weight)}"
     return base if rank is None else f"{base}_r{rank}"
+
+
+def job_name_without_forgetting(name: str, forgetting_weight: float) -> str:
+    """The name of the same job without the forgetting regulariser (``lora_fw0.5_r4`` -> ``lora_r4``)."""
+    return name.replace(f"_fw{_weight_text(forgetting_weight)}", "", 1) if forgetting_weight else name
 
 
 def job_label(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,

@@ -395,3 +395,85 @@ def test_parallel_workers_run_every_job(tmp_path, capsys):
                                       fold("no_finetune", 1)]
     out = capsys.readouterr().out
     assert out.count("fold 1: Dice") == 2 and "report:" in out
+
+
+# ------------------------------------------------------------------ the study grid: seeds, data sizes, forgetting
+
+
+def test_training_subsets_are_deterministic_nested_and_seeded():
+    from medlora.training.crossval import subset_splits
+
+    splits = [{"train": [f"C{i:02d}" for i in range(20) if i % 3 != k], "val": [f"C{i:02d}" for i in range(20)
+                                                                                   if i % 3 == k]} for k in range(3)]
+    for seed in (0, 1):
+        small, large = subset_splits(splits, 4, seed), subset_splits(splits, 8, seed)
+        assert small == subset_splits(splits, 4, seed)  # deterministic
+        for k in range(3):
+            assert len(small[k]["train"]) == 4 and len(large[k]["train"]) == 8
+            assert set(small[k]["train"]) < set(large[k]["train"]) < set(splits[k]["train"])  # nested, in the fold
+            assert small[k]["val"] == large[k]["val"] == splits[k]["val"]  # the held-out cases stay
+    assert any(subset_splits(splits, 4, 0)[k] != subset_splits(splits, 4, 1)[k] for k in range(3))  # seeded
+    # the draw depends on the fold's cases, not on their listed order
+    shuffled = [{"train": list(reversed(f["train"])), "val": f["val"]} for f in splits]
+    assert subset_splits(shuffled, 4, 0) == subset_splits(splits, 4, 0)
+    with pytest.raises(StudyConfigError, match="13 training cases"):
+        subset_splits(splits, 14, 0)
+
+
+def test_seeds_sizes_and_source_cases_are_resumable_selectable_jobs(small, tmp_path, capsys):
+    phantoms = {"shape": [48, 48, 16], "spacing": [4, 4, 10]}
+    config = small_config(
+        tmp_path, small, seeds=[0, 1], train_cases=[2, "all"],
+        target={"phantoms": {"domain": "sah", "cases": 6, "seed": 1, **phantoms}},
+        source_eval={"phantoms": {"domain": "tbi", "cases": 2, "seed": 7, **phantoms}},
+        methods=[{"name": "no_finetune"}, {"name": "lora", "ranks": [2]},
+                 {"name": "lora", "ranks": [2], "forgetting_weight": 1.0}],
+        findings=["fine_tuning_helps"], comparisons=[["lora_fw1_r2", "lora_r2"]])
+    run = tmp_path / "run"
+    assert main(["crossval", "--config", str(config), "--out", str(run), "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert len(listed) == 2 * 2 * 2 * 3 and "job=lora_fw1_r2,seed=1,train_cases=2,fold=0" in listed
+
+    # one seed and size alone (a scheduler's array task), then the rest; the first ones are kept
+    assert main(["crossval", "--config", str(config), "--out", str(run), "--only", "seed=1,train_cases=2"]) == 0
+    first = summaries(run)
+    assert sorted(first) == sorted(fold(j, k, 1, 2) for j in ("no_finetune", "lora_r2", "lora_fw1_r2")
+                                   for k in (0, 1))
+    stamps = {key: (run / "jobs" / key / "summary.json").stat().st_mtime_ns for key in first}
+    assert main(["crossval", "--config", str(config), "--out", str(run)]) == 0
+    done = summaries(run)
+    assert len(done) == 24 and all((run / "jobs" / k / "summary.json").stat().st_mtime_ns == t
+                                   for k, t in stamps.items())
+
+    # the subsets: 2 of the fold's 3 training cases, nested in the fold, the same held-out cases
+    folds = json.loads((run / "splits_final.json").read_text(encoding="utf-8"))
+    for seed in (0, 1):
+        cut = json.loads((run / "splits" / f"seed_{seed}_cases_2.json").read_text(encoding="utf-8"))
+        for k in (0, 1):
+            assert set(cut[k]["train"]) < set(folds[k]["train"]) and cut[k]["val"] == folds[k]["val"]
+            assert done[fold("lora_r2", k, seed, 2)]["medlora"]["n_train_cases"] == 2
+            assert done[fold("lora_r2", k, seed)]["medlora"]["n_train_cases"] == len(folds[k]["train"]) == 3
+
+    # rows: every (job, seed, size, fold) on its target cases and its share of the held-out source cases
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    source = [r for r in rows if r["domain"] == "source"]
+    target = [r for r in rows if r["domain"] == "target"]
+    assert len(target) == 24 * 3 and len(source) == 24 * 1
+    assert {r["case_id"][:3] for r in source} == {"TBI"} and {r["case_id"][:3] for r in target} == {"SAH"}
+    for job in ("no_finetune", "lora_r2", "lora_fw1_r2"):
+        for seed in ("0", "1"):
+            for size in ("2", "all"):
+                cases = sorted(r["case_id"] for r in source if (r["job"], r["seed"], r["train_cases"]) ==
+                               (job, seed, size))
+                assert len(cases) == 2 and len(set(cases)) == 2  # each held-out source case once
+    assert {r["forgetting_weight"] for r in rows if r["job"] == "lora_fw1_r2"} == {"1.0"}
+
+    report = (run / "report.md").read_text(encoding="utf-8")
+    for section in ("## Seeds", "## Training-set size", "## Forgetting on the source domain"):
+        assert section in report
+    assert "LoRA r2 λ=1 vs LoRA r2: lowers forgetting at equal target Dice — " in report
+    assert (run / "plots" / "dice_vs_train_cases.png").is_file()
+    info = json.loads((run / "study_info.json").read_text(encoding="utf-8"))
+    assert info["findings"] == ["fine_tuning_helps"] and info["comparisons"] == [["lora_fw1_r2", "lora_r2"]]
+    assert info["seeds"] == [0, 1] and info["train_cases"] == [2, "all"]

@@ -25,7 +25,7 @@ from ..fileio import atomic_write_bytes
 from ..runs import ALL_CASES, JOBS_DIR, SOURCE_SUMMARY_FILE, SUMMARY_FILE
 from .calibration import CalibrationHistogram
 from .metrics import volume_bin
-from .statistics import as_float
+from .statistics import as_float, nanmean
 from .summary import FOREGROUND_LABELS, ReportError, load_summary
 
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -34,8 +34,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
 )
 ID_COLUMNS: tuple[str, ...] = ("job", "method", "label", "rank", "family", "seed", "train_cases", "domain", "fold",
                                "case_id")
-TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "n_train_cases", "trainable_params", "total_params",
-                                 "percent_trainable", "train_seconds")
+TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "n_train_cases", "forgetting_weight", "trainable_params",
+                                 "total_params", "percent_trainable", "train_seconds")
 TARGET, SOURCE = "target", "source"  # the rows' domains
 
 _FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "adapter": 3}
@@ -68,6 +68,37 @@ class RunScan:
         """All per-case rows in the study's order (see :func:`job_sort_key`)."""
         return sort_rows([row for fold in self.folds for row in fold.rows], job_names)
 
+    def seed_averaged(self) -> RunScan:
+        """One fold result per (job, domain, size, fold) whose rows are the case's metrics averaged over the
+        seeds (nan-aware; ``seed`` is None), training time averaged too: the numbers the main tables and the
+        paired tests use. Calibration histograms of the seeds are pooled."""
+        groups: dict[tuple[Any, ...], list[FoldResult]] = {}
+        for f in self.folds:
+            key = (f.info["job"], f.info["domain"], str(f.info["train_cases"]), f.info["fold"])
+            groups.setdefault(key, []).append(f)
+        out = []
+        for members in groups.values():
+            if len(members) == 1 and members[0].info["seed"] is None:
+                out.append(members[0])
+                continue
+            info = {**members[0].info, "seed": None,
+                    "train_seconds": nanmean([m.info["train_seconds"] for m in members])}
+            hists = [m.info.get("calibration") for m in members if m.info.get("calibration") is not None]
+            info["calibration"] = sum(hists[1:], hists[0]) if hists else None
+            by_case: dict[str, list[dict[str, Any]]] = {}
+            for m in members:
+                for row in m.rows:
+                    by_case.setdefault(row["case_id"], []).append(row)
+            rows = []
+            for case_rows in by_case.values():
+                row = {**case_rows[0], "seed": None, "train_seconds": info["train_seconds"]}
+                for key in METRIC_COLUMNS:
+                    if key in row:
+                        row[key] = nanmean([as_float(r.get(key)) for r in case_rows])
+                rows.append(row)
+            out.append(FoldResult(members[0].path, info, rows))
+        return RunScan(out, self.unfinished)
+
     def select(self, domain: str = TARGET, train_cases: int | str | None = ALL_CASES) -> RunScan:
         """The folds of one domain, trained on ``train_cases`` cases (None: every size)."""
         return RunScan([f for f in self.folds if f.info["domain"] == domain
@@ -94,6 +125,7 @@ def _fold_result(path: Path, job_dir: str, domain: str = TARGET) -> FoldResult:
         cases = block.get("train_cases", ALL_CASES)
         cases = cases if cases == ALL_CASES else int(cases)
         n_train = None if block.get("n_train_cases") is None else int(block["n_train_cases"])
+        weight = as_float(block.get("forgetting_weight", 0.0))
         rank = None if block.get("rank") is None else int(block["rank"])
         trainable = int(block.get("trainable_params") or 0)
         total = int(block.get("total_params") or 0)
@@ -111,6 +143,7 @@ def _fold_result(path: Path, job_dir: str, domain: str = TARGET) -> FoldResult:
         "job": job, "method": str(block.get("method") or job), "label": str(block.get("label") or job),
         "rank": rank, "family": str(block.get("family") or _infer_family(job)), "seed": seed, "train_cases": cases,
         "domain": str(block.get("domain") or domain), "fold": fold, "n_train_cases": n_train,
+        "forgetting_weight": weight,
         "trainable_params": trainable, "total_params": total,
         "percent_trainable": 100.0 * trainable / total if total else float("nan"),
         "train_seconds": train_seconds, "calibration": calibration,

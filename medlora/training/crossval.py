@@ -406,8 +406,9 @@ class Study:
         run_seed = job.seed + job.fold
         pl.seed_everything(run_seed, workers=True, verbose=False)
         base = self.base_path(job.pretrain_seed)
+        model = c.job_model(entry, job.rank, str(base))
         with _quiet_lightning():
-            module = self._module(c.job_model(entry, job.rank, str(base)))
+            module = self._module(model)
         dm = self._datamodule(self.target_dir, job.fold, run_seed, self.subset_splits_path(job.seed, job.train_cases))
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
         train_seconds = 0.0
@@ -430,7 +431,8 @@ class Study:
                 "n_train_cases": len(dm.train_ids), "domain": "target", "trainable_params": trainable,
                 "total_params": total, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                 "epochs": c.trainer.get("max_epochs"), "run_seed": run_seed, "pretrain_seed": job.pretrain_seed,
-                "base": str(base), "calibration": histogram.to_dict()}
+                "base": str(base), "forgetting_weight": float(model.get("forgetting_weight") or 0.0),
+                "calibration": histogram.to_dict()}
         if self.source_eval_dir is not None:
             source = self._datamodule(self.source_eval_dir, job.fold, run_seed, self.out / SPLITS_DIR /
                                       SOURCE_EVAL_SPLITS)
