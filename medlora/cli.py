@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .errors import MedloraError
 
@@ -52,7 +53,7 @@ def _infer_command(args: argparse.Namespace) -> int:
 
     summary = run_inference(
         args.model, args.inputs, args.out, adapters=args.adapter or (), method=args.method,
-        sw_batch_size=args.sw_batch_size, overlap=args.overlap, device=args.device, threshold=args.threshold,
+        sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap, device=args.device, threshold=args.threshold,
         roi_size=args.roi_size, save_probabilities=args.save_probabilities, overlay=args.overlay,
         overwrite=args.overwrite,
     )
@@ -62,7 +63,22 @@ def _infer_command(args: argparse.Namespace) -> int:
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+class _Renamed(argparse.Action):
+    """An option that was renamed: one line naming the new one (``--overlap`` is ``--sw-overlap`` now, the name
+    of ``model.sw_overlap`` in fit configs)."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        raise MedloraError(f"{option_string}: renamed to {self.new}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP
+
     parser = argparse.ArgumentParser(
         prog="medlora",
         description="Parameter-efficient transfer learning (LoRA, DoRA, CP-LoRA, SALT ...) for CT segmentation.",
@@ -94,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crossval", help="k-fold cross-validated transfer study (resumable; one folder per job)")
     p.add_argument("--config", required=True, help="study YAML, e.g. configs/study/sah_transfer.yaml")
     p.add_argument("--out", required=True, help="run folder (created; re-running resumes)")
-    p.add_argument("--only", help="run only matching jobs, e.g. method=cp_lora,rank=4,fold=1 or 'pretrain'")
+    p.add_argument("--only", help="run only matching jobs: keys job, method, rank, fold, family, seed, train_cases, "
+                   "e.g. method=cp_lora,rank=4,seed=1; or 'pretrain'")
     p.add_argument("--list", action="store_true", help="print the jobs (for a scheduler) and exit")
     p.add_argument("--workers", type=int, default=1,
                    help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
@@ -113,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter file (repeat for an ensemble: one model per adapter, probabilities averaged)")
     p.add_argument("--method", metavar="JOB", help="crossval job whose fold models form the ensemble, e.g. cp_dora_r4")
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--sw-batch-size", type=int, default=2, help="sliding windows per network call (default 2)")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap (default 0.25, as validation)")
+    p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH_SIZE,
+                   help=f"sliding windows per network call (default {DEFAULT_SW_BATCH_SIZE}; model.sw_batch_size)")
+    p.add_argument("--sw-overlap", type=float, default=DEFAULT_SW_OVERLAP,
+                   help=f"sliding-window overlap (default {DEFAULT_SW_OVERLAP}, as validation; model.sw_overlap)")
+    p.add_argument("--overlap", action=_Renamed, new="--sw-overlap")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto; bf16 autocast on CUDA")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the model's recorded one)")
     p.add_argument("--roi-size", type=int, nargs="+", metavar="N",
-                   help="sliding-window size (default: the recorded training patch size)")
+                   help="sliding-window size (default: the recorded model.roi_size, else the training patch size)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>_prob.nii.gz (float32)")
     p.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (a few axial slices)")
     p.add_argument("--overwrite", action="store_true",

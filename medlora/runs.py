@@ -1,28 +1,37 @@
-"""The files of a ``medlora crossval`` run folder, and a reader of them that needs no training code.
+"""The files of a ``medlora crossval`` run folder, its job plan, and a reader of them that needs no training code.
 
 A run folder (the ``--out`` of ``medlora crossval``) holds::
 
-    study.json                           the study config as run (StudyConfig as a dict); claims the folder
-    splits_final.json                    the folds, nnU-Net format
-    data/target, data/source             phantom datasets, when the study generates them
-    pretrain/base.safetensors            the pretrained base (unless study.json names a base_checkpoint)
-    pretrain/summary.json                pretraining finished (written last)
-    jobs/<job>/fold_<k>/summary.json     a job finished (written last, nnU-Net summary shape)
-    jobs/<job>/fold_<k>/adapter.safetensors   adapter jobs: the trained adapter
-    jobs/<job>/fold_<k>/model.safetensors     full and module-wise jobs: the fine-tuned network
+    study.json                         the study config as run (StudyConfig.to_record()); claims the folder
+    splits_final.json                  the folds of the target dataset, nnU-Net format
+    splits/seed_<s>_cases_<n>.json     the folds with each training set cut to n cases (train_cases), per seed
+    splits/source_eval.json            the held-out source-domain cases (source_eval), split like the folds
+    data/target, data/source, data/source_eval   phantom datasets, when the study generates them
+    pretrain/base.safetensors          the pretrained base (unless the study gives model.pretrained); with
+                                       several pretrain_seeds one folder each: pretrain/seed_<p>/base.safetensors
+    pretrain/summary.json              pretraining finished (written last)
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary.json         a job finished (written last, nnU-Net shape)
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary_source.json  the same model on held-out source cases
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/adapter.safetensors  adapter jobs: the trained adapter
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/model.safetensors    full and module-wise jobs: the fine-tuned network
+    locks/                             lock files of the processes sharing the folder
 
-A job is one (method, rank, fold): its name is ``<method>[_<training rule>][_r<rank>]`` for adapter methods
-that take a rank, ``module_<group>`` for module-wise fine-tuning, and the method's name otherwise
-(``no_finetune``, ``full``). Jobs are planned fold by fold in the order of the study's ``methods``.
+A job is one (method entry, rank) of the study, repeated for every fine-tuning seed ``s`` of ``seeds``, every
+training-set size ``n`` of ``train_cases`` (``all``: the whole training part of the fold) and every fold ``k``.
+Its name is ``<method>[_<training rule>][_fw<forgetting weight>][_r<rank>]`` for adapter methods that take a
+rank, ``module_<group>`` for module-wise fine-tuning (``finetune: <group>``), and the method's name otherwise
+(``no_finetune``, ``full``). Jobs are planned seed by seed, then training-set size, fold, and the study's
+method order.
 
-The names and rules here are those ``medlora.training.crossval`` writes; they are defined once here so that
-inference (and any later reader: serving, transfer) never imports the training stack.
+The names and rules here are the ones ``medlora.training.crossval`` writes with; they are defined once here
+so that inference (and any later reader: the report, serving, transfer) never imports the training stack.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,35 +40,52 @@ from .errors import MedloraError
 
 __all__ = [
     "ADAPTER_FILE",
+    "ALL_CASES",
     "BASE_FILE",
+    "BASELINE_LABELS",
     "DATA_DIR",
     "FAMILIES",
     "JOBS_DIR",
+    "LOCKS_DIR",
     "MODEL_FILE",
     "PRETRAIN_DIR",
+    "SOURCE_EVAL_SPLITS",
+    "SOURCE_SUMMARY_FILE",
+    "SPLITS_DIR",
     "SPLITS_FILE",
     "STUDY_FILE",
     "SUMMARY_FILE",
     "RunFolder",
     "RunFolderError",
     "RunJob",
-    "fold_dir_name",
+    "job_label",
     "job_name",
+    "job_name_without_forgetting",
+    "job_relpath",
     "method_family",
+    "plan_jobs",
+    "pretrain_relpath",
+    "subset_splits_name",
 ]
 
 STUDY_FILE = "study.json"
 SPLITS_FILE = "splits_final.json"
+SPLITS_DIR = "splits"
+SOURCE_EVAL_SPLITS = "source_eval.json"
 SUMMARY_FILE = "summary.json"
+SOURCE_SUMMARY_FILE = "summary_source.json"
 DATA_DIR = "data"
 PRETRAIN_DIR = "pretrain"
 BASE_FILE = "base.safetensors"
 JOBS_DIR = "jobs"
+LOCKS_DIR = "locks"
 ADAPTER_FILE = "adapter.safetensors"
 MODEL_FILE = "model.safetensors"
+ALL_CASES = "all"
 
 # Baseline method names and their family; every other method name is an adapter method.
 FAMILIES: dict[str, str] = {"no_finetune": "none", "full": "full", "module": "module"}
+BASELINE_LABELS: dict[str, str] = {"no_finetune": "no fine-tuning", "full": "full fine-tuning"}
 
 
 class RunFolderError(MedloraError, ValueError):
@@ -71,27 +97,100 @@ def method_family(method: str) -> str:
     return FAMILIES.get(method, "adapter")
 
 
-def job_name(method: str, rank: int | None, group: str | None = None, training_rule: str | None = None) -> str:
-    """A job's folder name (see the module docstring)."""
+def _weight_text(weight: float) -> str:
+    return f"{float(weight):g}"
+
+
+def job_name(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,
+             forgetting_weight: float = 0.0) -> str:
+    """A job's folder name (see the module docstring); ``finetune`` is the module group of ``module`` jobs."""
     if method == "module":
-        return f"module_{group}"
-    base = f"{method}_{training_rule}" if training_rule else method
+        base = f"module_{finetune}"
+    else:
+        base = f"{method}_{training_rule}" if training_rule else method
+    if forgetting_weight:
+        base = f"{base}_fw{_weight_text(forgetting_weight)}"
     return base if rank is None else f"{base}_r{rank}"
 
 
-def fold_dir_name(fold: int) -> str:
-    return f"fold_{fold}"
+def job_name_without_forgetting(name: str, forgetting_weight: float) -> str:
+    """The name of the same job without the forgetting regulariser (``lora_fw0.5_r4`` -> ``lora_r4``)."""
+    return name.replace(f"_fw{_weight_text(forgetting_weight)}", "", 1) if forgetting_weight else name
+
+
+def job_label(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,
+              forgetting_weight: float = 0.0) -> str:
+    """A job's display name: the method's label from the adapter registry (``CP-DoRA r4``), ``full
+    fine-tuning``, ``module-wise (decoder)``; a training rule and a forgetting weight λ are appended."""
+    if method == "module":
+        label = f"module-wise ({finetune})"
+    elif method in BASELINE_LABELS:
+        label = BASELINE_LABELS[method]
+    else:
+        from .adapters import get_method
+
+        label = get_method(method).label
+        label = label if rank is None else f"{label} r{rank}"
+    if training_rule:
+        label = f"{label} + {training_rule}"
+    return f"{label} λ={_weight_text(forgetting_weight)}" if forgetting_weight else label
+
+
+def _cases_text(cases: int | str) -> str:
+    return str(cases)
+
+
+def job_relpath(name: str, seed: int, cases: int | str, fold: int) -> Path:
+    """``jobs/<job>/seed_<s>/cases_<n>/fold_<k>`` relative to the run folder."""
+    return Path(JOBS_DIR, name, f"seed_{seed}", f"cases_{_cases_text(cases)}", f"fold_{fold}")
+
+
+def pretrain_relpath(seed: int, n_seeds: int) -> Path:
+    """The pretraining folder: ``pretrain`` for a study with one pretraining, else ``pretrain/seed_<p>``."""
+    return Path(PRETRAIN_DIR) if n_seeds <= 1 else Path(PRETRAIN_DIR, f"seed_{seed}")
+
+
+def subset_splits_name(seed: int, cases: int | str) -> str:
+    """The file under ``splits/`` holding the folds with training sets cut to ``cases`` for ``seed``."""
+    return f"seed_{seed}_cases_{_cases_text(cases)}.json"
 
 
 @dataclass(frozen=True)
 class RunJob:
-    """One planned (method, rank, fold) of a study."""
+    """One planned (method entry, rank, seed, training-set size, fold) of a study.
+
+    ``entry`` is the index of the method entry in the study's ``methods``; ``pretrain_seed`` says which
+    pretrained base the job starts from.
+    """
 
     name: str
     method: str
     family: str
     rank: int | None
     fold: int
+    seed: int = 0
+    train_cases: int | str = ALL_CASES
+    pretrain_seed: int = 0
+    entry: int = 0
+    label: str = ""
+
+    @property
+    def relpath(self) -> Path:
+        return job_relpath(self.name, self.seed, self.train_cases, self.fold)
+
+    @property
+    def is_main(self) -> bool:
+        """A job on the whole training part of its fold (what the main tables and inference use)."""
+        return self.train_cases == ALL_CASES
+
+    def selectors(self) -> dict[str, str]:
+        """The values ``--only key=value`` matches against."""
+        return {"job": self.name, "method": self.method, "rank": str(self.rank), "fold": str(self.fold),
+                "family": self.family, "seed": str(self.seed), "train_cases": _cases_text(self.train_cases)}
+
+    def matches(self, selector: Mapping[str, str]) -> bool:
+        values = self.selectors()
+        return all(values.get(k) == v for k, v in selector.items())
 
 
 def _uses_rank(method: str) -> bool:
@@ -100,8 +199,42 @@ def _uses_rank(method: str) -> bool:
     return bool(get_method(method).uses_rank)
 
 
+def plan_jobs(study: Mapping[str, Any], where: str = "study") -> list[RunJob]:
+    """Every job of a study record (``study.json``, or ``StudyConfig.to_record()``), in run order.
+
+    Raises ``ValueError`` naming ``where`` and the entry when the record cannot be planned.
+    """
+    methods, folds = study.get("methods"), study.get("folds")
+    if not isinstance(methods, list) or not isinstance(folds, int) or isinstance(folds, bool):
+        raise ValueError(f"{where}: needs 'folds' (an integer) and 'methods' (a list)")
+    seeds = list(study.get("seeds") or [0])
+    pretrain_seeds = list(study.get("pretrain_seeds") or seeds[:1])
+    sizes = list(study.get("train_cases") or [ALL_CASES])
+    jobs: list[RunJob] = []
+    for si, seed in enumerate(seeds):
+        pretrain_seed = pretrain_seeds[si] if len(pretrain_seeds) > 1 else pretrain_seeds[0]
+        for cases in sizes:
+            for fold in range(folds):
+                for i, entry in enumerate(methods):
+                    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                        raise ValueError(f"{where}: methods[{i}] needs a 'name'")
+                    method = entry["name"]
+                    family = method_family(method)
+                    model = entry.get("model") or {}
+                    try:
+                        ranked = family == "adapter" and _uses_rank(method)
+                    except ValueError as exc:
+                        raise ValueError(f"{where}: methods[{i}]: {exc}") from None
+                    details = (model.get("finetune"), model.get("training_rule"),
+                               float(model.get("forgetting_weight") or 0.0))
+                    for rank in (entry.get("ranks") or []) if ranked else [None]:
+                        jobs.append(RunJob(job_name(method, rank, *details), method, family, rank, fold, seed,
+                                           cases, pretrain_seed, i, job_label(method, rank, *details)))
+    return jobs
+
+
 class RunFolder:
-    """A crossval run folder read from its files alone: its study record, jobs, base and job outputs."""
+    """A crossval run folder read from its files alone: its study record, jobs, bases and job outputs."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -114,8 +247,14 @@ class RunFolder:
             raise RunFolderError(f"{record}: unreadable ({' '.join(str(exc).split())})") from None
         if not isinstance(study, dict):
             raise RunFolderError(f"{record}: expected a JSON object")
+        if "seeds" not in study and "seed" in study:
+            raise RunFolderError(f"{record}: written by an older medlora (jobs/<job>/fold_<k> layout); run the study "
+                                 "again with this version to read it")
         self.study: dict[str, Any] = study
-        self.jobs = self._plan()
+        try:
+            self.jobs = plan_jobs(study, str(record))
+        except ValueError as exc:
+            raise RunFolderError(str(exc)) from None
 
     @property
     def record(self) -> Path:
@@ -127,70 +266,69 @@ class RunFolder:
             raise RunFolderError(f"{self.record}: '{key}' must be an object")
         return value
 
-    def _plan(self) -> list[RunJob]:
-        methods = self.study.get("methods")
-        folds = self.study.get("folds")
-        if not isinstance(methods, list) or not isinstance(folds, int) or isinstance(folds, bool):
-            raise RunFolderError(f"{self.record}: needs 'folds' (an integer) and 'methods' (a list)")
-        jobs = []
-        for fold in range(folds):
-            for i, entry in enumerate(methods):
-                if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                    raise RunFolderError(f"{self.record}: methods[{i}] needs a 'name'")
-                method = entry["name"]
-                family = method_family(method)
-                try:
-                    ranked = family == "adapter" and _uses_rank(method)
-                except ValueError as exc:
-                    raise RunFolderError(f"{self.record}: methods[{i}]: {exc}") from None
-                for rank in (entry.get("ranks") or []) if ranked else [None]:
-                    name = job_name(method, rank, entry.get("group"), entry.get("training_rule"))
-                    jobs.append(RunJob(name, method, family, rank, fold))
-        return jobs
-
     # ---- records of the study
 
     @property
     def job_names(self) -> list[str]:
         return list(dict.fromkeys(j.name for j in self.jobs))
 
-    def jobs_named(self, name: str) -> list[RunJob]:
-        """The folds of job ``name``, by fold."""
-        return sorted((j for j in self.jobs if j.name == name), key=lambda j: j.fold)
+    @property
+    def main_seed(self) -> int:
+        """The first fine-tuning seed: the one whose fold models inference ensembles."""
+        return self.jobs[0].seed if self.jobs else 0
+
+    def jobs_named(self, name: str, seed: int | None = None) -> list[RunJob]:
+        """The folds of job ``name`` trained on the whole training part of each fold with fine-tuning seed
+        ``seed`` (default: the study's first), by fold."""
+        seed = self.main_seed if seed is None else seed
+        return sorted((j for j in self.jobs if j.name == name and j.is_main and j.seed == seed),
+                      key=lambda j: j.fold)
 
     @property
     def architecture(self) -> dict[str, Any]:
         """``{"backbone", "backbone_args", "spatial_dims"}`` of the study's model (its defaults if unset)."""
-        model = self._section("model")
+        model, data = self._section("model"), self._section("data")
         return {"backbone": str(model.get("backbone", "mv_unet")),
                 "backbone_args": dict(model.get("backbone_args") or {}),
-                "spatial_dims": int(model.get("spatial_dims", 3))}
+                "spatial_dims": int(data.get("spatial_dims", 3))}
 
     @property
     def preprocessing(self) -> dict[str, Any]:
         """``{"hu_window", "target_spacing", "roi_size"}`` the study's evaluation used; ``roi_size`` is the
-        inference ROI, else the training patch."""
-        data = self._section("data")
+        model's sliding-window size, else the training patch."""
+        model, data = self._section("model"), self._section("data")
         return {"hu_window": data.get("hu_window"), "target_spacing": data.get("target_spacing"),
-                "roi_size": data.get("inference_roi") or data.get("patch_size")}
+                "roi_size": model.get("roi_size") or data.get("patch_size")}
 
     # ---- paths
 
     @property
-    def pretrain_dir(self) -> Path:
-        return self.root / PRETRAIN_DIR
+    def _pretrain_seeds(self) -> Sequence[int]:
+        return list(self.study.get("pretrain_seeds") or (self.study.get("seeds") or [0])[:1])
+
+    def pretrain_dir(self, seed: int | None = None) -> Path:
+        seeds = self._pretrain_seeds
+        return self.root / pretrain_relpath(seeds[0] if seed is None else seed, len(seeds))
+
+    def base_path_of(self, job: RunJob | None = None) -> Path:
+        """The base a job starts from: the study's ``model.pretrained``, else the base pretrained with the job's
+        pretraining seed in this folder (default: the first)."""
+        given = self._section("model").get("pretrained")
+        if given:
+            return Path(given)
+        return self.pretrain_dir(None if job is None else job.pretrain_seed) / BASE_FILE
 
     @property
     def base_path(self) -> Path:
-        """The base every job starts from: the study's ``base_checkpoint``, else the pretrained base here."""
-        given = self.study.get("base_checkpoint")
-        return Path(given) if given else self.pretrain_dir / BASE_FILE
+        """The base of the main jobs (:meth:`base_path_of` the first pretraining)."""
+        return self.base_path_of(self.jobs_named(self.jobs[0].name)[0] if self.jobs else None)
 
-    def pretrain_done(self) -> bool:
-        return bool(self.study.get("base_checkpoint")) or (self.pretrain_dir / SUMMARY_FILE).exists()
+    def pretrain_done(self, seed: int | None = None) -> bool:
+        given = self._section("model").get("pretrained")
+        return bool(given) or (self.pretrain_dir(seed) / SUMMARY_FILE).exists()
 
     def job_dir(self, job: RunJob) -> Path:
-        return self.root / JOBS_DIR / job.name / fold_dir_name(job.fold)
+        return self.root / job.relpath
 
     def summary_path(self, job: RunJob) -> Path:
         return self.job_dir(job) / SUMMARY_FILE

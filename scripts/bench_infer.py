@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from medlora.adapters import AdapterConfig, inject, save_adapter  # noqa: E402
 from medlora.data.dataset import save_nifti  # noqa: E402
+from medlora.evaluation.predict import DEFAULT_SW_OVERLAP  # noqa: E402
 from medlora.inference import Predictor, load_models, run_inference  # noqa: E402
 from medlora.inference.io import read_nifti_volume  # noqa: E402
 from medlora.models import create_model  # noqa: E402
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--kernel", type=int, nargs=3, default=[3, 3, 1], help="(3, 3, 1): thick-slice kernels")
     ap.add_argument("--pool", type=int, nargs=3, default=[2, 2, 1])
     ap.add_argument("--roi", type=int, nargs=3, default=[128, 128, 32])
-    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--sw-overlap", type=float, default=DEFAULT_SW_OVERLAP)
     ap.add_argument("--sw-batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
@@ -104,15 +105,15 @@ def main() -> None:
 
         # The plain loop's inputs: the same merged network, the volume already read and preprocessed.
         merged = load_models(ckpt, [adapter])
-        predictor = Predictor(merged, device=args.device, sw_batch_size=args.sw_batch_size, overlap=args.overlap)
+        predictor = Predictor(merged, device=args.device, sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap)
         volume = read_nifti_volume(image)
         x = predictor.preprocess(volume.data, volume.affine).as_tensor()[None].to(predictor.device)
         net = merged.models[0]
-        settings = {"sw_batch_size": args.sw_batch_size, "overlap": args.overlap, "device": args.device}
+        settings = {"sw_batch_size": args.sw_batch_size, "overlap": args.sw_overlap, "device": args.device}
 
         def plain() -> None:
             with torch.inference_mode():
-                logits = sliding_window_inference(x, tuple(args.roi), args.sw_batch_size, net, overlap=args.overlap,
+                logits = sliding_window_inference(x, tuple(args.roi), args.sw_batch_size, net, overlap=args.sw_overlap,
                                                   mode="gaussian")
                 _ = (torch.sigmoid(logits) >= 0.5).to(torch.uint8).cpu()
 
@@ -128,7 +129,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in variants}
         cpu: dict[str, list[float]] = {k: [] for k in variants}
         print(f"volume {tuple(args.shape)}, MV-UNet 3D width {args.width} level {args.level} kernel "
-              f"{tuple(args.kernel)}, ROI {tuple(args.roi)}, overlap {args.overlap}, sw batch {args.sw_batch_size}, "
+              f"{tuple(args.kernel)}, ROI {tuple(args.roi)}, overlap {args.sw_overlap}, sw batch {args.sw_batch_size}, "
               f"{torch.get_num_threads()} torch thread(s), device {args.device}, {args.reps} repetitions", flush=True)
         for rep in range(args.reps):
             order = list(variants) if rep % 2 == 0 else list(reversed(variants))  # ABC CBA: drift hits all alike

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from medlora.cli import main
+from medlora.cli import build_parser, main
 
 
 def test_help_lists_the_commands():
@@ -52,3 +52,13 @@ def test_data_phantoms_writes_a_dataset_and_refuses_to_clobber(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("medlora: error: ") and "different dataset already exists" in err
     assert (out / "imagesTr" / "SAH_000_0000.nii.gz").read_bytes() == before
+
+
+def test_a_renamed_option_names_its_new_name(tmp_path, capsys):
+    # one name per concept: the sliding-window overlap is model.sw_overlap in fit configs and --sw-overlap here
+    code = main(["infer", "--model", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o"), "--overlap",
+                 "0.5", str(tmp_path / "x.nii.gz")])
+    assert code == 2 and capsys.readouterr().err.strip() == "medlora: error: --overlap: renamed to --sw-overlap"
+    assert not (tmp_path / "o").exists()
+    args = build_parser().parse_args(["infer", "--model", "m", "--out", "o", "--sw-overlap", "0.5", "x.nii.gz"])
+    assert args.sw_overlap == 0.5

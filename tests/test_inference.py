@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
@@ -339,19 +338,18 @@ def test_adapter_on_the_wrong_base_fails_before_any_output(files, tmp_path, caps
 
 def make_run_dir(files: dict[str, Path], root: Path, finished: int = 2) -> Path:
     """A crossval run folder as medlora crossval leaves it (study.json, pretrain/base, job folds)."""
-    from medlora.training.study_config import DatasetSpec, DataSpec, MethodEntry, ModelSpec, StudyConfig
+    from medlora.training.study_config import DatasetSpec, MethodEntry, StudyConfig
 
-    config = StudyConfig(target=DatasetSpec(data_dir=str(root / "data")), folds=2, base_checkpoint=None,
+    config = StudyConfig(target=DatasetSpec(data_dir=str(root / "data")), folds=2,
                          source=DatasetSpec(data_dir=str(root / "src")),
-                         model=ModelSpec(backbone_args=dict(ARCH)),
-                         data=DataSpec(patch_size=[8, 8, 4], inference_roi=ROI3),
+                         model={"backbone_args": dict(ARCH), "roi_size": ROI3}, data={"patch_size": [8, 8, 4]},
                          methods=[MethodEntry("no_finetune"), MethodEntry("cp_dora", ranks=[4])])
     (root / "pretrain").mkdir(parents=True)
-    (root / "study.json").write_text(json.dumps(asdict(config)), encoding="utf-8")
+    (root / "study.json").write_text(json.dumps(config.to_record()), encoding="utf-8")
     (root / "pretrain" / "base.safetensors").write_bytes(files["base"].read_bytes())
     for fold, adapter in enumerate(("a1", "a2")):
         for job in ("no_finetune", "cp_dora_r4"):
-            folder = root / "jobs" / job / f"fold_{fold}"
+            folder = root / "jobs" / job / "seed_0" / "cases_all" / f"fold_{fold}"
             folder.mkdir(parents=True)
             if job == "cp_dora_r4":
                 (folder / "adapter.safetensors").write_bytes(files[adapter].read_bytes())
@@ -368,7 +366,7 @@ def test_crossval_run_folder_ensembles_the_fold_models(files, tmp_path, capsys):
     a, b = (np.asarray(nib.load(str(tmp_path / d / "ras_prob.nii.gz")).dataobj) for d in ("cv", "direct"))
     assert np.array_equal(a, b)
     no_finetune = load_models(run, method="no_finetune")
-    assert len(no_finetune.models) == 1 and no_finetune.preprocessing.roi_size == tuple(ROI3)  # inference_roi
+    assert len(no_finetune.models) == 1 and no_finetune.preprocessing.roi_size == tuple(ROI3)  # model.roi_size
     capsys.readouterr()
     assert main(["infer", "--model", str(run), "--method", "lora_r8", "--out", str(tmp_path / "x"),
                  str(files["ras"])]) == 2

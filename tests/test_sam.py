@@ -355,18 +355,19 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     shipped = load_study_config(Path(__file__).resolve().parents[1] / "configs" / "study" / "sam_transfer.yaml")
     assert {j.method for j in plan_jobs(shipped)} >= {"salt", "svd", "lora", "dora", "full"}
     study = {
-        "name": "sam tiny", "seed": 0, "folds": 2,
+        "name": "sam tiny", "seeds": [0], "folds": 2,
         "source": {"phantoms": {"domain": "tbi", "cases": 2, "seed": 0, "shape": [32, 32, 6], "spacing": [6, 6, 20]}},
         "target": {"phantoms": {"domain": "sah", "cases": 4, "seed": 1, "shape": [32, 32, 6], "spacing": [6, 6, 20]}},
-        "model": {"backbone": "sam", "spatial_dims": 2, "backbone_args": {"variant": "tiny", "image_size": 32}},
-        "data": {"patch_size": [32, 32], "batch_size": 2, "hu_window": [-1024, 3071]},
-        "pretrain": {"epochs": 1}, "finetune": {"epochs": 1},
-        "adapter_targets": {"targets": SAM_LAYERS},
-        "methods": [{"name": "salt", "ranks": [2], "options": {"svd_rank": 4}, "finetune": "norms+pos_embed",
-                     "options_pattern": {"image_encoder.blocks.*.mlp.*": {"svd_rank": 2}}},
-                    {"name": "lora", "ranks": [2], "targets": SAM_LAYERS[:1], "finetune": "mask_decoder",
-                     "options": {"fused_outputs": 3, "adapt_outputs": [0, 2]}},
-                    {"name": "lora", "ranks": [2], "targets": SAM_LAYERS[:1], "training_rule": "ffa"}],
+        "model": {"backbone": "sam", "backbone_args": {"variant": "tiny", "image_size": 32}},
+        "data": {"spatial_dims": 2, "patch_size": [32, 32], "batch_size": 2, "hu_window": [-1024, 3071]},
+        "trainer": {"max_epochs": 1},
+        "adapter_methods": {"adapter": {"targets": SAM_LAYERS}},
+        "methods": [{"name": "salt", "ranks": [2], "finetune": "norms+pos_embed",
+                     "adapter": {"options": {"svd_rank": 4},
+                                 "options_pattern": {"image_encoder.blocks.*.mlp.*": {"svd_rank": 2}}}},
+                    {"name": "lora", "ranks": [2], "finetune": "mask_decoder",
+                     "adapter": {"targets": SAM_LAYERS[:1], "options": {"fused_outputs": 3, "adapt_outputs": [0, 2]}}},
+                    {"name": "lora", "ranks": [2], "adapter": {"targets": SAM_LAYERS[:1]}, "training_rule": "ffa"}],
     }
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study), encoding="utf-8")
@@ -374,8 +375,9 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     assert main(["crossval", "--config", str(config), "--out", str(run), "--only", "pretrain"]) == 0
     for job in ("salt_r2", "lora_r2", "lora_ffa_r2"):
         assert main(["crossval", "--config", str(config), "--out", str(run), "--only", f"job={job},fold=0"]) == 0
-    salt = json.loads((run / "jobs" / "salt_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
-    lora = json.loads((run / "jobs" / "lora_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
+    fold0 = Path("seed_0", "cases_all", "fold_0", "summary.json")
+    salt = json.loads((run / "jobs" / "salt_r2" / fold0).read_text(encoding="utf-8"))
+    lora = json.loads((run / "jobs" / "lora_r2" / fold0).read_text(encoding="utf-8"))
     model = SamSegmenter("tiny", image_size=32)
     norms_pe = sum(p.numel() for p in group_parameters(model, "norms+pos_embed"))
     salt_adapters = 4 * (2 * (2 * 4 + 2 * 2 * 60) + 2 * (2 * 2 + 2 * 2 * 62))
@@ -383,7 +385,7 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     decoder = sum(p.numel() for p in group_parameters(model, "mask_decoder"))
     assert lora["medlora"]["trainable_params"] == 4 * 2 * 2 * (64 + 64) + decoder
     assert len(salt["metric_per_case"]) == 2
-    ffa = json.loads((run / "jobs" / "lora_ffa_r2" / "fold_0" / "summary.json").read_text(encoding="utf-8"))
+    ffa = json.loads((run / "jobs" / "lora_ffa_r2" / fold0).read_text(encoding="utf-8"))
     assert ffa["medlora"]["label"] == "LoRA r2 + ffa"
     assert ffa["medlora"]["trainable_params"] == 4 * 2 * 192  # FFA: only B (192 x 2 per qkv) trains
 
@@ -393,7 +395,7 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
         load_study_config(config)
     bad = dict(study, methods=[{"name": "salt", "finetune": "norms+decoder"}])
     config.write_text(yaml.safe_dump(bad), encoding="utf-8")
-    with pytest.raises(StudyConfigError, match=r"methods\[0\]\.finetune: sam has no module group 'decoder'"):
+    with pytest.raises(StudyConfigError, match=r"methods\[0\]\.finetune: SamSegmenter has no module group 'decoder'"):
         load_study_config(config)
 
 

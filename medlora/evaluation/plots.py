@@ -18,7 +18,7 @@ import numpy as np
 
 from ..fileio import atomic_write_bytes
 from .calibration import CalibrationHistogram
-from .statistics import BETTER, CONFIDENCE, PAPER_BINS, WORSE, Comparison, JobStats, column
+from .statistics import BETTER, CONFIDENCE, PAPER_BINS, WORSE, Comparison, JobStats, column, nanmean
 
 
 class PlotData:
@@ -26,8 +26,9 @@ class PlotData:
 
     def __init__(self, stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plt: Any,
                  comparisons: Sequence[Comparison] = (), calibration: dict[str, CalibrationHistogram] | None = None,
-                 ) -> None:
+                 size_rows: Sequence[dict[str, Any]] = ()) -> None:
         self.stats, self.rows, self.plt, self.comparisons = stats, rows, plt, comparisons
+        self.size_rows = size_rows  # target rows of every training-set size (seed-averaged)
         self.calibration = calibration or {}
         self.names = {s.job: s.name for s in stats}
         cmap = plt.get_cmap("tab10" if len(stats) <= 10 else "tab20")
@@ -168,12 +169,42 @@ def reliability(f: PlotData) -> Any:
     return fig
 
 
+def dice_vs_train_cases(f: PlotData) -> Any:
+    """Mean Dice against the number of training cases per fold, one line per job (seeds and cases averaged);
+    no fine-tuning, which trains on nothing, as a horizontal line. None with fewer than two sizes."""
+    sizes = sorted({str(r["train_cases"]) for r in f.size_rows})
+    if len(sizes) < 2:
+        return None
+    fig, ax = f.plt.subplots(figsize=(7.5, 4.8))
+    for s in f.stats:
+        rows = [r for r in f.size_rows if r["job"] == s.job]
+        if s.family == "none":
+            ax.axhline(nanmean(column(rows, "Dice")), ls=":", color=f.colours[s.job], label=s.name)
+            continue
+        points = []
+        for size in sizes:
+            at = [r for r in rows if str(r["train_cases"]) == size]
+            n_train = nanmean(float(r["n_train_cases"]) for r in at if r.get("n_train_cases") is not None)
+            if at and not math.isnan(n_train):
+                points.append((n_train, nanmean(column(at, "Dice"))))
+        if points:
+            x, y = zip(*sorted(points), strict=True)
+            ax.plot(x, y, "o-", color=f.colours[s.job], label=s.name, alpha=0.9)
+    ax.set_xlabel("training cases per fold")
+    ax.set_ylabel("mean Dice (held-out cases)")
+    ax.set_title("Dice vs amount of target training data")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
 # (file name, caption, figure function), in the report's order
 FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
     ("dice_per_method.png", "Dice per method", dice_per_method),
     ("dice_by_volume.png", "Dice by volume bin", dice_by_volume),
     ("volume_pred_vs_true.png", "Predicted vs true volume", volume_pred_vs_true),
     ("dice_vs_params.png", "Dice vs trainable parameters", dice_vs_params),
+    ("dice_vs_train_cases.png", "Dice vs training cases", dice_vs_train_cases),
     ("significance.png", "Paired differences with 95% CIs", significance_forest),
     ("reliability.png", "Reliability diagram", reliability),
 )
@@ -181,7 +212,8 @@ FIGURES: tuple[tuple[str, str, Callable[[PlotData], Any]], ...] = (
 
 def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots_dir: str | Path,
                 comparisons: Sequence[Comparison] = (),
-                calibration: dict[str, CalibrationHistogram] | None = None) -> dict[str, Path]:
+                calibration: dict[str, CalibrationHistogram] | None = None,
+                size_rows: Sequence[dict[str, Any]] = ()) -> dict[str, Path]:
     """Draw the figures of :data:`FIGURES` into ``plots_dir``; returns ``{caption: path}`` in report order."""
     import matplotlib
 
@@ -190,7 +222,7 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    figure = PlotData(stats, rows, plt, comparisons, calibration)
+    figure = PlotData(stats, rows, plt, comparisons, calibration, size_rows)
     out: dict[str, Path] = {}
     for filename, caption, draw in FIGURES:
         fig = draw(figure)
@@ -203,5 +235,6 @@ def plot_report(stats: Sequence[JobStats], rows: Sequence[dict[str, Any]], plots
     return out
 
 
-__all__ = ["FIGURES", "PlotData", "dice_by_volume", "dice_per_method", "dice_vs_params", "plot_report",
+__all__ = ["FIGURES", "PlotData", "dice_by_volume", "dice_per_method", "dice_vs_params", "dice_vs_train_cases",
+           "plot_report",
            "reliability", "significance_forest", "volume_pred_vs_true"]

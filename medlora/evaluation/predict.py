@@ -2,7 +2,8 @@
 
 Kept free of Lightning so that inference starts without importing the training stack. The probability
 threshold that turns a prediction into a label map is defined here once (:data:`DEFAULT_THRESHOLD`), for
-the training module's hard metrics and for inference when a model records none.
+the training module's hard metrics and for inference when a model records none, and so are the sliding-window
+defaults.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import torch
 from monai.inferers import SliceInferer, sliding_window_inference
 from torch import nn
 
-__all__ = ["DEFAULT_THRESHOLD", "predict_volume"]
+__all__ = ["DEFAULT_SW_BATCH_SIZE", "DEFAULT_SW_OVERLAP", "DEFAULT_THRESHOLD", "predict_volume"]
 
 # Sigmoid probability at or above which a voxel is labelled foreground (hard Dice, volumes, label maps).
 DEFAULT_THRESHOLD: float = 0.5
+# Sliding windows per network call and their overlap: validation (model.sw_batch_size / model.sw_overlap) and
+# `medlora infer` (--sw-batch-size / --sw-overlap) share these defaults.
+DEFAULT_SW_BATCH_SIZE: int = 2
+DEFAULT_SW_OVERLAP: float = 0.25
 
 
 def predict_volume(
@@ -24,8 +29,8 @@ def predict_volume(
     image: torch.Tensor,
     spatial_dims: int,
     roi_size: Sequence[int],
-    sw_batch_size: int = 2,
-    overlap: float = 0.25,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+    overlap: float = DEFAULT_SW_OVERLAP,
 ) -> torch.Tensor:
     """Sigmoid probabilities for a (N, C, X, Y, Z) volume: sliding windows with Gaussian blending.
 

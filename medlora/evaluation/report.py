@@ -20,6 +20,7 @@ from typing import Any
 from ..fileio import atomic_write_bytes
 from .calibration import CalibrationHistogram
 from .findings import Finding, check_findings, comparison_plan, introduction, select_findings
+from .grid import SEEDS_NOTE, SIZE_NOTE, forgetting_section, seeds_table, size_table
 from .plots import plot_report
 from .results import RunScan, collect, job_sort_key, scan_run, write_results_csv
 from .statistics import JobStats, compare_all, job_stats
@@ -155,25 +156,32 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
     run_dir = Path(run_dir)
     scan = scan_run(run_dir)
     if not scan.folds:
-        raise ReportError(f"{run_dir}: no finished jobs (no jobs/<job>/fold_<k>/summary.json)")
+        raise ReportError(f"{run_dir}: no finished jobs (no jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary.json)")
     loaded = _load_study_info(run_dir, study_info, {f.info["job"] for f in scan.folds})
     study_info, findings = loaded.info, loaded.findings
     job_names = (study_info or {}).get("job_names")
     job_names = [str(n) for n in job_names] if isinstance(job_names, list) else None
-    rows = scan.rows(job_names)
-    stats = sorted(job_stats(scan.folds), key=lambda s: job_sort_key(s.family, s.method, s.rank, s.job, job_names))
+    # the target cases of jobs trained on whole folds, each case averaged over the seeds: tables, statistics,
+    # findings (the seeds, training-set sizes and source-domain cases have sections of their own, .grid)
+    main = scan.select()
+    averaged = main.seed_averaged()
+    rows = averaged.rows(job_names)
+    stats = sorted(job_stats(averaged.folds), key=lambda s: job_sort_key(s.family, s.method, s.rank, s.job,
+                                                                          job_names))
     comparisons = compare_all(rows, comparison_plan(stats, rows, findings, loaded.named))
     names = {s.job: s.name for s in stats}
-    write_results_csv(rows, run_dir / "results.csv")
+    write_results_csv(scan.rows(job_names), run_dir / "results.csv")  # every row: all seeds, sizes, domains
     atomic_write_bytes(run_dir / "significance.csv", significance_csv(comparisons, names))
-    calibration = _pooled_calibration(scan)
-    plots = plot_report(stats, rows, run_dir / "plots", comparisons, calibration)
+    calibration = _pooled_calibration(main)
+    size_rows = scan.select(train_cases=None).seed_averaged().rows(job_names)
+    plots = plot_report(stats, rows, run_dir / "plots", comparisons, calibration, size_rows)
 
     title = (study_info or {}).get("name") or run_dir.name
     md = [f"# Transfer study report: {title}", ""]
     if study_info:
         md += ["## Study", "", study_table(study_info), ""]
-    md += ["## Completeness", "", *(f"- {line}" for line in _completeness(scan, study_info, stats)), ""]
+    finished = scan.select(train_cases=None)  # every finished job run (target summaries)
+    md += ["## Completeness", "", *(f"- {line}" for line in _completeness(finished, study_info, stats)), ""]
     md += ["## Results per method and rank", "", results_table(stats), "", RESULTS_NOTE, ""]
     md += ["## Dice per fold", "", folds_table(stats), ""]
     md += ["## Significance (paired per case)", ""]
@@ -182,6 +190,15 @@ def build_report(run_dir: str | os.PathLike[str], study_info: dict[str, Any] | N
     else:
         md += ["No comparisons: the study has no full fine-tuning, module-wise or named reference job.", ""]
     md += [f"- {note}" for note in loaded.skipped] + ([""] if loaded.skipped else [])
+    seeds = seeds_table(main, stats)
+    if seeds:
+        md += ["## Seeds", "", seeds, "", SEEDS_NOTE, ""]
+    sizes = size_table(scan.select(train_cases=None).seed_averaged(), stats)
+    if sizes:
+        md += ["## Training-set size", "", sizes, "", SIZE_NOTE, ""]
+    forgetting = forgetting_section(scan, stats)
+    if forgetting:
+        md += ["## Forgetting on the source domain", "", *forgetting, ""]
     if calibration:
         md += ["## Calibration of the probability maps", "",
                calibration_table([(s.name, calibration[s.job]) for s in stats if s.job in calibration]), "",

@@ -1,9 +1,13 @@
-"""Per-case result tables of a study run folder: scan ``RUN_DIR/jobs/<job>/fold_<k>/summary.json``, write CSV.
+"""Per-case result tables of a study run folder: scan its job folders' ``summary.json`` files, write CSV.
 
-:func:`scan_run` is the one reader of a run folder: it turns every finished fold (a folder with a
-``summary.json``) into a :class:`FoldResult` of per-case rows (ids, all metrics, volume bin, parameters,
-training time) and lists the unfinished ones. :func:`collect` flattens them in the study's job order and
-:func:`write_results_csv` writes them as ``results.csv`` with a stable column order.
+:func:`scan_run` is the one reader of a run folder's results: it turns every finished fold (a folder with a
+``summary.json``; the layout is :mod:`medlora.runs`', ``jobs/<job>/seed_<s>/cases_<n>/fold_<k>``, or the older
+``jobs/<job>/fold_<k>``) into a :class:`FoldResult` of per-case rows (ids, seed, training-set size, domain, all
+metrics, volume bin, parameters, training time) and lists the unfinished ones. A fold's ``summary_source.json``
+(the same model on held-out source-domain cases) gives rows of domain ``source``. :func:`collect` flattens them
+in the study's job order and :func:`write_results_csv` writes them as ``results.csv`` with a stable column
+order. :meth:`RunScan.select` keeps one condition (the main tables use the target cases of jobs trained on
+whole folds).
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_bytes
+from ..runs import ALL_CASES, JOBS_DIR, SOURCE_SUMMARY_FILE, SUMMARY_FILE
 from .calibration import CalibrationHistogram
 from .metrics import volume_bin
-from .statistics import as_float
+from .statistics import as_float, nanmean
 from .summary import FOREGROUND_LABELS, ReportError, load_summary
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "Dice", "IoU", "soft_Dice", "HD95_mm", "TP", "FP", "FN", "TN", "n_pred", "n_ref",
     "volume_true_ml", "volume_pred_ml", "volume_soft_ml", "volume_error_ml",
 )
-ID_COLUMNS: tuple[str, ...] = ("job", "method", "label", "rank", "family", "fold", "case_id")
-TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "trainable_params", "total_params", "percent_trainable",
-                                 "train_seconds")
+ID_COLUMNS: tuple[str, ...] = ("job", "method", "label", "rank", "family", "seed", "train_cases", "domain", "fold",
+                               "case_id")
+TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "n_train_cases", "forgetting_weight", "trainable_params",
+                                 "total_params", "percent_trainable", "train_seconds")
+TARGET, SOURCE = "target", "source"  # the rows' domains
 
 _FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "adapter": 3}
 # Used only when the study does not tell its own method order (``study_info["job_names"]``).
@@ -61,6 +68,43 @@ class RunScan:
         """All per-case rows in the study's order (see :func:`job_sort_key`)."""
         return sort_rows([row for fold in self.folds for row in fold.rows], job_names)
 
+    def seed_averaged(self) -> RunScan:
+        """One fold result per (job, domain, size, fold) whose rows are the case's metrics averaged over the
+        seeds (nan-aware; ``seed`` is None), training time averaged too: the numbers the main tables and the
+        paired tests use. Calibration histograms of the seeds are pooled."""
+        groups: dict[tuple[Any, ...], list[FoldResult]] = {}
+        for f in self.folds:
+            key = (f.info["job"], f.info["domain"], str(f.info["train_cases"]), f.info["fold"])
+            groups.setdefault(key, []).append(f)
+        out = []
+        for members in groups.values():
+            if len(members) == 1 and members[0].info["seed"] is None:
+                out.append(members[0])
+                continue
+            info = {**members[0].info, "seed": None,
+                    "train_seconds": nanmean([m.info["train_seconds"] for m in members])}
+            hists = [m.info.get("calibration") for m in members if m.info.get("calibration") is not None]
+            info["calibration"] = sum(hists[1:], hists[0]) if hists else None
+            by_case: dict[str, list[dict[str, Any]]] = {}
+            for m in members:
+                for row in m.rows:
+                    by_case.setdefault(row["case_id"], []).append(row)
+            rows = []
+            for case_rows in by_case.values():
+                row = {**case_rows[0], "seed": None, "train_seconds": info["train_seconds"]}
+                for key in METRIC_COLUMNS:
+                    if key in row:
+                        row[key] = nanmean([as_float(r.get(key)) for r in case_rows])
+                rows.append(row)
+            out.append(FoldResult(members[0].path, info, rows))
+        return RunScan(out, self.unfinished)
+
+    def select(self, domain: str = TARGET, train_cases: int | str | None = ALL_CASES) -> RunScan:
+        """The folds of one domain, trained on ``train_cases`` cases (None: every size)."""
+        return RunScan([f for f in self.folds if f.info["domain"] == domain
+                        and (train_cases is None or str(f.info["train_cases"]) == str(train_cases))],
+                       self.unfinished)
+
 
 def _infer_family(job: str) -> str:
     if job in _FAMILY_BY_JOB:
@@ -68,15 +112,20 @@ def _infer_family(job: str) -> str:
     return "module" if job.startswith("module_") else "adapter"
 
 
-def _fold_result(path: Path) -> FoldResult:
+def _fold_result(path: Path, job_dir: str, domain: str = TARGET) -> FoldResult:
     summary = load_summary(path)
     block = summary.get("medlora")
     if not isinstance(block, dict):
         raise ReportError(f"{path}: summary.json has no 'medlora' block (not written by a medlora study?)")
-    job_dir, fold_dir = path.parent.parent.name, path.parent.name
+    fold_dir = path.parent.name
     job = str(block.get("job") or job_dir)
     try:
         fold = int(block["fold"]) if block.get("fold") is not None else int(fold_dir.removeprefix("fold_"))
+        seed = None if block.get("seed") is None else int(block["seed"])
+        cases = block.get("train_cases", ALL_CASES)
+        cases = cases if cases == ALL_CASES else int(cases)
+        n_train = None if block.get("n_train_cases") is None else int(block["n_train_cases"])
+        weight = as_float(block.get("forgetting_weight", 0.0))
         rank = None if block.get("rank") is None else int(block["rank"])
         trainable = int(block.get("trainable_params") or 0)
         total = int(block.get("total_params") or 0)
@@ -92,7 +141,9 @@ def _fold_result(path: Path) -> FoldResult:
                               .replace("\n", " ")) from None
     info = {
         "job": job, "method": str(block.get("method") or job), "label": str(block.get("label") or job),
-        "rank": rank, "family": str(block.get("family") or _infer_family(job)), "fold": fold,
+        "rank": rank, "family": str(block.get("family") or _infer_family(job)), "seed": seed, "train_cases": cases,
+        "domain": str(block.get("domain") or domain), "fold": fold, "n_train_cases": n_train,
+        "forgetting_weight": weight,
         "trainable_params": trainable, "total_params": total,
         "percent_trainable": 100.0 * trainable / total if total else float("nan"),
         "train_seconds": train_seconds, "calibration": calibration,
@@ -116,17 +167,23 @@ def _fold_result(path: Path) -> FoldResult:
 
 
 def scan_run(run_dir: str | os.PathLike[str]) -> RunScan:
-    """Read every ``jobs/<job>/fold_<k>`` of a run folder; a fold folder without ``summary.json`` is unfinished.
-
-    A corrupt summary raises :class:`~medlora.evaluation.summary.ReportError` whose one line names the file.
+    """Read every job fold folder of a run folder (:mod:`medlora.runs`' layout, or the older
+    ``jobs/<job>/fold_<k>``); a fold folder without ``summary.json`` is unfinished. A corrupt summary raises
+    :class:`~medlora.evaluation.summary.ReportError` whose one line names the file.
     """
+    jobs = Path(run_dir) / JOBS_DIR
+    found = [(p, p.parents[2].name) for p in jobs.glob("*/seed_*/cases_*/fold_*") if p.is_dir()]
+    found += [(p, p.parent.name) for p in jobs.glob("*/fold_*") if p.is_dir()]
     folds, unfinished = [], []
-    for fold_dir in sorted(p for p in (Path(run_dir) / "jobs").glob("*/fold_*") if p.is_dir()):
-        summary = fold_dir / "summary.json"
+    for fold_dir, job in sorted(found):
+        summary = fold_dir / SUMMARY_FILE
         if summary.is_file():
-            folds.append(_fold_result(summary))
+            folds.append(_fold_result(summary, job))
+            source = fold_dir / SOURCE_SUMMARY_FILE
+            if source.is_file():
+                folds.append(_fold_result(source, job, SOURCE))
         else:
-            unfinished.append(f"{fold_dir.parent.name}/{fold_dir.name}")
+            unfinished.append(fold_dir.relative_to(jobs).as_posix())
     return RunScan(folds, unfinished)
 
 
@@ -148,7 +205,12 @@ def job_sort_key(family: str, method: str, rank: int | None, job: str,
 def sort_rows(rows: Sequence[dict[str, Any]], job_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Per-case rows in job order (:func:`job_sort_key`), then by fold and case id."""
     return sorted(rows, key=lambda r: (*job_sort_key(r["family"], r["method"], r["rank"], r["job"], job_names),
+                                       r["domain"] != TARGET, _size_key(r["train_cases"]), r["seed"] or 0,
                                        r["fold"], r["case_id"]))
+
+
+def _size_key(cases: int | str) -> tuple[int, int]:
+    return (1, 0) if cases == ALL_CASES else (0, int(cases))
 
 
 def collect(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -178,5 +240,5 @@ def write_results_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike[st
     return path
 
 
-__all__ = ["ID_COLUMNS", "METRIC_COLUMNS", "TAIL_COLUMNS", "FoldResult", "RunScan", "collect", "job_sort_key",
-           "scan_run", "sort_rows", "write_results_csv"]
+__all__ = ["ID_COLUMNS", "METRIC_COLUMNS", "SOURCE", "TAIL_COLUMNS", "TARGET", "FoldResult", "RunScan", "collect",
+           "job_sort_key", "scan_run", "sort_rows", "write_results_csv"]

@@ -51,7 +51,7 @@ from ..adapters import read_adapter_file
 from ..assembly import ModelSpec, build_model, load_adapter_onto
 from ..data.nifti import write_nifti
 from ..errors import MedloraError
-from ..evaluation.predict import DEFAULT_THRESHOLD
+from ..evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP, DEFAULT_THRESHOLD
 from ..fileio import read_torch_file
 from ..models.weights import WeightsError
 from ..runs import SUMMARY_FILE, RunFolder
@@ -348,8 +348,8 @@ class Predictor:
         self,
         models: InferenceModels,
         device: str | torch.device = "cpu",
-        sw_batch_size: int = 2,
-        overlap: float = 0.25,
+        sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+        overlap: float = DEFAULT_SW_OVERLAP,
         threshold: float | None = None,
         roi_size: Sequence[int] | None = None,
     ) -> None:
@@ -521,8 +521,8 @@ def run_inference(
     adapters: Sequence[str | os.PathLike[str]] = (),
     method: str | None = None,
     *,
-    sw_batch_size: int = 2,
-    overlap: float = 0.25,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+    overlap: float = DEFAULT_SW_OVERLAP,
     device: str = "cpu",
     threshold: float | None = None,
     roi_size: Sequence[int] | None = None,

@@ -142,6 +142,68 @@ def meta_network(backbone: str, backbone_args: dict[str, Any], spatial_dims: int
         return None
 
 
+def check_run(config: Any, network_cache: dict[tuple, Any] | None = None) -> None:
+    """Every check of a run's ``model``/``data``/``trainer`` sections that reads no dataset: value ranges, the
+    adapter section, the training rule, and the network with its adapter or module group on the meta device.
+
+    ``config.get("data.patch_size")`` answers dotted keys (a parsed ``medlora fit`` config, or one job's
+    sections of a study); a :class:`SettingError` names the key (``model.lr``). ``network_cache`` keeps the
+    meta-device backbones between calls (a study checks many jobs of one backbone).
+    """
+    from ..adapters import AdapterConfig
+
+    def get(key: str, default: Any = None) -> Any:
+        value = config.get(key, default)
+        return default if value is None else value
+
+    dims = get("data.spatial_dims")
+    check_data("data.", spatial_dims=dims, patch_size=get("data.patch_size"), batch_size=get("data.batch_size"),
+               samples_per_volume=get("data.samples_per_volume"), pos_fraction=get("data.pos_fraction"),
+               hu_window_=get("data.hu_window"), target_spacing=config.get("data.target_spacing"))
+    epochs = config.get("trainer.max_epochs")
+    bounded = (get("trainer.max_steps", -1) or -1) > 0 or config.get("trainer.max_time") is not None
+    if epochs is not None and not (epochs == -1 and bounded):  # -1 with a step or time limit: Lightning's "no limit"
+        at_least("trainer.max_epochs", epochs, 0)
+    check_training({k: f"model.{k}" for k in ("lr", "loss", "norm_stats")}, lr=get("model.lr"),
+                   loss=get("model.loss"), norm_stats=get("model.norm_stats"))
+    at_least("model.weight_decay", get("model.weight_decay", 0.0), 0)
+    at_least("model.forgetting_weight", get("model.forgetting_weight", 0.0), 0)
+    at_least("model.sw_batch_size", get("model.sw_batch_size", 1), 1)
+    within("model.sw_overlap", get("model.sw_overlap", 0.0), 0.0, 1.0, high_open=True)
+    within("model.threshold", get("model.threshold", 0.5), 0.0, 1.0)
+    if config.get("model.roi_size") is not None:
+        axes("model.roi_size", list(config.get("model.roi_size")), dims)
+    adapter = config.get("model.adapter")
+    rule = config.get("model.training_rule")
+    if adapter is not None:
+        try:
+            adapter = AdapterConfig.from_dict(_plain_dict(adapter))
+        except ValueError as exc:
+            raise SettingError("model.adapter", _first_line(exc)) from None
+        if rule not in (None, "adamw"):
+            from ..adapters.optim import check_rule_method, get_rule
+
+            try:
+                get_rule(rule)
+                check_rule_method(rule, adapter.method)
+            except ValueError as exc:
+                raise SettingError("model.training_rule", _first_line(exc)) from None
+    key = (get("model.backbone"), repr(get("model.backbone_args", {})), dims)
+    cache = {} if network_cache is None else network_cache
+    if key not in cache:
+        cache[key] = meta_network(get("model.backbone"), dict(get("model.backbone_args", {})), dims,
+                                  {"backbone": "model.backbone", "backbone_args": "model.backbone_args"})
+    check_network(cache[key], {"adapter": "model.adapter", "finetune": "model.finetune",
+                               "training_rule": "model.training_rule", "hu_window": "data.hu_window"},
+                  adapter=adapter, finetune=config.get("model.finetune"), training_rule=rule,
+                  rule_options=_plain_dict(get("model.training_rule_options", {})), hu_window_=get("data.hu_window"))
+    existing_file("model.pretrained", config.get("model.pretrained"))
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value)
+
+
 def check_network(base: nn.Module | None, keys: dict[str, str], *, adapter: Any = None, finetune: str | None = None,
                   training_rule: str | None = None, rule_options: dict[str, Any] | None = None,
                   hu_window_: Sequence[float] | None = None) -> None:

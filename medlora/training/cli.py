@@ -6,7 +6,8 @@ The ``model:`` section is :func:`~medlora.training.module.segmentation_module`: 
 ``ModelCheckpoint`` with ``save_last``) so that ``--ckpt_path last`` resumes an interrupted run, an
 ``adapter_file`` section (where the adapter file goes) and an ``adapter_init`` section (data-driven adapter
 starts), adds the checkpoint records (:mod:`medlora.training.callbacks`), and links the data's
-``spatial_dims`` and ``patch_size`` to the model's, so they are written once.
+``spatial_dims`` to the model's, so it is written once. ``model.roi_size`` (the sliding-window size of
+evaluation) defaults to the data's ``patch_size``. A study (``medlora crossval``) reads these same sections.
 
 Bad configs end in one line, ``medlora: error: <file>: <key path>: <problem>`` (exit 2), where ``<file>``
 is the last ``--config`` file that sets the key (or ``command line``): jsonargparse's parse errors (a
@@ -28,7 +29,6 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from ..adapters import AdapterConfig
 from ..data.datamodule import CTSegDataModule
 from ..errors import MedloraError
 from . import checks
@@ -51,7 +51,6 @@ class MedloraCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterFileWriter, "adapter_file")
         parser.add_lightning_class_args(AdapterInitFromData, "adapter_init")
         parser.link_arguments("data.spatial_dims", "model.spatial_dims")
-        parser.link_arguments("data.patch_size", "model.roi_size")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -74,47 +73,10 @@ class MedloraCLI(LightningCLI):
 
 
 def check_settings(config: Any) -> None:
-    """Check a parsed ``fit``/``validate``/``test``/``predict`` config; :class:`~.checks.SettingError` names the key."""
-    def get(key: str, default: Any = None) -> Any:
-        value = config.get(key, default)
-        return default if value is None else value
-
-    dims = get("data.spatial_dims")
-    checks.check_data("data.", spatial_dims=dims, patch_size=get("data.patch_size"), batch_size=get("data.batch_size"),
-                      samples_per_volume=get("data.samples_per_volume"), pos_fraction=get("data.pos_fraction"),
-                      hu_window_=get("data.hu_window"), target_spacing=config.get("data.target_spacing"))
-    epochs = config.get("trainer.max_epochs")
-    bounded = (get("trainer.max_steps", -1) or -1) > 0 or config.get("trainer.max_time") is not None
-    if epochs is not None and not (epochs == -1 and bounded):  # -1 with a step or time limit: Lightning's "no limit"
-        checks.at_least("trainer.max_epochs", epochs, 0)
-    checks.check_training({k: f"model.{k}" for k in ("lr", "loss", "norm_stats")}, lr=get("model.lr"),
-                          loss=get("model.loss"), norm_stats=get("model.norm_stats"))
-    checks.at_least("model.weight_decay", get("model.weight_decay", 0.0), 0)
-    checks.at_least("model.sw_batch_size", get("model.sw_batch_size", 1), 1)
-    checks.within("model.sw_overlap", get("model.sw_overlap", 0.0), 0.0, 1.0, high_open=True)
-    checks.within("model.threshold", get("model.threshold", 0.5), 0.0, 1.0)
-    if config.get("model.roi_size") is not None:
-        checks.axes("model.roi_size", list(config.get("model.roi_size")), dims)
-    adapter = config.get("model.adapter")
-    if adapter is not None:
-        try:
-            adapter = AdapterConfig.from_dict(_plain_dict(adapter))
-        except ValueError as exc:
-            raise checks.SettingError("model.adapter", str(exc)) from None
-    base = checks.meta_network(get("model.backbone"), dict(get("model.backbone_args", {})), dims,
-                               {"backbone": "model.backbone", "backbone_args": "model.backbone_args"})
-    checks.check_network(base, {"adapter": "model.adapter", "finetune": "model.finetune",
-                                "training_rule": "model.training_rule", "hu_window": "data.hu_window"},
-                         adapter=adapter, finetune=config.get("model.finetune"),
-                         training_rule=config.get("model.training_rule"),
-                         rule_options=_plain_dict(get("model.training_rule_options", {})),
-                         hu_window_=get("data.hu_window"))
-    checks.existing_file("model.pretrained", config.get("model.pretrained"))
+    """Check a parsed ``fit``/``validate``/``test``/``predict`` config (:func:`~.checks.check_run`, the checks a
+    study's sections get too) and that its fold exists; :class:`~.checks.SettingError` names the key."""
+    checks.check_run(config)
     _check_fold(config)
-
-
-def _plain_dict(value: Any) -> dict[str, Any]:
-    return value.as_dict() if hasattr(value, "as_dict") else dict(value)
 
 
 def _check_fold(config: Any) -> None:

@@ -1,17 +1,26 @@
 """k-fold cross-validated transfer studies: ``medlora crossval --config STUDY.yaml --out RUN_DIR``.
 
 The protocol follows the seed paper (Minoccheri, Hodgman et al. 2025, arXiv 2508.01772): pretrain on
-the source population (or take a given base checkpoint), then for every method (no fine-tuning, full
-and module-wise fine-tuning, each adapter method at each rank) and every fold, restart from the base,
-train on the fold's training cases and evaluate the final model on its held-out cases. Folds are
+the source population (or take the base the study's ``model.pretrained`` names), then for every method (no
+fine-tuning, full and module-wise fine-tuning, each adapter method at each rank) and every fold, restart from
+the base, train on the fold's training cases and evaluate the final model on its held-out cases. Folds are
 nnU-Net's (``KFold(k, shuffle=True, random_state=12345)`` over sorted case ids) unless a splits file is
-given.
+given. Beyond the paper, the grid repeats every job per fine-tuning seed (``seeds``; the pretraining too with
+``pretrain_seeds``), per training-set size (``train_cases``: nested subsets of each fold's training cases,
+drawn with the job's seed) and evaluates every model on held-out source-domain cases as well
+(``source_eval``, split over the folds like the target cases), to measure forgetting.
 
-Every (method, rank, fold) is an independent job with its own folder under ``RUN_DIR/jobs``; a job is
-done when its ``summary.json`` exists (written last, atomically). Running the command again skips done
-jobs and restarts an interrupted one from scratch, so the numbers equal those of an uninterrupted run.
-``--only`` selects jobs (``--list`` prints them) so that a scheduler can run them in parallel; the report
-is built from the job folders alone (``medlora report RUN_DIR``).
+Every job is built the way ``medlora fit`` builds a run: its ``model:`` section goes to the fit factory
+:func:`~medlora.training.module.segmentation_module` (hence :func:`medlora.assembly.build_model`), its ``data:``
+section to :class:`~medlora.data.datamodule.CTSegDataModule`, its ``trainer:`` section to Lightning's Trainer
+(:mod:`medlora.training.study_config` makes the sections of one job). The run folder's layout, file names, job
+names and labels are those of :mod:`medlora.runs`, which inference and the report read.
+
+Every (method, rank, seed, training-set size, fold) is an independent job with its own folder; a job is done
+when its ``summary.json`` exists (written last, atomically). Running the command again skips done jobs and
+restarts an interrupted one from scratch, so the numbers equal those of an uninterrupted run. ``--only``
+selects jobs (``--list`` prints them) so that a scheduler can run them in parallel; the report is built from
+the job folders alone (``medlora report RUN_DIR``).
 
 Several processes may share one run folder (scheduler-array tasks, or the same command started twice):
 file locks under ``RUN_DIR/locks`` (:mod:`medlora.training.locks`) let one process at a time prepare the
@@ -37,76 +46,56 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
-from ..adapters import get_method
-from ..assembly import ModelSpec, build_model
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
+from ..evaluation.calibration import calibration_histogram, empty_histogram
 from ..evaluation.report import build_report
-from ..evaluation.summary import summarise_job, write_json_atomic
+from ..evaluation.statistics import nanmean
+from ..evaluation.summary import summarise_job, write_json_atomic, write_summary
 from ..fileio import atomic_save_safetensors
+from ..runs import (
+    ADAPTER_FILE,
+    ALL_CASES,
+    BASE_FILE,
+    DATA_DIR,
+    JOBS_DIR,
+    LOCKS_DIR,
+    MODEL_FILE,
+    PRETRAIN_DIR,
+    SOURCE_EVAL_SPLITS,
+    SOURCE_SUMMARY_FILE,
+    SPLITS_DIR,
+    SPLITS_FILE,
+    STUDY_FILE,
+    SUMMARY_FILE,
+    RunJob,
+    pretrain_relpath,
+    subset_splits_name,
+)
+from ..runs import plan_jobs as plan_record_jobs
 from .callbacks import run_callbacks
 from .locks import FileLock
-from .module import SegmentationModule
-from .study_config import (
-    BASELINES,
-    MethodEntry,
-    StudyConfig,
-    StudyConfigError,
-    check_study_inputs,
-    load_study_config,
-)
+from .module import SegmentationModule, segmentation_module
+from .study_config import BASELINES, StudyConfig, StudyConfigError, check_study_inputs, load_study_config
 
-METHOD_LABELS = {
-    "no_finetune": "no fine-tuning", "full": "full fine-tuning", "lora": "LoRA", "lora_c": "LoRA-C",
-    "conv_lora": "convLoRA", "cp_lora": "CP-LoRA", "dora": "DoRA", "dora_c": "DoRA-C", "conv_dora": "convDoRA",
-    "cp_dora": "CP-DoRA", "salt": "SALT", "svd": "S-SAM (SVD)",
-}
+ONLY_KEYS = ("job", "method", "rank", "fold", "family", "seed", "train_cases", "stage")
 
 
-@dataclass(frozen=True)
-class Job:
-    name: str          # e.g. cp_lora_r4, full, module_decoder
-    method: str
-    family: str        # none | full | module | adapter
-    rank: int | None
-    fold: int
-    entry: MethodEntry
-
-    @property
-    def label(self) -> str:
-        if self.method == "module":
-            return f"module-wise ({self.entry.group})"
-        base = METHOD_LABELS.get(self.method, self.method)
-        label = base if self.rank is None else f"{base} r{self.rank}"
-        return f"{label} + {self.entry.training_rule}" if self.entry.training_rule else label
-
-    def matches(self, selector: dict[str, str]) -> bool:
-        values = {"job": self.name, "method": self.method, "rank": str(self.rank), "fold": str(self.fold),
-                  "family": self.family}
-        return all(values.get(k) == v for k, v in selector.items())
-
-
-def plan_jobs(config: StudyConfig) -> list[Job]:
-    """All fine-tuning jobs of the study, fold by fold in the config's method order."""
-    jobs = []
-    for fold in range(config.folds):
-        for entry in config.methods:
-            family = {"no_finetune": "none", "full": "full", "module": "module"}.get(entry.name, "adapter")
-            ranked = family == "adapter" and get_method(entry.name).uses_rank
-            for rank in entry.ranks if ranked else [None]:
-                jobs.append(Job(entry.job_name(rank), entry.name, family, rank, fold, entry))
-    return jobs
+def plan_jobs(config: StudyConfig) -> list[RunJob]:
+    """All fine-tuning jobs of the study in run order (:func:`medlora.runs.plan_jobs` of its record)."""
+    return plan_record_jobs(config.to_record())
 
 
 def parse_only(text: str | None) -> dict[str, str] | None:
-    """``"method=cp_lora,rank=4,fold=1"`` -> dict; ``"pretrain"`` selects only the pretraining step."""
+    """``"method=cp_lora,rank=4,fold=1"`` -> dict; ``"pretrain"`` selects only the pretraining step(s)
+    (``stage=pretrain,seed=1`` one pretraining of several ``pretrain_seeds``)."""
     if not text:
         return None
     if text.strip() == "pretrain":
@@ -114,11 +103,12 @@ def parse_only(text: str | None) -> dict[str, str] | None:
     selector = {}
     for part in text.split(","):
         key, sep, value = part.partition("=")
-        if not sep or key.strip() not in ("job", "method", "rank", "fold", "family", "stage"):
-            raise StudyConfigError(
-                f"--only {text!r}: expected key=value pairs with keys job, method, rank, fold, family or stage"
-            )
+        if not sep or key.strip() not in ONLY_KEYS:
+            raise StudyConfigError(f"--only {text!r}: expected key=value pairs with keys {', '.join(ONLY_KEYS[:-1])} "
+                                   f"or {ONLY_KEYS[-1]}")
         selector[key.strip()] = value.strip()
+    if "stage" in selector and (selector["stage"] != "pretrain" or set(selector) - {"stage", "seed"}):
+        raise StudyConfigError(f"--only {text!r}: stage=pretrain combines only with seed=<pretraining seed>")
     return selector
 
 
@@ -186,12 +176,16 @@ def _waiting(lock: FileLock, what: str, say: Any = print) -> Iterator[None]:
         lock.release()
 
 
-def _trainer(epochs: int, log_dir: Path, progress: Any | None, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+def _trainer(section: dict[str, Any], log_dir: Path, progress: Any | None,
+             callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    """The Trainer of one study step: the study's ``trainer`` section (``max_epochs``, ...) with the study's own
+    logging, no checkpoints and no validation loop (jobs are evaluated once, at the end)."""
+    settings = {"accelerator": "auto", **section}
     return pl.Trainer(
-        max_epochs=epochs, accelerator="auto", devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name="logs"),
+        devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name="logs"),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, deterministic="warn",
-        callbacks=[*callbacks, *([_EpochProgress(progress)] if progress else [])], log_every_n_steps=1,
+        callbacks=[*callbacks, *([_EpochProgress(progress)] if progress else [])], log_every_n_steps=1, **settings,
     )
 
 
@@ -210,18 +204,19 @@ class Study:
     # ---- set-up
 
     def check_inputs(self) -> None:
-        """Datasets, splits, base weights and every job's network (meta device): see ``check_study_inputs``."""
+        """Datasets, splits, base weights and pretraining's sections: see ``check_study_inputs``."""
         check_study_inputs(self.config, self.config_path)
 
     def lock(self, name: str, shared: bool = False) -> FileLock:
-        return FileLock(self.out / "locks" / f"{name}.lock", shared=shared)
+        return FileLock(self.out / LOCKS_DIR / f"{name}.lock", shared=shared)
 
-    def job_lock(self, job: Job) -> FileLock:
-        return self.lock(f"job_{job.name}_fold_{job.fold}")
+    def job_lock(self, job: RunJob) -> FileLock:
+        return self.lock("_".join(job.relpath.parts))
 
     def completed(self) -> list[Path]:
         """The ``summary.json`` of every finished step (pretraining, jobs) in the run folder."""
-        return sorted([*self.out.glob("pretrain/summary.json"), *self.out.glob("jobs/*/fold_*/summary.json")])
+        return sorted([*(self.out / PRETRAIN_DIR).glob(f"**/{SUMMARY_FILE}"),
+                       *(self.out / JOBS_DIR).glob(f"*/seed_*/cases_*/fold_*/{SUMMARY_FILE}")])
 
     def claim_run_dir(self) -> None:
         """Record the config in the run folder (``study.json``); refuse a folder that holds a different study.
@@ -232,8 +227,8 @@ class Study:
         other processes hold the ``prepare`` lock.
         """
         self.out.mkdir(parents=True, exist_ok=True)
-        record = self.out / "study.json"
-        current = json.loads(json.dumps(asdict(self.config)))
+        record = self.out / STUDY_FILE
+        current = self.config.to_record()
         if record.exists():
             try:
                 previous = json.loads(record.read_text(encoding="utf-8"))
@@ -247,9 +242,9 @@ class Study:
                     f"{self.out}: this run folder holds a different study (see {record}); use another --out"
                 )
             busy.release()
-            for generated in ("data/target", "data/source", "pretrain", "jobs"):
+            for generated in (DATA_DIR, PRETRAIN_DIR, JOBS_DIR, SPLITS_DIR):
                 shutil.rmtree(self.out / generated, ignore_errors=True)
-            (self.out / "splits_final.json").unlink(missing_ok=True)
+            (self.out / SPLITS_FILE).unlink(missing_ok=True)
         write_json_atomic(current, record)
 
     def _dataset(self, spec: Any, name: str) -> Path:
@@ -257,7 +252,7 @@ class Study:
             return Path(spec.data_dir)
         from ..data.phantoms import write_dataset
 
-        target = self.out / "data" / name
+        target = self.out / DATA_DIR / name
         if not (target / "dataset.json").exists():
             print(f"generating {spec.phantoms.cases} {spec.phantoms.domain} phantoms in {target} ...", flush=True)
         ph = spec.phantoms
@@ -265,145 +260,190 @@ class Study:
         return write_dataset(target, ph.domain, ph.cases, seed=ph.seed, **grid)
 
     def prepare_data(self) -> None:
-        """Phantoms if the study asks for them, dataset checks, and the folds (``splits_final.json``)."""
-        self.target_dir = self._dataset(self.config.target, "target")
-        self.source_dir = self._dataset(self.config.source, "source") if self.config.source else None
-        for d in filter(None, (self.target_dir, self.source_dir)):
+        """Phantoms if the study asks for them, dataset checks, the folds (``splits_final.json``), the folds cut to
+        each training-set size, and the held-out source cases split over the folds."""
+        c = self.config
+        self.target_dir = self._dataset(c.target, "target")
+        self.source_dir = self._dataset(c.source, "source") if c.source else None
+        self.source_eval_dir = self._dataset(c.source_eval, "source_eval") if c.source_eval else None
+        for d in filter(None, (self.target_dir, self.source_dir, self.source_eval_dir)):
             validate_dataset(d)
-        splits_path = self.out / "splits_final.json"
+        splits_path = self.out / SPLITS_FILE
         if not splits_path.exists():
             ids = read_dataset(self.target_dir).case_ids
-            splits = load_splits(self.config.splits_file) if self.config.splits_file else make_splits(
-                ids, k=self.config.folds)
-            if len(splits) != self.config.folds:
-                raise StudyConfigError(f"{self.config.splits_file}: has {len(splits)} folds, study.folds is "
-                                       f"{self.config.folds}")
+            splits = load_splits(c.splits_file) if c.splits_file else make_splits(ids, k=c.folds)
+            if len(splits) != c.folds:
+                raise StudyConfigError(f"{c.splits_file}: has {len(splits)} folds, study.folds is {c.folds}")
             write_splits(splits_path, splits)
         self.splits_path = splits_path
+        splits = load_splits(splits_path)
+        for seed in c.seeds:
+            for cases in c.train_cases:
+                path = self.subset_splits_path(seed, cases)
+                if cases != ALL_CASES and not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_splits(path, subset_splits(splits, int(cases), seed))
+        if self.source_eval_dir is not None:
+            path = self.out / SPLITS_DIR / SOURCE_EVAL_SPLITS
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_splits(path, make_splits(read_dataset(self.source_eval_dir).case_ids, k=c.folds))
 
-    def _module(self, model: dict[str, Any], **kwargs: Any) -> SegmentationModule:
-        """The study's network with the ``model`` record fields of one job (``medlora.assembly.build_model``)."""
-        c = self.config
-        spec = ModelSpec(backbone=c.model.backbone, backbone_args=dict(c.model.backbone_args),
-                         spatial_dims=c.model.spatial_dims, **model)
-        return SegmentationModule(build_model(spec), spec, roi_size=list(c.data.inference_roi or c.data.patch_size),
-                                  **kwargs)
+    def subset_splits_path(self, seed: int, cases: int | str) -> Path:
+        if cases == ALL_CASES:
+            return self.out / SPLITS_FILE
+        return self.out / SPLITS_DIR / subset_splits_name(seed, cases)
 
-    def _datamodule(self, data_dir: Path, fold: int | str, seed: int):
+    def _roi(self) -> list[int]:
+        """The sliding-window size of every evaluation: ``model.roi_size``, else the training patch (as fit)."""
+        from .study_config import data_parameters
+
+        roi = self.config.model.get("roi_size")
+        patch = self.config.data.get("patch_size", data_parameters()["patch_size"].default)
+        return list(roi if roi is not None else patch)
+
+    def _module(self, model: dict[str, Any]) -> SegmentationModule:
+        """A job's module from its ``model:`` section, through the fit factory (``medlora.assembly.build_model``)."""
+        return segmentation_module(**{"roi_size": self._roi(), **{k: v for k, v in model.items() if v is not None
+                                                                     or k != "roi_size"}})
+
+    def _datamodule(self, data_dir: Path, fold: int | str, seed: int, splits_file: Path | None = None,
+                    data: dict[str, Any] | None = None):
         from ..data.datamodule import CTSegDataModule
 
-        d = self.config.data
-        return CTSegDataModule(
-            str(data_dir), fold=fold, splits_file=str(self.splits_path) if fold != "all" else None,
-            spatial_dims=self.config.model.spatial_dims, patch_size=list(d.patch_size), batch_size=d.batch_size,
-            samples_per_volume=d.samples_per_volume, pos_fraction=d.pos_fraction, hu_window=list(d.hu_window),
-            target_spacing=d.target_spacing, validate=False, seed=seed,
-        )
+        section = self.config.data if data is None else data
+        return CTSegDataModule(str(data_dir), fold=fold, splits_file=None if splits_file is None else str(splits_file),
+                               validate=False, seed=seed, **section)
 
     # ---- pretraining
 
     @property
-    def base_path(self) -> Path:
-        if self.config.base_checkpoint:
-            return Path(self.config.base_checkpoint)
-        return self.out / "pretrain" / "base.safetensors"
+    def pretrain_seeds(self) -> list[int]:
+        return list(self.config.pretrain_seeds or self.config.seeds[:1])
 
-    def pretrain_done(self) -> bool:
-        return self.config.base_checkpoint is not None or (self.out / "pretrain" / "summary.json").exists()
+    def pretrain_dir(self, seed: int) -> Path:
+        return self.out / pretrain_relpath(seed, len(self.pretrain_seeds))
 
-    def run_pretraining(self, progress: Any | None = None) -> dict[str, Any]:
-        folder = self.out / "pretrain"
+    def base_path(self, pretrain_seed: int | None = None) -> Path:
+        """The base a job starts from: the study's ``model.pretrained``, else the one pretrained here with
+        ``pretrain_seed`` (default: the first)."""
+        if self.config.base_given:
+            return Path(self.config.base_given)
+        return self.pretrain_dir(self.pretrain_seeds[0] if pretrain_seed is None else pretrain_seed) / BASE_FILE
+
+    def pretrain_done(self, seed: int | None = None) -> bool:
+        if self.config.base_given is not None:
+            return True
+        seeds = self.pretrain_seeds if seed is None else [seed]
+        return all((self.pretrain_dir(s) / SUMMARY_FILE).exists() for s in seeds)
+
+    def pretrain_lock(self, seed: int) -> FileLock:
+        return self.lock("pretrain" if len(self.pretrain_seeds) == 1 else f"pretrain_seed_{seed}")
+
+    def run_pretraining(self, seed: int | None = None, progress: Any | None = None) -> dict[str, Any]:
+        seed = self.pretrain_seeds[0] if seed is None else seed
+        folder = self.pretrain_dir(seed)
+        if (folder / SUMMARY_FILE).exists():
+            raise MedloraError(f"{folder}: pretraining is done already")
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted pretraining restarts from scratch
         folder.mkdir(parents=True)
-        spec = self.config.pretrain
-        pl.seed_everything(self.config.seed, workers=True, verbose=False)
-        module = self._module({}, loss=spec.loss, lr=spec.lr, norm_stats=spec.norm_stats)
-        dm = self._datamodule(self.source_dir, "all", self.config.seed)
+        c = self.config
+        pl.seed_everything(seed, workers=True, verbose=False)
+        module = self._module(c.pretrain_model())
+        dm = self._datamodule(self.source_dir, "all", seed, data={**c.data, **c.pretrain.data})
+        trainer = {**c.trainer, **c.pretrain.trainer}
         start = time.perf_counter()
         with _quiet_lightning():
-            fit_or_interrupt(_trainer(spec.epochs, folder, progress), module, dm)
+            fit_or_interrupt(_trainer(trainer, folder, progress), module, dm)
         seconds = time.perf_counter() - start
-        atomic_save_safetensors(module.model.state_dict(), self.base_path)
-        rows = self._evaluate(module, dm)
-        summary = {"epochs": spec.epochs, "train_seconds": seconds, "source": str(self.source_dir),
-                   "source_mean_Dice": _nanmean([r["Dice"] for r in rows]), "cases": len(rows)}
-        write_json_atomic(summary, folder / "summary.json")
+        atomic_save_safetensors(module.model.state_dict(), folder / BASE_FILE)
+        rows, _ = self._evaluate(module, dm)
+        summary = {"epochs": trainer.get("max_epochs"), "seed": seed, "train_seconds": seconds,
+                   "source": str(self.source_dir), "source_mean_Dice": nanmean(r["Dice"] for r in rows),
+                   "cases": len(rows)}
+        write_json_atomic(summary, folder / SUMMARY_FILE)
         return summary
 
     # ---- fine-tuning jobs
 
-    def job_dir(self, job: Job) -> Path:
-        return self.out / "jobs" / job.name / f"fold_{job.fold}"
+    def job_dir(self, job: RunJob) -> Path:
+        return self.out / job.relpath
 
-    def job_done(self, job: Job) -> bool:
-        return (self.job_dir(job) / "summary.json").exists()
+    def job_done(self, job: RunJob) -> bool:
+        return (self.job_dir(job) / SUMMARY_FILE).exists()
 
-    def _evaluate(self, module: SegmentationModule, dm: Any) -> list[dict[str, Any]]:
+    def _evaluate(self, module: SegmentationModule, dm: Any) -> tuple[list[dict[str, Any]], Any]:
+        """Per-case metric rows of the data module's validation cases, and their pooled calibration histogram."""
         dm.setup("validate")
         module.eval()
         device = next(module.parameters()).device
-        rows = []
+        rows, histogram = [], empty_histogram()
         with torch.no_grad():
             for batch in dm.val_dataloader():
                 batch["image"] = batch["image"].to(device)
-                rows.append(module._evaluate(batch))
-        return rows
+                prob = module.predict_case(batch["image"])
+                rows.append(module._evaluate(batch, prob))
+                histogram = histogram + calibration_histogram(prob[0, 0].float().cpu(),
+                                                              torch.as_tensor(batch["label"])[0, 0])
+        return rows, histogram
 
-    def run_job(self, job: Job, progress: Any | None = None) -> dict[str, Any]:
+    def _summary(self, rows: list[dict[str, Any]], data_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+        dataset = read_dataset(data_dir)
+        for r in rows:
+            r.pop("spacing", None)
+            r.pop("case_index", None)
+            r["reference_file"] = str(dataset.case(r["case_id"]).label)
+        return summarise_job(rows, info)
+
+    def run_job(self, job: RunJob, progress: Any | None = None) -> dict[str, Any]:
         folder = self.job_dir(job)
         if folder.exists():
             shutil.rmtree(folder)  # leftovers of an interrupted attempt
         folder.mkdir(parents=True)
         c = self.config
-        seed = c.seed + job.fold
-        pl.seed_everything(seed, workers=True, verbose=False)
-        model: dict[str, Any] = {"pretrained": str(self.base_path)}
-        kwargs: dict[str, Any] = {"loss": c.finetune.loss, "norm_stats": c.finetune.norm_stats}
-        if job.family == "adapter":
-            model.update(adapter=c.adapter_config(job.entry, job.rank), finetune=job.entry.finetune or "none",
-                         training_rule=job.entry.training_rule,
-                         training_rule_options=dict(job.entry.training_rule_options))
-            kwargs.update(lr=job.entry.lr or c.finetune.adapter_lr)
-        elif job.family == "module":
-            model.update(finetune=job.entry.group)
-            kwargs.update(lr=job.entry.lr or c.finetune.lr)
-        else:
-            model.update(finetune="all")
-            kwargs.update(lr=job.entry.lr or c.finetune.lr)
+        entry = c.methods[job.entry]
+        run_seed = job.seed + job.fold
+        pl.seed_everything(run_seed, workers=True, verbose=False)
+        base = self.base_path(job.pretrain_seed)
+        model = c.job_model(entry, job.rank, str(base))
         with _quiet_lightning():
-            module = self._module(model, **kwargs)
-        dm = self._datamodule(self.target_dir, job.fold, seed)
+            module = self._module(model)
+        dm = self._datamodule(self.target_dir, job.fold, run_seed, self.subset_splits_path(job.seed, job.train_cases))
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
         train_seconds = 0.0
         if job.family != "none":
             start = time.perf_counter()
             with _quiet_lightning():
                 # the adapter file is written at the end of fit
-                fit_or_interrupt(_trainer(c.finetune.epochs, folder, progress,
-                                          run_callbacks(adapter_path=folder / "adapter.safetensors")), module, dm)
+                callbacks = run_callbacks(adapter_path=folder / ADAPTER_FILE)
+                fit_or_interrupt(_trainer(c.trainer, folder, progress, callbacks), module, dm)
             train_seconds = time.perf_counter() - start
         # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
         start = time.perf_counter()
-        rows = self._evaluate(module, dm)
+        rows, histogram = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start
         if job.family in ("full", "module"):
-            atomic_save_safetensors(module.model.state_dict(), folder / "model.safetensors")
-        dataset = read_dataset(self.target_dir)
-        for r in rows:
-            r.pop("spacing", None)
-            r.pop("case_index", None)
-            r["reference_file"] = str(dataset.case(r["case_id"]).label)
+            atomic_save_safetensors(module.model.state_dict(), folder / MODEL_FILE)
         info = {"job": job.name, "method": job.method, "label": job.label, "rank": job.rank, "fold": job.fold,
-                "family": job.family, "trainable_params": trainable, "total_params": total,
-                "train_seconds": train_seconds, "eval_seconds": eval_seconds, "epochs": c.finetune.epochs,
-                "seed": seed, "base": str(self.base_path)}
-        summary = summarise_job(rows, info)
-        write_json_atomic(summary, folder / "summary.json")
+                "family": job.family, "seed": job.seed, "train_cases": job.train_cases,
+                "n_train_cases": len(dm.train_ids), "domain": "target", "trainable_params": trainable,
+                "total_params": total, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                "epochs": c.trainer.get("max_epochs"), "run_seed": run_seed, "pretrain_seed": job.pretrain_seed,
+                "base": str(base), "forgetting_weight": float(model.get("forgetting_weight") or 0.0),
+                "calibration": histogram.to_dict()}
+        if self.source_eval_dir is not None:
+            source = self._datamodule(self.source_eval_dir, job.fold, run_seed, self.out / SPLITS_DIR /
+                                      SOURCE_EVAL_SPLITS)
+            source_rows, source_histogram = self._evaluate(module, source)
+            write_summary(self._summary(source_rows, self.source_eval_dir, {
+                **info, "domain": "source", "calibration": source_histogram.to_dict()}), folder / SOURCE_SUMMARY_FILE)
+        summary = self._summary(rows, self.target_dir, info)
+        write_summary(summary, folder / SUMMARY_FILE)  # last: the job is done
         return summary
 
-    def run_job_if_free(self, job: Job, progress: Any | None = None) -> dict[str, Any] | None:
+    def run_job_if_free(self, job: RunJob, progress: Any | None = None) -> dict[str, Any] | None:
         """:meth:`run_job` under the job's lock; None if another process finished the job meanwhile.
 
         Raises :class:`JobHeld` at once if another live process holds the job.
@@ -417,22 +457,46 @@ class Study:
             lock.release()
 
     def study_info(self) -> dict[str, Any]:
+        """The report's header and selections (``findings``, ``comparisons``), saved as ``study_info.json``."""
         c = self.config
-        return {
+        model = {k: v for k, v in c.model.items() if k in ("backbone", "backbone_args", "loss", "lr")}
+        info = {
             "name": c.name, "config": str(self.config_path), "target": str(self.target_dir),
-            "source": str(self.source_dir) if self.source_dir else None, "base": str(self.base_path),
-            "folds": c.folds, "seed": c.seed, "backbone": c.model.backbone, "spatial_dims": c.model.spatial_dims,
-            "patch_size": list(c.data.patch_size), "pretrain_epochs": None if c.base_checkpoint else c.pretrain.epochs,
-            "finetune_epochs": c.finetune.epochs, "expected_jobs": len(self.jobs),
+            "source": str(self.source_dir) if self.source_dir else None,
+            "source_eval": str(self.source_eval_dir) if self.source_eval_dir else None,
+            "base": str(self.base_path()), "folds": c.folds, "seeds": list(c.seeds),
+            "pretrain_seeds": self.pretrain_seeds if c.base_given is None else None,
+            "train_cases": list(c.train_cases), "spatial_dims": c.spatial_dims, **model,
+            "patch_size": self._datamodule_defaults()["patch_size"],
+            "pretrain_epochs": None if c.base_given else {**c.trainer, **c.pretrain.trainer}.get("max_epochs"),
+            "finetune_epochs": c.trainer.get("max_epochs"), "expected_jobs": len(self.jobs),
             "job_names": list(dict.fromkeys(j.name for j in self.jobs)),
         }
+        if c.findings is not None:
+            info["findings"] = list(c.findings)
+        if c.comparisons is not None:
+            info["comparisons"] = [list(p) for p in c.comparisons]
+        return info
+
+    def _datamodule_defaults(self) -> dict[str, Any]:
+        from .study_config import data_parameters
+
+        return {**{k: p.default for k, p in data_parameters().items()}, **self.config.data}
 
 
-def _nanmean(values: list[float]) -> float:
-    import math
-
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
+def subset_splits(splits: list[dict[str, list[str]]], cases: int, seed: int) -> list[dict[str, list[str]]]:
+    """``splits`` with every fold's training cases cut to ``cases`` of them, drawn with ``seed``; the held-out
+    cases stay. The draw is one permutation per (seed, fold) of the fold's sorted training cases, and a size
+    takes its first ``cases`` entries, so the subsets of one seed are nested (the 4 cases are among the 8)."""
+    out = []
+    for k, fold in enumerate(splits):
+        train = sorted(fold["train"])
+        if cases > len(train):
+            raise StudyConfigError(f"study.train_cases: {cases} cases, but fold {k} has only {len(train)} training "
+                                   "cases")
+        order = np.random.default_rng([seed, k]).permutation(len(train))
+        out.append({"train": sorted(train[i] for i in order[:cases]), "val": list(fold["val"])})
+    return out
 
 
 _WORKER_STUDY: Study | None = None
@@ -450,10 +514,26 @@ def _run_in_worker(index: int) -> tuple[int, dict[str, Any] | None]:
     return index, _WORKER_STUDY.run_job_if_free(_WORKER_STUDY.jobs[index])
 
 
-def _job_line(job: Job, summary: dict[str, Any]) -> str:
+def _job_title(study: Study, job: RunJob) -> str:
+    """``<label>  fold k`` plus the seed and training-set size where the study varies them."""
+    extra = (f" seed {job.seed}" if len(study.config.seeds) > 1 else "") + (
+        f" n={job.train_cases}" if job.train_cases != ALL_CASES else "")
+    return f"{job.label:<24} fold {job.fold}{extra}"
+
+
+def _job_line(title: str, summary: dict[str, Any]) -> str:
     mean, info = summary["mean"]["1"], summary["medlora"]
-    return (f"{job.label:<24} fold {job.fold}: Dice {mean['Dice']:.3f}  soft Dice {mean['soft_Dice']:.3f}  "
+    return (f"{title}: Dice {mean['Dice']:.3f}  soft Dice {mean['soft_Dice']:.3f}  "
             f"trainable {info['trainable_params']:,}  ({info['train_seconds']:.0f} s)")
+
+
+def list_lines(study: Study) -> list[str]:
+    """What ``--list`` prints: the pretraining step(s), then one ``--only`` selector per job."""
+    lines = []
+    if study.config.base_given is None:
+        seeds = study.pretrain_seeds
+        lines += ["pretrain"] if len(seeds) == 1 else [f"stage=pretrain,seed={s}" for s in seeds]
+    return lines + [f"job={j.name},seed={j.seed},train_cases={j.train_cases},fold={j.fold}" for j in study.jobs]
 
 
 def run_crossval(
@@ -468,15 +548,17 @@ def run_crossval(
     study = Study(config_path, out_dir)
     selector = parse_only(only)
     if list_jobs:
-        if study.config.base_checkpoint is None:
-            print("pretrain")
-        for job in study.jobs:
-            print(f"job={job.name},fold={job.fold}")
+        print("\n".join(list_lines(study)))
         return 0
     if workers < 1:
         raise StudyConfigError(f"--workers must be at least 1, got {workers}")
-    if selector is not None and selector.get("stage") != "pretrain" and not any(j.matches(selector)
-                                                                                  for j in study.jobs):
+    if selector is not None and selector.get("stage") == "pretrain":
+        if study.config.base_given is not None:
+            raise StudyConfigError(f"--only {only!r}: the study starts from model.pretrained; nothing to pretrain")
+        if "seed" in selector and selector["seed"] not in map(str, study.pretrain_seeds):
+            raise StudyConfigError(f"--only {only!r}: no pretraining seed {selector['seed']} (pretrain seeds: "
+                                   f"{', '.join(map(str, study.pretrain_seeds))})")
+    elif selector is not None and not any(j.matches(selector) for j in study.jobs):
         raise StudyConfigError(f"--only {only!r} matches no job (see --list)")
     study.check_inputs()
     try:
@@ -501,32 +583,28 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
         may_pretrain = selector is None or only_pretrain
         todo = [] if only_pretrain else [j for j in study.jobs if (selector is None or j.matches(selector))
                                          and not study.job_done(j)]
+        if only_pretrain:
+            needed = [int(selector["seed"])] if "seed" in selector else study.pretrain_seeds
+        else:
+            needed = list(dict.fromkeys(j.pretrain_seed for j in todo)) if selector else study.pretrain_seeds
         done_before = sum(study.job_done(j) for j in study.jobs)
         print(f"study {study.config.name!r}: {len(study.jobs)} jobs ({done_before} already done), "
               f"{study.config.folds} folds, run folder {study.out}", flush=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=False) as bar:
             say = functools.partial(bar.console.print, soft_wrap=True)  # a log line stays one line (grep-able)
-            if (todo or may_pretrain) and not study.pretrain_done():
-                with _waiting(study.lock("pretrain"), "pretraining", say):
-                    if not study.pretrain_done():
-                        if not may_pretrain:
-                            raise MedloraError(
-                                f"{study.base_path}: the pretrained base does not exist yet; run `medlora crossval "
-                                f"--config {study.config_path} --out {study.out} --only pretrain` first")
-                        task = bar.add_task("pretraining on the source domain", total=study.config.pretrain.epochs)
-                        summary = study.run_pretraining(lambda e, n: bar.update(task, completed=e))
-                        say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source "
-                            f"training cases ({summary['train_seconds']:.0f} s) -> {study.base_path}")
+            for seed in needed:
+                _pretrain(study, seed, may_pretrain, bar, say)
             overall = bar.add_task("cross-validation jobs", total=len(todo))
 
-            def finished(job: Job, outcome: dict[str, Any] | JobHeld | None) -> None:
+            def finished(job: RunJob, outcome: dict[str, Any] | JobHeld | None) -> None:
                 bar.advance(overall)
-                say(_outcome_line(job, outcome))
+                say(_outcome_line(study, job, outcome))
 
             if workers == 1 or len(todo) <= 1:
+                epochs = max(int(study.config.trainer.get("max_epochs") or 1), 1)
                 for job in todo:
-                    task = bar.add_task(f"  {job.label}, fold {job.fold}", total=max(study.config.finetune.epochs, 1))
+                    task = bar.add_task(f"  {_job_title(study, job).strip()}", total=epochs)
                     try:
                         outcome = study.run_job_if_free(job, lambda e, n, t=task: bar.update(t, completed=e))
                     except JobHeld as exc:
@@ -541,14 +619,32 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
         running.release()
 
 
-def _outcome_line(job: Job, outcome: dict[str, Any] | JobHeld | None) -> str:
+def _pretrain(study: Study, seed: int, may_pretrain: bool, bar: Any, say: Any) -> None:
+    """Pretraining with ``seed`` unless done; waits for another process that runs it."""
+    if study.pretrain_done(seed):
+        return
+    with _waiting(study.pretrain_lock(seed), "pretraining", say):
+        if study.pretrain_done(seed):
+            return
+        base = study.base_path(seed)
+        if not may_pretrain:
+            raise MedloraError(f"{base}: the pretrained base does not exist yet; run `medlora crossval --config "
+                               f"{study.config_path} --out {study.out} --only pretrain` first")
+        epochs = {**study.config.trainer, **study.config.pretrain.trainer}.get("max_epochs") or 1
+        task = bar.add_task("pretraining on the source domain", total=epochs)
+        summary = study.run_pretraining(seed, lambda e, n: bar.update(task, completed=e))
+        say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "
+            f"({summary['train_seconds']:.0f} s) -> {base}")
+
+
+def _outcome_line(study: Study, job: RunJob, outcome: dict[str, Any] | JobHeld | None) -> str:
     if isinstance(outcome, dict):
-        return _job_line(job, outcome)
+        return _job_line(_job_title(study, job), outcome)
     state = "finished by another process" if outcome is None else f"{outcome}; skipped"
-    return f"{job.label:<24} fold {job.fold}: {state}"
+    return f"{_job_title(study, job)}: {state}"
 
 
-def _run_in_pool(study: Study, todo: list[Job], workers: int, finished: Any) -> None:
+def _run_in_pool(study: Study, todo: list[RunJob], workers: int, finished: Any) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -583,4 +679,5 @@ def _report(study: Study) -> None:
     print(f"report: {report}")
 
 
-__all__ = ["BASELINES", "Job", "Study", "plan_jobs", "run_crossval"]
+__all__ = ["BASELINES", "JobHeld", "RunJob", "Study", "list_lines", "parse_only", "plan_jobs", "run_crossval",
+           "subset_splits"]

@@ -28,7 +28,7 @@ from torch import nn
 from ..adapters import AdapterConfig, iter_adapters
 from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics
-from ..evaluation.predict import DEFAULT_THRESHOLD, predict_volume
+from ..evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP, DEFAULT_THRESHOLD, predict_volume
 from ..evaluation.statistics import nanmean_std
 from .checks import SettingError, input_window_problem, positive
 from .losses import forgetting_kl
@@ -80,8 +80,8 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = 0.0,
         norm_stats: str = "update",
         roi_size: Sequence[int] | None = None,
-        sw_batch_size: int = 2,
-        sw_overlap: float = 0.25,
+        sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+        sw_overlap: float = DEFAULT_SW_OVERLAP,
         threshold: float = DEFAULT_THRESHOLD,
         forgetting_weight: float = 0.0,
     ) -> None:
@@ -204,8 +204,9 @@ class SegmentationModule(pl.LightningModule):
         return predict_volume(self.model, image, self.hparams.spatial_dims, self._roi(),
                               self.hparams.sw_batch_size, self.hparams.sw_overlap)
 
-    def _evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        prob = self.predict_case(batch["image"])
+    def _evaluate(self, batch: dict[str, Any], prob: torch.Tensor | None = None) -> dict[str, Any]:
+        """The metric row of one validation case; ``prob``: its probability map if the caller has it already."""
+        prob = self.predict_case(batch["image"]) if prob is None else prob
         spacing = spacing_of(batch["image"])
         metrics = case_metrics(prob[0, 0].float().cpu(), torch.as_tensor(batch["label"])[0, 0].cpu(), spacing,
                                self.hparams.threshold)
@@ -264,9 +265,9 @@ def segmentation_module(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     roi_size: Sequence[int] | None = None,
-    sw_batch_size: int = 2,
-    sw_overlap: float = 0.25,
-    threshold: float = 0.5,
+    sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
+    sw_overlap: float = DEFAULT_SW_OVERLAP,
+    threshold: float = DEFAULT_THRESHOLD,
     training_rule: str | None = None,
     training_rule_options: dict[str, Any] | None = None,
     forgetting_weight: float = 0.0,
