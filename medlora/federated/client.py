@@ -167,6 +167,7 @@ class SiteTrainer:
         self.originals = {s.pair.b: s.canonical().clone() for s in self.slots}  # W0, for FedSmoothLoRA's merges
         self.fed_state: dict[str, np.ndarray] = {}  # carried between rounds (FedSmoothLoRA's last upload)
         self._shift: dict[str, np.ndarray] = {}
+        self.dp_steps = 0  # DP-SGD steps taken in all rounds (carried between rounds, for the accountant)
 
     # ------------------------------------------------------------------------------------ tensors
 
@@ -211,7 +212,9 @@ class SiteTrainer:
         loader = self._loader(seed)
         self._train_mode()
         losses = []
-        for _ in range(epochs):
+        if self.config.dp is not None:
+            losses = self._train_dp(optimizer, seed, epochs)
+        for _ in range(epochs if self.config.dp is None else 0):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.module.batch_loss(batch)
@@ -223,7 +226,37 @@ class SiteTrainer:
 
             raise MedloraError(f"site {self.name}: the training loss became non-finite in round {round_index}; "
                                "lower train.lr")
-        return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses))}
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses))}
+        if self.config.dp is not None:
+            metrics["epsilon"] = self.epsilon()
+        return metrics
+
+    def _train_dp(self, optimizer: torch.optim.Optimizer, seed: int, epochs: int) -> list[float]:
+        """DP-SGD steps (:mod:`medlora.federated.privacy`): Poisson-sampled cases, per-case clipping, noise."""
+        from .privacy import case_losses, dp_step, poisson_batch
+
+        dp, dataset = self.config.dp, self.dm._train
+        n = len(dataset)
+        rate = min(1.0, self.config.data.batch_size / n)
+        generator = torch.Generator().manual_seed(seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses = []
+        for _ in range(epochs * max(1, round(1 / rate))):
+            chosen = poisson_batch(n, rate, generator)
+            optimizer.zero_grad(set_to_none=True)
+            losses += dp_step(params, case_losses(self.module, dataset, chosen), dp.max_grad_norm,
+                              dp.noise_multiplier, rate * n, generator)
+            optimizer.step()  # an empty draw still takes a step: the noise alone
+            self.dp_steps += 1
+        return losses
+
+    def epsilon(self) -> float:
+        """The site's epsilon after every DP-SGD step it took so far (all rounds)."""
+        from .privacy import epsilon
+
+        dp = self.config.dp
+        return epsilon(self.dp_steps, dp.noise_multiplier, min(1.0, self.config.data.batch_size / self.cases),
+                       dp.delta)
 
     # ------------------------------------------------------------------------------------ evaluation
 

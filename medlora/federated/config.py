@@ -82,6 +82,16 @@ class PretrainSpec:
 
 
 @dataclass
+class DPSpec:
+    """DP-SGD on every site (:mod:`medlora.federated.privacy`): Poisson sampling of cases, per-case clipping,
+    Gaussian noise; epsilon from Opacus's RDP accountant."""
+
+    noise_multiplier: float = field(default=1.0, metadata={"help": "noise sd over the clipping norm"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "per-case gradient clipping norm"})
+    delta: float = field(default=1e-3, metadata={"help": "delta of the (epsilon, delta) guarantee"})
+
+
+@dataclass
 class FederatedConfig:
     """A federated fine-tuning of one base with one adapter method across sites, for one or more strategies."""
 
@@ -99,6 +109,7 @@ class FederatedConfig:
         default_factory=lambda: [StrategySpec("ffa")], metadata={"help": "strategies to run and compare"})
     baselines: list[str] = field(default_factory=lambda: list(BASELINES),
                                  metadata={"help": "local (each site alone) and/or centralised (pooled)"})
+    dp: DPSpec | None = field(default=None, metadata={"help": "DP-SGD on the sites (per patient)"})
 
     def model_spec(self, strategy: str) -> ModelSpec:
         """The network of ``strategy``: the config's adapter, or full fine-tuning for ``full_fedavg``."""
@@ -227,3 +238,19 @@ def check_config(config: FederatedConfig) -> None:
         if name not in BASELINES:
             raise FederatedConfigError(f"federation.baselines[{i}]: unknown baseline {name!r} (valid: "
                                        f"{', '.join(BASELINES)})")
+    if config.dp is not None:
+        where = "federation.dp"
+        if config.train.loss != "dice_ce":
+            raise FederatedConfigError(f"{where}: loss {config.train.loss} couples the samples of a batch (batch "
+                                       "Dice), which breaks the per-case clipping bound; use train.loss: dice_ce")
+        if config.train.norm_stats != "freeze":
+            raise FederatedConfigError(f"{where}: BatchNorm statistics updated in training couple the cases of a "
+                                       "batch; use train.norm_stats: freeze")
+        if config.data.samples_per_volume != 1 or config.model.spatial_dims != 3:
+            raise FederatedConfigError(f"{where}: the privacy unit is a case: use 3D patches with "
+                                       "data.samples_per_volume: 1 (one patch per case and visit)")
+        dp = config.dp
+        if not (dp.noise_multiplier >= 0 and dp.max_grad_norm > 0 and 0 < dp.delta < 1):
+            raise FederatedConfigError(f"{where}: need noise_multiplier >= 0, max_grad_norm > 0, 0 < delta < 1")
+        if "full_fedavg" in [s.name for s in config.strategies]:
+            raise FederatedConfigError(f"{where}: DP-SGD is for adapter strategies; remove full_fedavg")

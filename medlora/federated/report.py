@@ -95,6 +95,17 @@ def build_report(run: str | Path) -> Path:
         lines += ["", "Aggregation:"]
         lines += [f"- {LABELS.get(n, n)}: {'exact' if h['exact'] else 'not exact'}"
                   + (f" ({'; '.join(h['notes'])})" if h["notes"] else "") for n, h in notes]
+    private = [(n, h) for n, h in notes if record.get("dp")]
+    if private:
+        delta = record["dp"]["delta"]
+        lines += ["", f"DP-SGD per patient (noise multiplier {record['dp']['noise_multiplier']}, clipping "
+                  f"{record['dp']['max_grad_norm']}); epsilon per site after the last round it trained "
+                  f"(delta = {delta:g}, RDP accountant):"]
+        for n, h in private:
+            eps: dict[str, float] = {}
+            for metrics in h["train_metrics"].values():
+                eps.update({site: m["epsilon"] for site, m in metrics.items() if "epsilon" in m})
+            lines.append(f"- {LABELS.get(n, n)}: " + ", ".join(f"{s} {v:.2f}" for s, v in sorted(eps.items())))
     rows = [{"job": name, "case_id": f"{site}/{r['case_id']}", "Dice": r["Dice"]}
             for name, entry in entries.items() for site, s in entry["sites"].items() for r in s["rows"]]
     if len(entries) > 1:

@@ -38,6 +38,8 @@ from ..errors import MedloraError
 from .client import GLOBAL, STACK, SiteTrainer
 from .strategies import Aggregate, Pair, SiteUpdate, aggregate
 
+DP_STEPS = "dp::steps"
+
 
 class FederationError(MedloraError, RuntimeError):
     """A round that cannot complete (a site failed or replied nothing): one line naming the site."""
@@ -161,15 +163,20 @@ def make_client_app(trainers: Mapping[int, SiteTrainer], options: Mapping[str, A
         arrays = from_record(msg.content["arrays"])
         rnd = int(msg.content["config"]["server-round"])
         if "carried" in context.state:
-            site.fed_state = {k: v.astype(np.float64) for k, v in from_record(context.state["carried"]).items()}
+            carried = from_record(context.state["carried"])
+            site.dp_steps = int(carried.pop(DP_STEPS, np.zeros(1))[0])
+            site.fed_state = {k: v.astype(np.float64) for k, v in carried.items()}
         if site.strategy == "fedsmooth":
             site.fedsmooth_round(rnd, arrays, options)
         else:
             site.set_tensors(arrays)
         metrics = site.train(rnd, int(msg.content["config"]["local-epochs"]))
         tensors = site.fedsmooth_upload() if site.strategy == "fedsmooth" else site.get_tensors()
-        if site.strategy == "fedsmooth":
-            context.state["carried"] = to_record(tensors)
+        carried = dict(tensors) if site.strategy == "fedsmooth" else {}
+        if site.config.dp is not None:
+            carried[DP_STEPS] = np.array([site.dp_steps], dtype=np.int64)
+        if carried:
+            context.state["carried"] = to_record(carried)
         info = {"name": site.name, "base-fingerprint": site.base_fingerprint}
         if site.strategy == "ffa":
             info["a-fingerprint"] = site.a_fingerprint()
