@@ -127,7 +127,7 @@ def test_strategy_aggregation_on_replies_equals_the_pure_function(name):
     strategy = FederatedStrategy(name, [pair], base_fingerprint="base", global_tensors={pair.a: a})
     arrays, metrics = strategy.aggregate_train(1, replies)
     expected = aggregate(name, sorted(updates, key=lambda u: u.site), [pair], base_fingerprint="base",
-                         global_tensors={pair.a: a}, options={"rank": 2})
+                         global_tensors={pair.a: a})
     got = {k: v.numpy() for k, v in arrays.items()}
     want = expected.tensors if name != "fedsmooth" else {f"{p}{k}": v for k, v in expected.merged.items()
                                                           for p in ("stack::", "global::")}

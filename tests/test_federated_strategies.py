@@ -227,3 +227,17 @@ def test_non_pair_tensors_are_averaged_and_flagged_not_exact():
     assert not agg.exact and "layer.magnitude" in agg.notes[0]
     with pytest.raises(AggregationError, match="fedsmooth: tensor 'layer.magnitude' is not part of a plain"):
         fedsmooth(ups, [PAIR], rank=3)
+
+
+def test_fedsmooth_projects_each_pair_to_its_own_rank():
+    rng = np.random.default_rng(8)
+    p1, p2 = Pair("x.lora_A", "x.lora_B", 1.0), Pair("y.lora_A", "y.lora_B", 1.0)
+    ups = [SiteUpdate(f"s{i}", {p1.a: rng.standard_normal((2, 7)), p1.b: rng.standard_normal((5, 2)),
+                                p2.a: rng.standard_normal((3, 4)), p2.b: rng.standard_normal((6, 3))}, 1.0 + i)
+           for i in range(3)]
+    merged = fedsmooth(ups, [p1, p2]).merged
+    assert merged[p1.a].shape == (2, 7) and merged[p2.a].shape == (3, 4)
+    for pair, r in ((p1, 2), (p2, 3)):
+        mean = sum(u.weight * u.tensors[pair.b] @ u.tensors[pair.a] for u in ups) / 6.0
+        u, sv, vt = np.linalg.svd(mean)
+        np.testing.assert_allclose(merged[pair.b] @ merged[pair.a], (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-12)

@@ -118,10 +118,8 @@ class FederatedStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         updates = self.updates(replies)
-        options = {**self.options, "rank": max((u.tensors[p.a].shape[0] for p in self.pairs for u in updates[:1]),
-                                               default=1)}
         agg = aggregate(self.name, updates, self.pairs, base_fingerprint=self.base_fingerprint,
-                        global_tensors=self.global_a, options=options)
+                        global_tensors=self.global_a, options=self.options)
         self.last = agg
         self.train_metrics[server_round] = {
             str(m.content["site"]["name"]): {k: float(v) for k, v in m.content["metrics"].items()} for m in replies}

@@ -403,8 +403,9 @@ def fedsmooth_upload(b: np.ndarray, a: np.ndarray, shift: np.ndarray, rank: int)
     return truncated_svd(np.asarray(b, np.float64) @ np.asarray(a, np.float64) - shift, rank)
 
 
-def fedsmooth(updates: Sequence[SiteUpdate], pairs: Sequence[Pair], rank: int) -> Aggregate:
-    """FedSmoothLoRA's server step: ``SVD_r(sum_c w_c B_c A_c)`` per pair, ``w_c`` each site's own case count.
+def fedsmooth(updates: Sequence[SiteUpdate], pairs: Sequence[Pair], rank: int | None = None) -> Aggregate:
+    """FedSmoothLoRA's server step: ``SVD_r(sum_c w_c B_c A_c)`` per pair, ``w_c`` each site's own case count;
+    ``r`` is ``rank`` or, when None, each pair's own rank (the rows of its ``A``).
 
     ``merged`` (and ``tensors``) hold the round's global factors ``(B_s, A_s)``, which the federation merges into
     the base; the merged base is the weighted mean of the sites' end points up to the rank-r projection.
@@ -421,7 +422,7 @@ def fedsmooth(updates: Sequence[SiteUpdate], pairs: Sequence[Pair], rank: int) -
     for pair in pairs:
         full = sum(pk * np.asarray(u.tensors[pair.b], np.float64) @ np.asarray(u.tensors[pair.a], np.float64)
                    for u, pk in zip(updates, p, strict=True))
-        out[pair.b], out[pair.a] = truncated_svd(full, rank)
+        out[pair.b], out[pair.a] = truncated_svd(full, rank or updates[0].tensors[pair.a].shape[0])
     cast = _cast_like(out, updates[0].tensors)
     return Aggregate(cast, exact=False, merged=cast,
                      notes=["FedSmoothLoRA: the full-rank weighted mean of the sites' updates is projected to rank r "
@@ -436,7 +437,8 @@ STRATEGIES: dict[str, Callable[..., Aggregate]] = {
 def aggregate(name: str, updates: Sequence[SiteUpdate], pairs: Sequence[Pair], *, base_fingerprint: str,
               global_tensors: Mapping[str, np.ndarray] | None = None, options: Mapping[str, object] | None = None
               ) -> Aggregate:
-    """Check the replies' base and run strategy ``name`` (options: ``lam`` for lora_fair, ``rank`` for fedsmooth)."""
+    """Check the replies' base and run strategy ``name`` (options: ``lam`` for lora_fair; ``rank`` for fedsmooth,
+    default each pair's own)."""
     options = dict(options or {})
     check_bases(updates, base_fingerprint)
     if name == "ffa":
@@ -444,7 +446,7 @@ def aggregate(name: str, updates: Sequence[SiteUpdate], pairs: Sequence[Pair], *
     if name == "lora_fair":
         return lora_fair(updates, pairs, lam=float(options.get("lam", 0.01)))
     if name == "fedsmooth":
-        return fedsmooth(updates, pairs, rank=int(options["rank"]))
+        return fedsmooth(updates, pairs, rank=None if options.get("rank") is None else int(options["rank"]))
     if name in ("fedit", "full_fedavg"):
         return STRATEGIES[name](updates, pairs)
     raise AggregationError(f"unknown strategy {name!r}; available: {', '.join(STRATEGIES)}")
