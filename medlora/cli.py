@@ -41,7 +41,11 @@ def _crossval_command(args: argparse.Namespace) -> int:
 
 
 def _federate_command(args: argparse.Namespace) -> int:
-    from .federated.federation import run_federate
+    try:
+        from .federated.federation import run_federate
+    except ImportError as exc:  # flwr/opacus are the optional extra `federated`
+        raise MedloraError(f"medlora federate needs the federated extra (pip install -e '.[federated]'): "
+                           f"{exc}") from None
 
     return run_federate(args.config, args.out, only=args.only)
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+pytest.importorskip("flwr")  # the optional extra `federated` (make setup installs it)
 from test_federated_run import sites, write_config  # noqa: F401  (the module-scoped sites fixture)
 from torch import nn
 from torch.func import grad, vmap

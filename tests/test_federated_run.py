@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+pytest.importorskip("flwr")  # the optional extra `federated` (make setup installs it)
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from medlora.adapters import read_adapter_file
