@@ -175,3 +175,26 @@ def test_config_errors_name_the_file_and_key(sites, tmp_path):
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     with pytest.raises(FederatedConfigError, match="unknown option 'lambda' for lora_fair"):
         load_federated_config(path)
+
+
+def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(sites, tmp_path):
+    from medlora.assembly import load_adapter_onto
+    from medlora.models.weights import load_weights
+
+    config = write_config(tmp_path / "fed.yaml", sites, strategies=("fedsmooth",))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_federate(str(config), str(whole)) == 0
+    assert run_federate(str(config), str(killed), stop_after=1) == 0
+    from medlora.fileio import read_safetensors
+
+    saved, _ = read_safetensors(killed / "fedsmooth" / "checkpoints" / "round_001.safetensors")
+    assert any(k.startswith("carried/1/") for k in saved) and any(k.startswith("stack/") for k in saved)
+    assert run_federate(str(config), str(killed)) == 0
+    adapter = whole / "fedsmooth" / "global_adapter.safetensors"
+    assert (killed / "fedsmooth" / "global_adapter.safetensors").read_bytes() == adapter.read_bytes()
+    # the merged global model loads onto the base it was trained on, and differs from it
+    base = build_model(ModelSpec("mv_unet", {"level": 1, "width": 4}))
+    load_weights(base, sites["base"])
+    merged = load_adapter_onto(base, adapter)
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(n.endswith("weight") for n in changed)

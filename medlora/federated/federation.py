@@ -31,7 +31,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from ..adapters import iter_adapters, save_adapter
+from ..adapters import save_adapter
 from ..errors import MedloraError
 from ..evaluation.predict import DEFAULT_THRESHOLD
 from ..evaluation.summary import write_json_atomic
@@ -205,20 +205,9 @@ class Federation:
         if strategy == "full_fedavg":
             load_exchange_tensors(model, arrays)
             return atomic_save_safetensors(model.state_dict(), folder / "model.safetensors")
-        extra_tensors = norm_buffers(model, strategy, self.config.train.norm_stats)
+        extra_tensors = norm_buffers(model, strategy, self.config.train.norm_stats)  # none for fedsmooth
         if strategy == "fedsmooth":
-            # the merged rounds have rank up to rounds x r: the adapted layers' merged weights travel in the file
-            from .client import adapter_pairs
-
-            for slot in adapter_pairs(model):
-                w = slot.canonical().double()
-                if STACK + slot.pair.b in arrays:
-                    merged = arrays[STACK + slot.pair.b].astype(np.float64) @ arrays[STACK + slot.pair.a]
-                    w = w + slot.pair.scaling * torch.from_numpy(merged).reshape(w.shape)
-                slot.set_canonical(w)
-                with torch.no_grad():
-                    slot.reparam.get_parameter(slot.b_name).zero_()
-            extra_tensors += [f"{name}.parametrizations.weight.original" for name, _, _ in iter_adapters(model)]
+            model = self._merged_as_lora(model, arrays)
         else:
             load_exchange_tensors(model, arrays)
         info = {"strategy": strategy, "rounds": self.config.rounds, "sites": [s.name for s in self.config.sites],
@@ -231,6 +220,46 @@ class Federation:
         return save_adapter(model, folder / "global_adapter.safetensors", extra_tensors=extra_tensors,
                             extra_metadata={**record, "pretrained": self.base, "preprocessing": preprocessing,
                                             "federated": info})
+
+    def _merged_as_lora(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+        """FedSmoothLoRA's final global model as a plain LoRA adapter on the untouched base.
+
+        The merged rounds add up to ``s B_stack A_stack`` per layer (rank up to rounds x r): each layer gets a
+        LoRA of that update's numerical rank (singular values above 1e-7 of the largest), so the file is exact
+        to float precision and stays as small as the update allows.
+        """
+        import re
+        import warnings
+
+        from ..adapters import AdapterConfig, inject
+        from .client import adapter_pairs
+        from .strategies import truncated_svd
+
+        factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for slot in adapter_pairs(model):
+            layer = slot.pair.b[: -len(slot.b_name) - 1]
+            shape = slot.canonical().shape
+            if STACK + slot.pair.b not in arrays:
+                continue
+            delta = slot.pair.scaling * (arrays[STACK + slot.pair.b].astype(np.float64) @ arrays[STACK + slot.pair.a])
+            delta = delta.reshape(shape[0], -1)  # LoRA's matricisation (check_fedsmooth: a plain reshape)
+            sv = np.linalg.svd(delta, compute_uv=False)
+            rank = max(1, int((sv > 1e-7 * max(sv[0], 1e-300)).sum()))
+            factors[layer] = truncated_svd(delta, rank)
+        _, plain = build_network(self.config, "full_fedavg", self.base)
+        pattern = {f"re:{re.escape(layer)}": b.shape[1] for layer, (b, _) in factors.items()}
+        config = AdapterConfig("lora", rank=max(pattern.values()), targets=list(pattern), rank_pattern=pattern,
+                               alpha_pattern={k: float(v) for k, v in pattern.items()})  # scale 1: s is in B A
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
+            inject(plain, config)
+        modules = dict(plain.named_modules())
+        with torch.no_grad():
+            for layer, (b, a) in factors.items():
+                reparam = modules[layer].parametrizations["weight"][0]
+                reparam.lora_B.copy_(torch.from_numpy(b))
+                reparam.lora_A.copy_(torch.from_numpy(a))
+        return plain
 
     # ------------------------------------------------------------------------------------ baselines
 
