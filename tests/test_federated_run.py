@@ -198,3 +198,18 @@ def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(
     merged = load_adapter_onto(base, adapter)
     changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed and all(n.endswith("weight") for n in changed)
+
+
+def test_a_run_folder_written_before_a_new_default_key_is_the_same_federation(sites, tmp_path):
+    config = load_federated_config(write_config(tmp_path / "fed.yaml", sites))
+    first = Federation(config, tmp_path / "run")
+    first.claim()
+    stored = json.loads((tmp_path / "run" / "federation.json").read_text(encoding="utf-8"))
+    del stored["dp"]  # as written by a medlora without DP-SGD
+    (tmp_path / "run" / "federation.json").write_text(json.dumps(stored), encoding="utf-8")
+    again = Federation(config, tmp_path / "run")
+    again.claim()
+    assert again.digest != first.digest  # the checkpoints' stamp is the record as first written
+    changed = load_federated_config(write_config(tmp_path / "fed2.yaml", sites, rounds=4))
+    with pytest.raises(FederatedConfigError, match="holds a different federation"):
+        Federation(changed, tmp_path / "run").claim()

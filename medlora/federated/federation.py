@@ -45,7 +45,7 @@ from .client import (
     load_exchange_tensors,
     norm_buffers,
 )
-from .config import FederatedConfig, FederatedConfigError, StrategySpec, load_federated_config
+from .config import FederatedConfig, FederatedConfigError, StrategySpec, _dataclass, load_federated_config
 from .server import FederatedStrategy, LocalGrid, from_record, make_client_app, site_contexts, to_record
 from .sites import SiteSpec, prepare_site, write_site_splits
 
@@ -56,8 +56,8 @@ class Federation:
     def __init__(self, config: FederatedConfig, out: str | Path, config_path: str | Path | None = None) -> None:
         self.config, self.out = config, Path(out)
         self.config_path = config_path
-        self.record = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-        self.digest = hashlib.sha256(json.dumps(self.record, sort_keys=True).encode()).hexdigest()
+        self.record = _normal(config)
+        self.digest = _digest(self.record)
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -65,9 +65,15 @@ class Federation:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "federation.json"
         if path.exists():
-            if json.loads(path.read_text(encoding="utf-8")) != self.record:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            try:  # read through today's schema: a key added since, at its default, is the same federation
+                same = _normal(_dataclass(FederatedConfig, stored, "federation")) == self.record
+            except FederatedConfigError:
+                same = False
+            if not same:
                 raise FederatedConfigError(f"{self.out}: this run folder holds a different federation (see {path}); "
                                            "use another --out")
+            self.digest = _digest(stored)  # the checkpoints were stamped with the record as first written
         else:
             write_json_atomic(self.record, path)
 
@@ -294,6 +300,14 @@ class Federation:
             results[name] = {"baseline": name, "epochs": epochs, "sites": per_site}
             write_json_atomic(results[name], path)
         return results
+
+
+def _normal(config: FederatedConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def _digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _site_result(rows: list[dict[str, Any]]) -> dict[str, Any]:
