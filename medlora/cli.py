@@ -41,6 +41,16 @@ def _crossval_command(args: argparse.Namespace) -> int:
     return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers)
 
 
+def _federate_command(args: argparse.Namespace) -> int:
+    try:
+        from .federated.federation import run_federate
+    except ImportError as exc:  # flwr/opacus are the optional extra `federated`
+        raise MedloraError(f"medlora federate needs the federated extra (pip install -e '.[federated]'): "
+                           f"{exc}") from None
+
+    return run_federate(args.config, args.out, only=args.only)
+
+
 def _report_command(args: argparse.Namespace) -> int:
     from .evaluation.report import build_report
 
@@ -116,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
     p.set_defaults(func=_crossval_command)
+
+    p = sub.add_parser("federate", help="federated adapter fine-tuning across sites on Flower (resumable)")
+    p.add_argument("--config", required=True, help="federation YAML, e.g. configs/federated/sah_sites.yaml")
+    p.add_argument("--out", required=True, help="run folder (created; re-running resumes)")
+    p.add_argument("--only", help="run only this strategy, or 'baselines' (the report needs a full run)")
+    p.set_defaults(func=_federate_command)
 
     p = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a crossval run folder")
     p.add_argument("run_dir", help="the --out folder of medlora crossval")

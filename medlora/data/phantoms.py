@@ -130,21 +130,35 @@ def _check_domain(domain: str) -> str:
     return d
 
 
-def target_volume_ml(domain: str, seed: int, index: int) -> tuple[float, int]:
+def target_volume_ml(domain: str, seed: int, index: int, volume_bins: Sequence[int] | None = None
+                     ) -> tuple[float, int]:
     """Scheduled hemorrhage volume (mL) and bin index for a case (bin -1: no bleed).
 
     Bins cycle with the case index so every small dataset covers all four; the value inside a bin is
     drawn from the case's own seed, away from the bin edges so the achieved volume stays in the bin.
+    ``volume_bins`` restricts the cycle to those bin indices (a site that sees mostly small or mostly large
+    bleeds); None cycles through all of them.
     """
     domain = _check_domain(domain)
     if domain == "tbi" and index % _EMPTY_EVERY == _EMPTY_EVERY - 1:
         return 0.0, -1
-    b = index % len(VOLUME_BINS_ML)
+    bins = _check_bins(volume_bins)
+    b = index % len(VOLUME_BINS_ML) if bins is None else bins[index % len(bins)]
     lo, hi = VOLUME_BINS_ML[b]
     lo = max(lo, 3.0)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _DOMAIN_CODE[domain], int(index), 99]))
     u = float(rng.uniform(0.08, 0.92))
     return lo + u * (hi - lo), b
+
+
+def _check_bins(volume_bins: Sequence[int] | None) -> list[int] | None:
+    if volume_bins is None:
+        return None
+    bins = [int(b) for b in volume_bins]
+    if not bins or any(not 0 <= b < len(VOLUME_BINS_ML) for b in bins):
+        raise ValueError(f"volume_bins must list bin indices 0-{len(VOLUME_BINS_ML) - 1} "
+                         f"({', '.join(f'{lo:g}-{hi:g} mL' for lo, hi in VOLUME_BINS_ML)}), got {list(volume_bins)}")
+    return bins
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -227,7 +241,7 @@ class _Grid:
 
 
 class _Phantom:
-    def __init__(self, domain, seed, index, shape, spacing, tilt_deg, noise_sigma, zsub, maps):
+    def __init__(self, domain, seed, index, shape, spacing, tilt_deg, noise_sigma, zsub, maps, head_scale=1.0):
         self.domain, self.seed, self.index = domain, seed, index
         ss = np.random.SeedSequence([int(seed), _DOMAIN_CODE[domain], int(index)])
         rng_anat, self.rng_bleed, self.rng_noise = (np.random.default_rng(s) for s in ss.spawn(3))
@@ -235,6 +249,8 @@ class _Phantom:
         # Every draw happens unconditionally and in a fixed order, so a parameter such as tilt_deg=0
         # changes only what it names and never shifts the random stream of the rest.
         self.ax, self.ay, self.azt = r.uniform(68, 79), r.uniform(82, 89), r.uniform(78, 87)
+        if head_scale != 1.0:  # a population with larger or smaller heads; the random stream is unchanged
+            self.ax, self.ay, self.azt = (v * head_scale for v in (self.ax, self.ay, self.azt))
         self.azb = 115.0
         self.shape_c = np.clip(r.normal(0.0, 1.0, 8), -2.5, 2.5)
         offset = r.uniform([-3, -3, 4], [3, 3, 12])
@@ -761,6 +777,9 @@ def generate_case(
     hemorrhage: bool = True,
     z_subsamples: int = 3,
     tissue_maps: bool = False,
+    hu_offset: float = 0.0,
+    head_scale: float = 1.0,
+    volume_bins: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Generate one synthetic head CT with its hemorrhage label.
 
@@ -776,6 +795,12 @@ def generate_case(
         hemorrhage: False gives the same head with no bleed (the anatomy stream is separate).
         z_subsamples: samples per slice averaged into each 5 mm slice (partial-volume model).
         tissue_maps: add ``info["tissue"]``: per-voxel fractions of soft, bone, brain, csf, blood.
+        hu_offset: whole HU added to every value (rounded; a scanner whose calibration is off, as differs
+            between hospitals), before clipping to [-1024, 3071]; 0 leaves the image bitwise as without it.
+        head_scale: scale of the head's half-axes and landmarks (0.85-1.1: a population of smaller or
+            larger heads); 1 leaves the case bitwise as without it.
+        volume_bins: bin indices of :data:`VOLUME_BINS_ML` the scheduled volumes cycle through (a site's
+            lesion-volume mix, e.g. ``[0, 1]`` for mostly small bleeds); None: all four.
 
     Returns:
         ``(image_hu, label, affine, info)``: float32 HU (integer-valued, in [-1024, 3071]) of shape ``shape``,
@@ -798,11 +823,16 @@ def generate_case(
         )
     if int(z_subsamples) < 1:
         raise ValueError("z_subsamples must be >= 1")
+    if not (math.isfinite(float(hu_offset)) and abs(float(hu_offset)) <= 200):
+        raise ValueError(f"hu_offset must be a finite shift of at most 200 HU, got {hu_offset!r}")
+    if not 0.85 <= float(head_scale) <= 1.1:
+        raise ValueError(f"head_scale must lie in [0.85, 1.1] (the head must fit the field of view), "
+                         f"got {head_scale!r}")
     t0 = time.perf_counter()
     ph = _Phantom(domain, int(seed), int(index), shape, spacing, float(tilt_deg), noise_sigma,
-                  int(z_subsamples), tissue_maps)
+                  int(z_subsamples), tissue_maps, float(head_scale))
     ph.anatomy()
-    sched_ml, vbin = target_volume_ml(domain, int(seed), int(index))
+    sched_ml, vbin = target_volume_ml(domain, int(seed), int(index), volume_bins)
     want = sched_ml if target_ml is None else max(float(target_ml), 0.0)
     if target_ml is not None:
         vbin = -1 if want <= 0 else int(np.searchsorted([25, 50, 100], want, side="right"))
@@ -821,7 +851,10 @@ def generate_case(
         noise = ndimage.gaussian_filter(ph.rng_noise.standard_normal(shape, dtype=_F32), (0.6, 0.6, 0.0))
         noise *= _F32(ph.noise_sigma / max(float(noise.std()), 1e-6))
         hu += noise
-    image = np.clip(np.rint(hu), -1024, 3071).astype(_F32)
+    hu = np.rint(hu)
+    if hu_offset:  # after rounding: an exact calibration shift of the integer HU values
+        hu += _F32(round(float(hu_offset)))
+    image = np.clip(hu, -1024, 3071).astype(_F32)
     vox_ml = float(np.prod(spacing)) / 1000.0
     n_vox = int(label.sum(dtype=np.int64))
     info: dict[str, Any] = {
@@ -856,6 +889,9 @@ def write_dataset(
     tilt_deg: float = 5.0,
     noise_sigma: float | None = None,
     z_subsamples: int = 3,
+    hu_offset: float = 0.0,
+    head_scale: float = 1.0,
+    volume_bins: Sequence[int] | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> Path:
@@ -865,7 +901,9 @@ def write_dataset(
     (nnU-Net keys plus a ``"medlora"`` block with the generator settings and each case's hemorrhage mL).
     Every file is written atomically and ``dataset.json`` last, so an interrupted run never looks complete.
     If ``out_dir`` already holds a dataset made with the same settings it is returned untouched; a
-    different dataset there raises ``FileExistsError`` unless ``overwrite``.
+    different dataset there raises ``FileExistsError`` unless ``overwrite``. ``hu_offset``, ``head_scale`` and
+    ``volume_bins`` (see :func:`generate_case`) are recorded only when they differ from their defaults, so a
+    dataset written without them is byte for byte what it was before they existed.
     """
     domain = _check_domain(domain)
     if int(n_cases) < 1:
@@ -884,13 +922,16 @@ def write_dataset(
         "z_subsamples": int(z_subsamples),
         "volume_bins_ml": [list(b) for b in VOLUME_BINS_ML],
     }
+    site = {"hu_offset": float(hu_offset), "head_scale": float(head_scale),
+            "volume_bins": None if volume_bins is None else [int(b) for b in volume_bins]}
+    settings.update({k: v for k, v in site.items() if v != {"hu_offset": 0.0, "head_scale": 1.0}.get(k)})
     meta_path = out / "dataset.json"
     if meta_path.exists() and not overwrite:
         try:
             old = json.loads(meta_path.read_text(encoding="utf-8")).get("medlora", {})
         except (OSError, json.JSONDecodeError):
             old = {}
-        if {k: old.get(k) for k in settings} == settings:
+        if {k: old.get(k) for k in (*settings, *site)} == {**dict.fromkeys(site), **settings}:
             return out
         raise FileExistsError(f"{meta_path}: a different dataset already exists here (pass overwrite=True)")
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
@@ -898,7 +939,9 @@ def write_dataset(
     cases: dict[str, dict[str, Any]] = {}
     for i in range(int(n_cases)):
         image, label, affine, info = generate_case(domain, seed, i, shape, spacing, tilt_deg=tilt_deg,
-                                                   noise_sigma=noise_sigma, z_subsamples=z_subsamples)
+                                                   noise_sigma=noise_sigma, z_subsamples=z_subsamples,
+                                                   hu_offset=hu_offset, head_scale=head_scale,
+                                                   volume_bins=volume_bins)
         cid = info["case_id"]
         save_nifti(out / "imagesTr" / f"{cid}_0000.nii.gz", image, affine, np.int16)
         save_nifti(out / "labelsTr" / f"{cid}.nii.gz", label, affine, np.uint8)

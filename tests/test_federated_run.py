@@ -1,0 +1,215 @@
+"""Federation on Flower: the strategy on hand-built replies, a tiny end-to-end run (2 sites, 2 rounds), resume
+after a kill, the final adapter through `medlora infer`, FedSmoothLoRA's start on a real network, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("flwr")  # the optional extra `federated` (make setup installs it)
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from medlora.adapters import read_adapter_file
+from medlora.assembly import ModelSpec, build_model
+from medlora.cli import main
+from medlora.data.phantoms import write_dataset
+from medlora.federated.client import SiteTrainer, adapter_pairs
+from medlora.federated.config import FederatedConfigError, load_federated_config
+from medlora.federated.federation import Federation, run_federate
+from medlora.federated.server import FederatedStrategy, LocalGrid, to_record
+from medlora.federated.strategies import Pair, SiteUpdate, aggregate, fingerprint
+from medlora.fileio import atomic_save_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = {"shape": [48, 48, 16], "spacing": [4.0, 4.0, 10.0]}
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    """Two small phantom hospitals (written once) and a base model file."""
+    root = tmp_path_factory.mktemp("fed")
+    a = write_dataset(root / "A", "sah", 3, seed=11, **GRID)
+    b = write_dataset(root / "B", "sah", 3, seed=12, shape=[48, 48, 20], spacing=[4.0, 4.0, 8.0], hu_offset=10.0,
+                      head_scale=0.9, volume_bins=[2, 3])
+    torch.manual_seed(0)
+    base = root / "base.safetensors"
+    atomic_save_safetensors(build_model(ModelSpec("mv_unet", {"level": 1, "width": 4})).state_dict(), base)
+    return {"A": a, "B": b, "base": base, "root": root}
+
+
+def write_config(path: Path, sites, strategies=("ffa",), **changes) -> Path:
+    config = {
+        "name": "tiny", "seed": 0, "rounds": 2,
+        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4}, "spatial_dims": 3,
+                  "pretrained": str(sites["base"]),
+                  "adapter": {"method": "lora", "rank": 2, "target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}},
+        "data": {"patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1, "inference_roi": [48, 48, 16]},
+        "train": {"local_epochs": 1, "lr": 0.05},
+        "sites": [{"name": "A", "data_dir": str(sites["A"]), "heldout": 1},
+                  {"name": "B", "data_dir": str(sites["B"]), "heldout": 1}],
+        "strategies": [{"name": s} for s in strategies],
+        "baselines": [],
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs" / "federated").glob("*.yaml")):
+        config = load_federated_config(path)
+        assert len(config.sites) >= 2 and config.strategies
+
+
+def test_end_to_end_resume_and_infer(sites, tmp_path, capsys):
+    config = write_config(tmp_path / "fed.yaml", sites)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["federate", "--config", str(config), "--out", str(whole)]) == 0
+    history = json.loads((whole / "ffa" / "history.json").read_text(encoding="utf-8"))
+    assert sorted(history["evaluations"]) == ["0", "1", "2"] and history["exact"] is True
+    assert set(history["evaluations"]["2"]) == {"A", "B"}
+    assert all(m["train_loss"] > 0 for m in history["train_metrics"]["2"].values())
+    adapter = whole / "ffa" / "global_adapter.safetensors"
+    meta, tensors = read_adapter_file(adapter)
+    assert meta["extra"]["federated"]["strategy"] == "ffa" and any(t.abs().sum() > 0 for k, t in tensors.items()
+                                                                      if k.endswith("lora_B"))
+
+    # killed after round 1: the rerun resumes from the checkpoint and ends with the same global adapter
+    assert run_federate(str(config), str(killed), stop_after=1) == 0
+    assert not (killed / "ffa" / "history.json").exists()
+    assert [p.name for p in (killed / "ffa" / "checkpoints").iterdir()] == ["round_001.safetensors"]
+    assert main(["federate", "--config", str(config), "--out", str(killed)]) == 0
+    assert "resuming after round 1" in capsys.readouterr().out
+    assert (killed / "ffa" / "global_adapter.safetensors").read_bytes() == adapter.read_bytes()
+    assert json.loads((killed / "ffa" / "history.json").read_text(encoding="utf-8")) == history
+
+    # the global adapter is a normal adapter file: `medlora infer` runs it on the base
+    image = next((sites["A"] / "imagesTr").glob("*.nii.gz"))
+    out = tmp_path / "pred"
+    assert main(["infer", str(image), "--model", str(sites["base"]), "--adapter", str(adapter), "--out",
+                 str(out)]) == 0
+    assert list(out.glob("*.nii.gz"))
+
+    # a different config in the same folder is refused, nothing overwritten
+    other = write_config(tmp_path / "other.yaml", sites, rounds=3)
+    assert main(["federate", "--config", str(other), "--out", str(whole)]) == 2
+    assert "holds a different federation" in capsys.readouterr().err
+    assert adapter.read_bytes() == (killed / "ffa" / "global_adapter.safetensors").read_bytes()
+
+
+def _train_message(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), node, MessageType.TRAIN)
+
+
+def _reply(node: int, site: str, tensors, cases: int, base: str, a_fp: str) -> Message:
+    content = RecordDict({"arrays": to_record(tensors), "metrics": MetricRecord({"num-examples": cases,
+                                                                                  "train_loss": 0.5}),
+                          "site": ConfigRecord({"name": site, "base-fingerprint": base, "a-fingerprint": a_fp})})
+    return Message(content, reply_to=_train_message(node))
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "lora_fair", "fedsmooth"])
+def test_strategy_aggregation_on_replies_equals_the_pure_function(name):
+    LocalGrid(None, {})  # sets Flower's task identity, as its runtime does in a ServerApp process
+    rng = np.random.default_rng(0)
+    pair = Pair("enc.lora_A", "enc.lora_B", 0.5)
+    a = rng.standard_normal((2, 6)).astype(np.float32)
+    replies, updates = [], []
+    for node, (site, cases) in enumerate([("B", 3), ("A", 5)], start=1):
+        t = {pair.a: a if name == "ffa" else rng.standard_normal((2, 6)).astype(np.float32),
+             pair.b: rng.standard_normal((4, 2)).astype(np.float32)}
+        fp = fingerprint({pair.a: t[pair.a]})
+        replies.append(_reply(node, site, t, cases, "base", fp))
+        updates.append(SiteUpdate(site, t, cases, "base", fp))
+    strategy = FederatedStrategy(name, [pair], base_fingerprint="base", global_tensors={pair.a: a})
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = aggregate(name, sorted(updates, key=lambda u: u.site), [pair], base_fingerprint="base",
+                         global_tensors={pair.a: a})
+    got = {k: v.numpy() for k, v in arrays.items()}
+    want = expected.tensors if name != "fedsmooth" else {f"{p}{k}": v for k, v in expected.merged.items()
+                                                          for p in ("stack::", "global::")}
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert metrics["train_loss"] == pytest.approx(0.5)
+    # a reply from another base is refused with one line naming its site
+    bad = _reply(3, "C", {pair.a: a, pair.b: np.zeros((4, 2), np.float32)}, 2, "other", "")
+    with pytest.raises(Exception, match="site C: trained on a different base model"):
+        strategy.aggregate_train(2, [*replies, bad])
+
+
+def test_fedsmooth_start_keeps_the_network_effective_weight(sites, tmp_path):
+    config = load_federated_config(write_config(tmp_path / "fed.yaml", sites, strategies=("fedsmooth",)))
+    fed = Federation(config, tmp_path / "run")
+    fed.claim()
+    fed.prepare()
+    site = SiteTrainer(config, "fedsmooth", "A", fed.data["A"], fed.splits["A"], base=fed.base)
+    site.check_fedsmooth()
+    before = {n: m.weight.detach().clone() for n, m in site.model.named_modules() if hasattr(m, "parametrizations")}
+    site.fedsmooth_round(1, {}, {"zeta_mode": "decay", "zeta0": 1.0, "zeta_min": 0.0, "gamma": 16.0,
+                                 "ga_batches": 1})
+    moved = 0
+    for n, m in site.model.named_modules():
+        if n in before:
+            torch.testing.assert_close(m.weight.detach(), before[n], rtol=0, atol=1e-6)
+            moved += int(m.parametrizations["weight"].original.ne(before[n]).any())
+    assert moved == len(adapter_pairs(site.model)) > 0  # the base did move by -s B_ga A_ga, the adapter back
+
+
+def test_config_errors_name_the_file_and_key(sites, tmp_path):
+    path = write_config(tmp_path / "bad.yaml", sites, rounds=2, round=3)
+    with pytest.raises(FederatedConfigError, match=r"bad\.yaml: federation: unknown key 'round'"):
+        load_federated_config(path)
+    path = write_config(tmp_path / "cp.yaml", sites, strategies=("ffa",))
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["model"]["adapter"]["method"] = "cp_lora"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(FederatedConfigError, match="ffa needs an adapter of plain LoRA pairs; cp_lora has none"):
+        load_federated_config(path)
+    data["strategies"] = [{"name": "lora_fair", "options": {"lambda": 0.1}}]
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(FederatedConfigError, match="unknown option 'lambda' for lora_fair"):
+        load_federated_config(path)
+
+
+def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(sites, tmp_path):
+    from medlora.assembly import load_adapter_onto
+    from medlora.models.weights import load_weights
+
+    config = write_config(tmp_path / "fed.yaml", sites, strategies=("fedsmooth",))
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run_federate(str(config), str(whole)) == 0
+    assert run_federate(str(config), str(killed), stop_after=1) == 0
+    from medlora.fileio import read_safetensors
+
+    saved, _ = read_safetensors(killed / "fedsmooth" / "checkpoints" / "round_001.safetensors")
+    assert any(k.startswith("carried/1/") for k in saved) and any(k.startswith("stack/") for k in saved)
+    assert run_federate(str(config), str(killed)) == 0
+    adapter = whole / "fedsmooth" / "global_adapter.safetensors"
+    assert (killed / "fedsmooth" / "global_adapter.safetensors").read_bytes() == adapter.read_bytes()
+    # the merged global model loads onto the base it was trained on, and differs from it
+    base = build_model(ModelSpec("mv_unet", {"level": 1, "width": 4}))
+    load_weights(base, sites["base"])
+    merged = load_adapter_onto(base, adapter)
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all(n.endswith("weight") for n in changed)
+
+
+def test_a_run_folder_written_before_a_new_default_key_is_the_same_federation(sites, tmp_path):
+    config = load_federated_config(write_config(tmp_path / "fed.yaml", sites))
+    first = Federation(config, tmp_path / "run")
+    first.claim()
+    stored = json.loads((tmp_path / "run" / "federation.json").read_text(encoding="utf-8"))
+    del stored["dp"]  # as written by a medlora without DP-SGD
+    (tmp_path / "run" / "federation.json").write_text(json.dumps(stored), encoding="utf-8")
+    again = Federation(config, tmp_path / "run")
+    again.claim()
+    assert again.digest != first.digest  # the checkpoints' stamp is the record as first written
+    changed = load_federated_config(write_config(tmp_path / "fed2.yaml", sites, rounds=4))
+    with pytest.raises(FederatedConfigError, match="holds a different federation"):
+        Federation(changed, tmp_path / "run").claim()
