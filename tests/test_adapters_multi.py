@@ -498,3 +498,14 @@ def test_packed_jobs_refuse_mismatched_inputs():
         packed([torch.randn(1, 4, 6, 6)] * 2)
     with pytest.raises(MultiAdapterError, match="inputs of one shape besides the batch size"):
         packed([torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6), torch.randn(1, 4, 4, 4)])
+
+
+def test_a_job_without_a_batch_this_step_is_left_out():
+    jobs = make_jobs(torch.float32)
+    data = job_batches([2, 2, 3], 1, torch.float32)
+    outputs = PackedJobs(jobs).train()([data[0][0][0], None, data[2][0][0]])
+    assert outputs[1] is None
+    sum(job_loss(o, b[0][1]) for o, b in zip(outputs, data, strict=True) if o is not None).backward()
+    assert all(p.grad is None for p in trainable(jobs[1]))
+    alone = make_jobs(torch.float32)[2]
+    torch.testing.assert_close(outputs[2], alone(data[2][0][0]), rtol=1e-5, atol=1e-6)

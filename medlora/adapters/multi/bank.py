@@ -36,10 +36,11 @@ from __future__ import annotations
 import contextvars
 import copy
 import os
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ class _Active:
     scaled: dict[int, Routing] = field(default_factory=dict)
 
 
-_ACTIVE: contextvars.ContextVar[dict[int, _Active]] = contextvars.ContextVar("medlora_multi_adapter", default={})
+# The routings in progress, by bank (never mutated: every change sets a new mapping, so nesting and threads are safe).
+_ACTIVE: contextvars.ContextVar[Mapping[int, _Active]] = contextvars.ContextVar(
+    "medlora_multi_adapter", default=MappingProxyType({}))
 
 
 def _plain_type(module: nn.Module) -> type:

@@ -62,12 +62,17 @@ class PackedJobs(nn.Module):
     def __len__(self) -> int:
         return len(self.bank.names)
 
-    def forward(self, inputs: Sequence[torch.Tensor | tuple], **kwargs: Any) -> list[Any]:
-        """One output per job. ``kwargs`` go unchanged to the model (they must not depend on the job)."""
+    def forward(self, inputs: Sequence[torch.Tensor | tuple | None], **kwargs: Any) -> list[Any]:
+        """One output per job. ``inputs[k]`` is job k's batch, or None when job k takes no step now (its output is
+        None; do not step its optimiser either: a step without gradients still applies momentum and weight
+        decay). ``kwargs`` go unchanged to the model (they must not depend on the job)."""
         k = len(self)
         if len(inputs) != k:
             raise MultiAdapterError(f"PackedJobs holds {k} jobs; got {len(inputs)} inputs")
-        per_job = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
+        active = [j for j, x in enumerate(inputs) if x is not None]
+        if not active:
+            return [None] * k
+        per_job = [tuple(inputs[j]) if isinstance(inputs[j], (tuple, list)) else (inputs[j],) for j in active]
         if len({len(a) for a in per_job}) != 1:
             raise MultiAdapterError("every job's input must have the same number of positional arguments")
         sizes = [next(a for a in args if isinstance(a, torch.Tensor)).shape[0] for args in per_job]
@@ -83,8 +88,12 @@ class PackedJobs(nn.Module):
                 packed_args.append(values[0])
             else:
                 raise MultiAdapterError(f"argument {position} differs between jobs but is not a tensor")
-        names = [name for name, n in zip(self.bank.names, sizes, strict=True) for _ in range(n)]
-        return split_output(self.bank(*packed_args, adapters=names, **kwargs), sizes)
+        names = [self.bank.names[j] for j, n in zip(active, sizes, strict=True) for _ in range(n)]
+        outputs: list[Any] = [None] * k
+        for j, out in zip(active, split_output(self.bank(*packed_args, adapters=names, **kwargs), sizes),
+                          strict=True):
+            outputs[j] = out
+        return outputs
 
 
 def split_output(output: Any, sizes: Sequence[int]) -> list[Any]:

@@ -64,7 +64,12 @@ class Routing:
         return Routing(self.slots, self.index.repeat_interleave(m), None if self.block is None else self.block * m)
 
     def index_on(self, device: torch.device) -> torch.Tensor:
-        return self.index if self.index.device == device else self.index.to(device)
+        if self.index.device == device:
+            return self.index
+        key = ("index", str(device))
+        if key not in self._segments:
+            self._segments[key] = self.index.to(device)
+        return self._segments[key]
 
     def segments(self, device: torch.device) -> list[torch.Tensor]:
         """Row indices of each slot, in slot order."""
