@@ -29,15 +29,19 @@ from .layout import WeightLayout, layout_of
 from .merging import merge_adapters
 from .methods.dylora import draw_dylora_rank
 from .methods.paca import paca_save_activations
+from .multi import AdapterBank, MultiAdapterError, PackedJobs
 from .peft_interop import export_peft, import_peft
 from .squeeze import RankAnnealer, RankSchedule, set_active_rank, squeeze, truncate_rank
 
 __all__ = [
+    "AdapterBank",
     "AdapterConfig",
     "AdapterFileError",
     "AdditiveReparam",
     "LayerReport",
     "MethodSpec",
+    "MultiAdapterError",
+    "PackedJobs",
     "ParameterReport",
     "RankAnnealer",
     "RankSchedule",

@@ -1,0 +1,16 @@
+"""Many adapters at once over one frozen base: mixed-adapter batches (S-LoRA) and packed training jobs (LoRAFusion).
+
+* :class:`AdapterBank`: one base, several adapters held apart from it by name; ``bank(x, adapters=[...])`` computes
+  a batch in which each sample names its adapter (or ``None``, the base).
+* :class:`PackedJobs`: K independent training jobs (adapted models of one base) computed as one batch, one forward
+  and one backward per step; each job keeps its own optimiser, learning rate and BatchNorm statistics.
+
+``docs/multi_adapter.md`` describes the arithmetic, the limits and the measured speed.
+"""
+
+from .bank import AdapterBank, lora_terms
+from .ops import STRATEGIES
+from .pack import PackedJobs
+from .routing import MultiAdapterError
+
+__all__ = ["STRATEGIES", "AdapterBank", "MultiAdapterError", "PackedJobs", "lora_terms"]
