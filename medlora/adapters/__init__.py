@@ -2,7 +2,9 @@
 
 Works on any ``nn.Module`` (a 3D UNet as much as a GPT-style transformer): ``nn.Linear``,
 ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` (any groups, stride, dilation, padding mode or
-anisotropic kernel). No medical or training-framework imports live here.
+anisotropic kernel). No medical or training-framework imports live here. In training, the factors of LoRA-type
+methods get their gradients in rank space where that is cheaper (:mod:`medlora.adapters.factored`,
+:func:`set_backward`).
 
     >>> from medlora.adapters import AdapterConfig, inject, merge, parameter_report
     >>> model = inject(model, AdapterConfig("cp_dora", rank=4, targets=["encoder.*"]))
@@ -12,6 +14,7 @@ anisotropic kernel). No medical or training-framework imports live here.
 from .base import AdditiveReparam, Reparam
 from .config import AdapterConfig, MethodSpec, describe_method, get_method, list_methods, option, register_method
 from .data_init import initialise_from_data
+from .factored import backward_path, get_backward, set_backward
 from .inject import (
     LayerReport,
     ParameterReport,
@@ -48,12 +51,14 @@ __all__ = [
     "Reparam",
     "WeightLayout",
     "adapters_of",
+    "backward_path",
     "base_fingerprint",
     "base_weight",
     "candidate_layers",
     "describe_method",
     "draw_dylora_rank",
     "export_peft",
+    "get_backward",
     "get_method",
     "import_peft",
     "initialise_from_data",
@@ -72,6 +77,7 @@ __all__ = [
     "remove",
     "save_adapter",
     "set_active_rank",
+    "set_backward",
     "squeeze",
     "truncate_rank",
 ]

@@ -9,6 +9,7 @@ convolution: one convolution, no extra activation branch). ``f`` works on the ca
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,12 +17,17 @@ from torch import nn
 from .config import AdapterConfig
 from .layout import WeightLayout
 
+if TYPE_CHECKING:
+    from .factored import Factors
+
 
 class Reparam(nn.Module):
     """Base class of all methods: maps the stored frozen weight to the effective weight."""
 
     layout: WeightLayout
     config: AdapterConfig
+    # This layer's backward path: None follows medlora.adapters.set_backward; "auto", "dense" or "factored".
+    backward_path: str | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         w0 = self.layout.to_canonical(weight)
@@ -49,6 +55,11 @@ class Reparam(nn.Module):
         a model is built.
         """
         return []
+
+    def factored(self, w0: torch.Tensor) -> Factors | None:
+        """The update as two kernels ``dW = B ⊛ A`` (:class:`medlora.adapters.factored.Factors`) from which
+        training computes the factors' gradients in rank space; None (the default): autograd through ``W_eff``."""
+        return None
 
     def rank_factors(self) -> Reparam | None:
         """The module holding plain LoRA factors that post-hoc rank tools may replace by factors of another rank.

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import factored
 from .base import Reparam
 from .config import AdapterConfig
 from .layout import SUPPORTED_LAYER_TYPES, layout_of
@@ -149,6 +150,8 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             parametrize.register_parametrization(module, "weight", reparam)
             attached.append((module, reparam))
             reparam.attach(module)
+            if type(reparam).factored is not Reparam.factored:
+                factored.install(module)
     except BaseException:
         for module, reparam in reversed(attached):  # leave no half-adapted model behind
             reparam.detach(module)

@@ -6,6 +6,12 @@ arXiv 2402.04964, which uses microsoft/loralib's ``ConvLoRA``: ``A: (r*k1) x (I*
 output rows; loralib PR #157 made B's first dimension ``O * k2..kd`` so that 1D/3D kernels work).
 The update has rank ``r*k1`` and ``r*k1*(I*k1 + O*k2..kd)`` trainable parameters: on a 32-channel
 3x3x3 convolution, rank 16 already equals the layer's own size. A Linear layer reduces to plain LoRA.
+
+Backward (``medlora.adapters.factored``): on Linear and 1D layers loralib's view is the plain ``O x (I k)``
+matricisation and the factors train in rank space like LoRA's (rank ``r k1``). On 2D/3D kernels a row of the
+``(O k2..kd) x (I k1)`` view holds ``I k1`` consecutive entries of the row-major kernel, which straddle input
+channels and kernel taps, so ``B A`` is not a convolution of the input followed by a mixing into the outputs and
+has no rank-space gradient: those layers keep the dense path (autograd through ``W_eff``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import register_method
+from ..factored import Factors, low_rank_factors
 
 
 @register_method(
@@ -38,6 +45,11 @@ class ConvLoRA(AdditiveReparam):
 
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         return [(self.lora_A, self.lora_B, self.scaling)]
+
+    def factored(self, w0: torch.Tensor) -> Factors | None:
+        if w0.dim() > 3:
+            return None  # see the module docstring: no convolution-and-mixing form on 2D/3D kernels
+        return low_rank_factors(self.lora_A, self.lora_B, self.scaling, w0)
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(w0.shape) * self.scaling

@@ -8,6 +8,10 @@ R rank-one tensors ``U_O[:, i] o U_I[:, i] o U_1[:, i] o ...``, evaluated with t
 ``cp_to_tensor`` on the PyTorch backend. ``U_O`` starts at zero so that ``dW = 0``; the other factors are
 Gaussian with a standard deviation chosen so that each rank-one component has the per-entry scale
 of LoRA's A matrix (``1/sqrt(3 * fan_in)``). Trainable ``R (O + I + sum k)``.
+
+In training (``medlora.adapters.factored``) the update is a LoRA of rank R whose A-kernel is the stack of the R
+rank-one kernels and whose B is ``U_O``; the factors' gradients then reach the CP factors through that outer
+product (weight-sized).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..base import AdditiveReparam
 from ..config import option, register_method
+from ..factored import Factors
 
 
 @dataclass
@@ -54,6 +59,16 @@ class CPLoRA(AdditiveReparam):
             factors.append(torch.randn(size, rank, dtype=w0.dtype, device=w0.device) * std)
         self.cp_factors = nn.ParameterList([nn.Parameter(f) for f in factors])
         self.register_buffer("cp_weights", torch.ones(rank, dtype=w0.dtype, device=w0.device), persistent=False)
+
+    def factored(self, w0: torch.Tensor) -> Factors:
+        # A: the R rank-one kernels U_I[:, R] o U_1[:, R] o ... o U_d[:, R]; B: U_O (times the CP weights and s).
+        u_out, u_in, *u_kernel = self.cp_factors
+        rank = u_out.shape[1]
+        a = u_in.t()
+        for u in u_kernel:
+            a = a.unsqueeze(-1) * u.t().reshape(rank, *[1] * (a.dim() - 1), -1)
+        b = (u_out * (self.cp_weights * self.scaling)).view(u_out.shape[0], rank, *[1] * len(u_kernel))
+        return Factors(a=a, b=b)
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         with tl.backend_context("pytorch"):

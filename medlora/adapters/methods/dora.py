@@ -8,10 +8,14 @@ only through the norm. One wrapper serves every inner method (:func:`register_do
 dora = DoRA(lora); ``dora_c.py``, ``conv_dora.py`` and ``cp_dora.py`` register DoRA(lora_c), DoRA(conv_lora)
 and DoRA(cp_lora), as in Minoccheri, Hodgman et al. 2025 (arXiv 2508.01772). A wrapper declares the inner
 method's LoRA pair (training rules then update the direction V as they would a LoRA; m trains with AdamW).
+
+Where the inner method has factors, training takes the factored backward (``medlora.adapters.factored``): the
+inner factors' rank-space gradients with dy scaled by ``m / ||V||``, and ``dL/dm`` from the layer's output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, make_dataclass
 from typing import Any
@@ -21,6 +25,7 @@ from torch import nn
 
 from ..base import AdditiveReparam, Reparam
 from ..config import get_method, option, register_method
+from ..factored import Factors
 from . import lora  # noqa: F401  (the inner method must be registered first)
 
 
@@ -47,6 +52,18 @@ class DoRA(Reparam):
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         # A pair rule then updates the direction V = W0 + dW as it would update a LoRA; m trains with AdamW.
         return self.inner.rule_pairs()
+
+    def factored(self, w0: torch.Tensor) -> Factors | None:
+        inner = self.inner.factored(w0)
+        if inner is None:
+            return None
+        with torch.no_grad() if self.detach_norm else contextlib.nullcontext():
+            v = w0 + self.inner.delta(w0)
+        norm = channel_norm(v.detach())
+        # The direction's gradient is LoRA's with dy scaled by m / ||V|| per output channel: B's rows carry it.
+        scale = (self.magnitude.detach() / norm.clamp_min(torch.finfo(norm.dtype).tiny))
+        b = inner.b * scale.view(-1, *[1] * (inner.b.dim() - 1))
+        return Factors(inner.a, b, inner.b_axes, magnitude=self.magnitude, direction=v, norm=norm)
 
     def effective(self, w0: torch.Tensor) -> torch.Tensor:
         v = w0 + self.inner.delta(w0)

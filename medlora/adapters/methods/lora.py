@@ -10,6 +10,9 @@ along its outputs. With ``fused_outputs=3, adapt_outputs=[0, 2]`` each listed ou
 rank-r pair (``A_j: r x I``, ``B_j: (O/3) x r``) and the other blocks stay frozen: SAMed's q/v-only LoRA,
 ``dW = [s B_q A_q; 0; s B_v A_v]``. The pairs are stored stacked: ``lora_A`` (n r x I), ``lora_B`` (n O/3 x r).
 
+Training computes the factors' gradients in rank space where that is cheaper (``medlora.adapters.factored``; the
+fused blocks as one rank-``k r`` LoRA with a block-diagonal ``B``).
+
 Training rules (``medlora.adapters.optim``): the layer declares ``(lora_A, lora_B)`` as a plain LoRA pair, except
 with two or more fused blocks (stacked pairs), where the pair rules refuse it.
 """
@@ -24,6 +27,7 @@ from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import option, register_method
+from ..factored import Factors, low_rank_factors
 
 
 @dataclass
@@ -75,6 +79,16 @@ class LoRA(AdditiveReparam):
         if self.adapt_outputs is not None and len(self.adapt_outputs) > 1:
             return []
         return [(self.lora_A, self.lora_B, self.scaling)]
+
+    def factored(self, w0: torch.Tensor) -> Factors:
+        if self.adapt_outputs is None:
+            return low_rank_factors(self.lora_A, self.lora_B, self.scaling, w0)
+        # Fused blocks: one LoRA of rank k r whose B is block-diagonal over the adapted output blocks.
+        n, k, rank = self.fused_outputs, len(self.adapt_outputs), self.lora_B.shape[1]
+        diagonal = torch.block_diag(*self.lora_B.view(k, -1, rank))
+        index = torch.tensor(self.adapt_outputs, device=w0.device)
+        b = diagonal.new_zeros(n, w0.shape[0] // n, k * rank).index_copy(0, index, diagonal.view(k, -1, k * rank))
+        return low_rank_factors(self.lora_A, b.view(w0.shape[0], k * rank), self.scaling, w0)
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         if self.adapt_outputs is None:

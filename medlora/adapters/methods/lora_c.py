@@ -6,6 +6,10 @@ Resolution used here (the SAH paper's own equation could not be read, see docs/a
 canonical weight to ``(O, k1, I, k2..kd)``, apply the rank-r update to its ``(O*k1) x (I*k2..kd)``
 unfolding, permute back. Trainable ``r (O*k1 + I*k2..kd)``. The paper finds ``alpha/r = 2`` best, which
 is the default here. A Linear layer has no kernel axis and reduces to plain LoRA.
+
+In training the update is two separable convolutions (``medlora.adapters.factored``): ``A`` over the input
+channels and the kernel axes 2..d, ``B`` over the first kernel axis into the outputs; their rank-space gradients
+cost ``2 r (I k2..kd + O k1)`` per output voxel against ``O I k`` for the dense weight gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import nn
 
 from ..base import AdditiveReparam, kaiming_uniform_like_lora, zeros_param
 from ..config import register_method
+from ..factored import Factors, low_rank_factors
 
 
 @register_method(
@@ -39,6 +44,16 @@ class LoRAC(AdditiveReparam):
 
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         return [(self.lora_A, self.lora_B, self.scaling)]
+
+    def factored(self, w0: torch.Tensor) -> Factors:
+        out_channels, in_channels, *kernel = w0.shape
+        if not kernel:
+            return low_rank_factors(self.lora_A, self.lora_B, self.scaling, w0)
+        # A convolves over (I, k2..kd), B over kernel axis 1: dW[o, i, a, ...] = sum_j B[o k1 + a, j] A[j, i, ...]
+        rank = self.lora_A.shape[0]
+        a = self.lora_A.view(rank, in_channels, 1, *kernel[1:])
+        b = (self.lora_B * self.scaling).view(out_channels, kernel[0], rank).transpose(1, 2)
+        return Factors(a=a, b=b.reshape(out_channels, rank, kernel[0], *[1] * (len(kernel) - 1)), b_axes=(0,))
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         out_channels, in_channels, *kernel = w0.shape

@@ -27,6 +27,7 @@ from torch import nn
 from .._linalg import top_svd
 from ..base import AdditiveReparam, check_rank, frozen
 from ..config import option, register_method
+from ..factored import Factors, low_rank_factors
 
 
 class OffsetLoRA(AdditiveReparam):
@@ -52,6 +53,9 @@ class OffsetLoRA(AdditiveReparam):
 
     def rule_pairs(self) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
         return [(self.lora_A, self.lora_B, self.scaling)]  # the frozen offset is a constant for the rules
+
+    def factored(self, w0: torch.Tensor) -> Factors:
+        return low_rank_factors(self.lora_A, self.lora_B, self.scaling, w0)  # the offset is a constant
 
     def delta(self, w0: torch.Tensor) -> torch.Tensor:
         return ((self.lora_B @ self.lora_A - self.offset_B @ self.offset_A) * self.scaling).view(w0.shape)
