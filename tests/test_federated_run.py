@@ -221,3 +221,14 @@ def test_a_run_folder_written_before_a_new_default_key_is_the_same_federation(si
     changed = load_federated_config(write_config(tmp_path / "fed2.yaml", sites, rounds=4))
     with pytest.raises(FederatedConfigError, match="holds a different federation"):
         Federation(changed, tmp_path / "run").claim()
+
+
+def test_sites_of_a_round_are_sampled_from_seed_and_round():
+    strategy = FederatedStrategy("fedit", [], base_fingerprint="", global_tensors={}, fraction=0.5, seed=3)
+    nodes = [1, 2, 3, 4, 5]
+    draws = [strategy.sample(r, nodes) for r in range(1, 21)]
+    assert all(len(d) == 2 and set(d) <= set(nodes) for d in draws)
+    assert draws == [strategy.sample(r, reversed(nodes)) for r in range(1, 21)]  # not the nodes' order
+    assert len({tuple(d) for d in draws}) > 3  # different sites in different rounds
+    assert FederatedStrategy("fedit", [], base_fingerprint="", global_tensors={}, fraction=0.1).sample(1, nodes) \
+        in [[n] for n in nodes]  # at least one site
