@@ -60,6 +60,12 @@ def write_config(path: Path, sites, strategies=("ffa",), **changes) -> Path:
     return path
 
 
+def same_adapter(x: Path, y: Path) -> bool:
+    """Equal metadata and bitwise equal tensors (safetensors orders its header's metadata map per process)."""
+    (meta_x, tx), (meta_y, ty) = read_adapter_file(x), read_adapter_file(y)
+    return meta_x == meta_y and tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx)
+
+
 def test_shipped_configs_load():
     for path in sorted((ROOT / "configs" / "federated").glob("*.yaml")):
         config = load_federated_config(path)
@@ -85,7 +91,7 @@ def test_end_to_end_resume_and_infer(sites, tmp_path, capsys):
     assert [p.name for p in (killed / "ffa" / "checkpoints").iterdir()] == ["round_001.safetensors"]
     assert main(["federate", "--config", str(config), "--out", str(killed)]) == 0
     assert "resuming after round 1" in capsys.readouterr().out
-    assert (killed / "ffa" / "global_adapter.safetensors").read_bytes() == adapter.read_bytes()
+    assert same_adapter(killed / "ffa" / "global_adapter.safetensors", adapter)
     assert json.loads((killed / "ffa" / "history.json").read_text(encoding="utf-8")) == history
 
     # the global adapter is a normal adapter file: `medlora infer` runs it on the base
@@ -96,10 +102,12 @@ def test_end_to_end_resume_and_infer(sites, tmp_path, capsys):
     assert list(out.glob("*.nii.gz"))
 
     # a different config in the same folder is refused, nothing overwritten
+    mtime = adapter.stat().st_mtime_ns
     other = write_config(tmp_path / "other.yaml", sites, rounds=3)
     assert main(["federate", "--config", str(other), "--out", str(whole)]) == 2
     assert "holds a different federation" in capsys.readouterr().err
-    assert adapter.read_bytes() == (killed / "ffa" / "global_adapter.safetensors").read_bytes()
+    assert same_adapter(adapter, killed / "ffa" / "global_adapter.safetensors")
+    assert adapter.stat().st_mtime_ns == mtime
 
 
 def _train_message(node: int) -> Message:
@@ -191,7 +199,7 @@ def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(
     assert any(k.startswith("carried/1/") for k in saved) and any(k.startswith("stack/") for k in saved)
     assert run_federate(str(config), str(killed)) == 0
     adapter = whole / "fedsmooth" / "global_adapter.safetensors"
-    assert (killed / "fedsmooth" / "global_adapter.safetensors").read_bytes() == adapter.read_bytes()
+    assert same_adapter(killed / "fedsmooth" / "global_adapter.safetensors", adapter)
     # the merged global model loads onto the base it was trained on, and differs from it
     base = build_model(ModelSpec("mv_unet", {"level": 1, "width": 4}))
     load_weights(base, sites["base"])
@@ -213,3 +221,14 @@ def test_a_run_folder_written_before_a_new_default_key_is_the_same_federation(si
     changed = load_federated_config(write_config(tmp_path / "fed2.yaml", sites, rounds=4))
     with pytest.raises(FederatedConfigError, match="holds a different federation"):
         Federation(changed, tmp_path / "run").claim()
+
+
+def test_sites_of_a_round_are_sampled_from_seed_and_round():
+    strategy = FederatedStrategy("fedit", [], base_fingerprint="", global_tensors={}, fraction=0.5, seed=3)
+    nodes = [1, 2, 3, 4, 5]
+    draws = [strategy.sample(r, nodes) for r in range(1, 21)]
+    assert all(len(d) == 2 and set(d) <= set(nodes) for d in draws)
+    assert draws == [strategy.sample(r, reversed(nodes)) for r in range(1, 21)]  # not the nodes' order
+    assert len({tuple(d) for d in draws}) > 3  # different sites in different rounds
+    assert FederatedStrategy("fedit", [], base_fingerprint="", global_tensors={}, fraction=0.1).sample(1, nodes) \
+        in [[n] for n in nodes]  # at least one site
