@@ -120,8 +120,9 @@ def job_name_without_forgetting(name: str, forgetting_weight: float) -> str:
 
 def job_label(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,
               forgetting_weight: float = 0.0) -> str:
-    """A job's display name: the method's label from the adapter registry (``CP-DoRA r4``), ``full
-    fine-tuning``, ``module-wise (decoder)``; a training rule and a forgetting weight λ are appended."""
+    """A job's display name: the method's label from the adapter registry, ``full fine-tuning``, ``module-wise
+    (decoder)``; then a training rule and a forgetting weight λ, and the rank last (``LoRA + lora_pro λ=0.5 r4``),
+    as the report's tables expect (:func:`medlora.evaluation.statistics.display_name`)."""
     if method == "module":
         label = f"module-wise ({finetune})"
     elif method in BASELINE_LABELS:
@@ -130,10 +131,11 @@ def job_label(method: str, rank: int | None, finetune: str | None = None, traini
         from .adapters import get_method
 
         label = get_method(method).label
-        label = label if rank is None else f"{label} r{rank}"
     if training_rule:
         label = f"{label} + {training_rule}"
-    return f"{label} λ={_weight_text(forgetting_weight)}" if forgetting_weight else label
+    if forgetting_weight:
+        label = f"{label} λ={_weight_text(forgetting_weight)}"
+    return label if rank is None else f"{label} r{rank}"
 
 
 def _cases_text(cases: int | str) -> str:

@@ -472,7 +472,7 @@ def test_seeds_sizes_and_source_cases_are_resumable_selectable_jobs(small, tmp_p
     report = (run / "report.md").read_text(encoding="utf-8")
     for section in ("## Seeds", "## Training-set size", "## Forgetting on the source domain"):
         assert section in report
-    assert "LoRA r2 λ=1 vs LoRA r2: lowers forgetting at equal target Dice — " in report
+    assert "LoRA λ=1 r2 vs LoRA r2: lowers forgetting at equal target Dice — " in report
     assert (run / "plots" / "dice_vs_train_cases.png").is_file()
     info = json.loads((run / "study_info.json").read_text(encoding="utf-8"))
     assert info["findings"] == ["fine_tuning_helps"] and info["comparisons"] == [["lora_fw1_r2", "lora_r2"]]

@@ -38,8 +38,8 @@ def test_jobs_and_paths_are_those_crossval_plans(tmp_path):
     assert run.job_names[:4] == ["no_finetune", "full", "module_decoder", "lora_r2"]
     assert "svd" in run.job_names and "lora_lora_pro_r8" in run.job_names and "lora_fw0.5_r8" in run.job_names
     labels = {j.name: j.label for j in run.jobs}
-    assert labels["cp_dora_r1"] == "CP-DoRA r1" and labels["lora_lora_pro_r8"] == "LoRA r8 + lora_pro"
-    assert labels["module_decoder"] == "module-wise (decoder)" and labels["lora_fw0.5_r8"] == "LoRA r8 λ=0.5"
+    assert labels["cp_dora_r1"] == "CP-DoRA r1" and labels["lora_lora_pro_r8"] == "LoRA + lora_pro r8"
+    assert labels["module_decoder"] == "module-wise (decoder)" and labels["lora_fw0.5_r8"] == "LoRA λ=0.5 r8"
     (job,) = [j for j in run.jobs_named("cp_dora_r1") if j.fold == 2]
     assert run.job_dir(job) == tmp_path / "run" / "jobs" / "cp_dora_r1" / "seed_0" / "cases_all" / "fold_2"
     assert run.weights_path(job) == run.job_dir(job) / "adapter.safetensors"

@@ -386,7 +386,7 @@ def test_crossval_study_with_the_sam_backbone(tmp_path: Path) -> None:
     assert lora["medlora"]["trainable_params"] == 4 * 2 * 2 * (64 + 64) + decoder
     assert len(salt["metric_per_case"]) == 2
     ffa = json.loads((run / "jobs" / "lora_ffa_r2" / fold0).read_text(encoding="utf-8"))
-    assert ffa["medlora"]["label"] == "LoRA r2 + ffa"
+    assert ffa["medlora"]["label"] == "LoRA + ffa r2"
     assert ffa["medlora"]["trainable_params"] == 4 * 2 * 192  # FFA: only B (192 x 2 per qkv) trains
 
     bad = dict(study, methods=[{"name": "lora", "training_rule": "lora_pr0"}])
