@@ -68,7 +68,11 @@ MODES = ("auto", "dense", "factored")
 # "auto": factored where its rank-space terms cost at most this share of the dense weight gradient's multiply-adds.
 # Measured on 2 CPU cores (docs/benchmarks.md): a 16-channel 3x3x3 layer at r = 2 (flop share 0.26) is ~20 %
 # faster factored, at r = 4 (0.52) about as fast as dense, at r = 8 (1.04) slower.
-COST_RATIO = 0.5
+COST_RATIO = 0.6
+
+# The output-channel count below which a convolution runs no faster on CPU (oneDNN's blocking): the direct A stage
+# (r outputs per group) is costed as this many.
+NARROW_OUTPUTS = 16
 
 _MODE = "auto"
 
@@ -217,8 +221,38 @@ class _Conv:
     def bias_grad(self, dy):
         return dy.sum(dim=[0, *range(2, dy.dim())])
 
+    def _adjoint_padding(self, kernel) -> list[int] | None:
+        """Padding of the A stage run in the adjoint orientation, or None where that orientation does not apply.
+
+        oneDNN runs a convolution with few output channels far below its flop rate (on 2 CPU cores, the weight
+        gradient of a 16 -> 2 channel 3x3x3 convolution took 4-6x longer than the same numbers computed as below).
+        For a stride-1 A stage (not transposed) the same numbers come from the convolution in the other direction,
+        from the r-channel map to the I-channel input, whose output channels are the layer's inputs: with the kernel
+        flipped and padding ``p' = d (k - 1) - p``, ``h`` is its input gradient (a transposed convolution of x)
+        and ``dL/dA`` its weight gradient against ``x``. A transposed layer's A stage already runs that way.
+        """
+        if self.transposed:
+            return None
+        stride, padding, dilation, _, output_padding, _ = self._args(False)
+        adjoint = [d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation, strict=True)]
+        if any(s != 1 for s in stride) or any(p < 0 for p in adjoint) or any(output_padding):
+            return None
+        return adjoint
+
+    def _adjoint_kernel(self, k1):
+        """``(g r, I/g, *k)`` -> the adjoint convolution's ``(I, r, *k)`` (per group transposed, taps flipped)."""
+        g = self.groups
+        rows, per_group, *kernel = k1.shape
+        w = k1.reshape(g, rows // g, per_group, *kernel).transpose(1, 2).reshape(g * per_group, rows // g, *kernel)
+        return w.flip(list(range(2, w.dim())))
+
     def stage_a(self, x, k1):
-        return torch.ops.aten.convolution(x, k1, None, *self._args(False))
+        adjoint = self._adjoint_padding(k1.shape[2:])
+        if adjoint is None:
+            return torch.ops.aten.convolution(x, k1, None, *self._args(False))
+        _, _, dilation, _, _, g = self._args(False)
+        return torch.ops.aten.convolution(x, self._adjoint_kernel(k1), None, [1] * len(adjoint), adjoint, dilation,
+                                          True, [0] * len(adjoint), g)
 
     def stage_b_backward(self, dy, h, k2, x, need_h, need_k2):
         if h is None:  # B is frozen: only the shape of h is needed
@@ -228,7 +262,18 @@ class _Conv:
         return g_h, g_k2
 
     def stage_a_weight_grad(self, x, g_h, k1):
-        return self._backward(g_h, x, k1, False, [False, True, False])[1]
+        adjoint = self._adjoint_padding(k1.shape[2:])
+        if adjoint is None:
+            return self._backward(g_h, x, k1, False, [False, True, False])[1]
+        _, _, dilation, _, _, g = self._args(False)
+        shape = self._adjoint_kernel(k1).shape
+        grad = torch.ops.aten.convolution_backward(x, g_h, x.new_empty(1).expand(shape), None, [1] * len(adjoint),
+                                                   adjoint, dilation, False, [0] * len(adjoint), g,
+                                                   [False, True, False])[1]
+        # back from (I, r, *k): flip the taps, undo the per-group transpose
+        grad = grad.flip(list(range(2, grad.dim())))
+        rows, per_group, *kernel = k1.shape
+        return grad.reshape(g, per_group, rows // g, *kernel).transpose(1, 2).reshape(k1.shape)
 
     def weight_grad(self, x, dy, weight):
         return self._backward(dy, x, weight, None, [False, True, False])[1]
@@ -275,7 +320,10 @@ class _Conv:
             return n * voxels * fan * math.prod(k)
 
         dense = macs(x_spatial, y_spatial, in_channels, out_channels, kernel)
-        stage_a = macs(x_spatial, h_spatial, in_channels, g * rank, kernel_a)
+        # A strided A stage runs with r outputs per group, which CPU kernels pad to a vector's width (see
+        # _adjoint_padding): counted as NARROW_OUTPUTS output channels.
+        direct = not self.transposed and self._adjoint_padding(kernel_a) is None
+        stage_a = macs(x_spatial, h_spatial, in_channels, g * max(rank, NARROW_OUTPUTS if direct else 1), kernel_a)
         stage_b = macs(h_spatial, y_spatial, g * rank, out_channels, kernel_b)
         return dense, stage_a + stage_b, n * math.prod(y_spatial) * out_channels
 
