@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import os
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -446,8 +446,3 @@ def _join_outputs(name: str, routing: Routing, outputs: list[Any], rows: int) ->
     raise MultiAdapterError(f"layer {name!r}: a routed module must return tensors (or tuples of tensors) with the "
                             f"batch axis first, got {type(first).__name__}")
 
-
-def iter_members(bank: AdapterBank) -> Iterator[tuple[str, nn.Module]]:
-    """``(adapter name, member model)`` in the bank's order."""
-    for name, key in bank._keys.items():
-        yield name, bank.members[key]
