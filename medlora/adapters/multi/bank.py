@@ -175,10 +175,10 @@ class AdapterBank(nn.Module):
         >>> bank.add("ivh", ivh_model)                   # an adapted model of the same base, used live
         >>> y = bank(x, adapters=["sah", None, "ivh", "sah"])
 
-    Each sample's output equals the output of its adapter's model alone, merged or not (float tolerance of a
-    different summation order: about 1e-6 relative in float32). ``strategy`` picks how routed convolutions and
-    dense Linear layers are computed (``grouped``, ``vmap``, ``loop``; see :mod:`medlora.adapters.multi.ops`):
-    the numbers are the same, the speed is not (``docs/multi_adapter.md``).
+    Each sample's output equals the output of its adapter's model alone, merged or not, up to the round-off of a
+    different summation order (the tests hold it to 1e-5 relative in float32). ``strategy`` picks how routed
+    convolutions and dense Linear layers are computed (``grouped``, ``vmap``, ``loop``; see
+    :mod:`medlora.adapters.multi.ops`): the numbers are the same, the speed is not (``docs/multi_adapter.md``).
     """
 
     def __init__(self, base: nn.Module, *, strategy: str = "grouped", copy_base: bool = True) -> None:
