@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from torch import nn  # noqa: E402
 
-from medlora.adapters import AdapterConfig, PackedJobs, candidate_layers, inject  # noqa: E402
+from medlora.adapters import AdapterConfig, PackedJobs, candidate_layers, inject, layout_of  # noqa: E402
 from medlora.adapters.multi import STRATEGIES  # noqa: E402
 from medlora.models.registry import create_model  # noqa: E402
 
@@ -61,7 +61,8 @@ def build_job(model: str, k: int) -> nn.Module:
     torch.manual_seed(0)
     net = MODELS[model][0]()
     # SALT's svd_rank must fit every layer: leave out single-output heads, as a study would
-    exclude = [n for n, m in candidate_layers(net) if m.weight.shape[0] < options.get("svd_rank", 0) + 1] or None
+    exclude = [n for n, m in candidate_layers(net)
+               if layout_of(m).canonical_shape(m.weight.shape)[0] < options.get("svd_rank", 0) + 1] or None
     torch.manual_seed(100 + k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -148,6 +148,23 @@ def test_transposed_conv_with_output_size():
     torch.testing.assert_close(got, per_sample_reference(make, builders, names, x), rtol=1e-5, atol=1e-6)
 
 
+def test_transformers_conv1d_layers():
+    """GPT-2's Conv1D stores its weight input x output; routed like a Linear layer on the canonical weight."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+
+    def make():
+        torch.manual_seed(6)
+        return Single(pytorch_utils.Conv1D(6, 4))
+    builders = {n: (lambda m=m, r=r, s=s: adapted(make, m, r, s)) for s, (n, (m, r)) in enumerate(ADAPTERS.items())}
+    bank = AdapterBank(make())
+    for name, build in builders.items():
+        bank.add(name, build())
+    x = torch.randn(6, 3, 4)
+    for names in ROUTINGS:
+        expected = per_sample_reference(make, builders, names, x)
+        torch.testing.assert_close(bank(x[:len(names)], adapters=names), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_linear_uses_the_factor_gather_only_for_lora_shaped_adapters(monkeypatch):
     calls = []
     original = ops._padded_factors
@@ -371,6 +388,17 @@ def test_layouts_a_mixed_batch_cannot_route_are_refused():
     bank.add("a", perturb(inject(copy.deepcopy(base), AdapterConfig("lora", rank=2, targets=["out_proj"])), 1))
     with pytest.raises(MultiAdapterError, match="layer 'attn.out_proj': its weight is read outside its own forward"):
         bank(torch.randn(2, 3, 4), adapters=["a", None])
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    base = Single(ScaledLinear(3, 4))
+    bank = AdapterBank(base)
+    with pytest.raises(MultiAdapterError, match="layer 'layer' is a ScaledLinear with its own forward"):
+        bank.add("a", inject(copy.deepcopy(base), AdapterConfig("lora", rank=2)))
+    assert bank.names == []
 
 
 # ------------------------------------------------------------------------------------------ PEFT as a second reference

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import os
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,7 +51,7 @@ from ..base import AdditiveReparam, Reparam
 from ..config import get_method
 from ..inject import _is_parametrization_internal, adapters_of, iter_adapters
 from ..io import AdapterFileError, frozen_base_state, load_adapter, read_adapter_file
-from ..layout import _is_hf_conv1d, layout_of
+from ..layout import WeightLayout, layout_of
 from ..methods.conv_lora import ConvLoRA
 from ..methods.lora import LoRA
 from ..methods.pissa import OffsetLoRA
@@ -175,10 +175,10 @@ class AdapterBank(nn.Module):
         >>> bank.add("ivh", ivh_model)                   # an adapted model of the same base, used live
         >>> y = bank(x, adapters=["sah", None, "ivh", "sah"])
 
-    Each sample's output equals the output of its adapter's model alone, merged or not (float tolerance of a
-    different summation order: about 1e-6 relative in float32). ``strategy`` picks how routed convolutions and
-    dense Linear layers are computed (``grouped``, ``vmap``, ``loop``; see :mod:`medlora.adapters.multi.ops`):
-    the numbers are the same, the speed is not (``docs/multi_adapter.md``).
+    Each sample's output equals the output of its adapter's model alone, merged or not, up to the round-off of a
+    different summation order (the tests hold it to 1e-5 relative in float32). ``strategy`` picks how routed
+    convolutions and dense Linear layers are computed (``grouped``, ``vmap``, ``loop``; see
+    :mod:`medlora.adapters.multi.ops`): the numbers are the same, the speed is not (``docs/multi_adapter.md``).
     """
 
     def __init__(self, base: nn.Module, *, strategy: str = "grouped", copy_base: bool = True) -> None:
@@ -197,7 +197,9 @@ class AdapterBank(nn.Module):
         self.members = nn.ModuleDict()
         self._keys: dict[str, str] = {}
         self._varying: dict[str, dict[str, nn.Module]] = {}
-        self._routed: set[str] = set()
+        # routed trunk layers -> their weight layout (None: not a weight layer), taken before the guard changes the
+        # layer's class (transformers' Conv1D is recognised by its class name)
+        self._routed: dict[str, WeightLayout | None] = {}
         self._counter = 0
         for name, module in _named_modules(self.trunk).items():
             if isinstance(module, _RUNNING_STATS):
@@ -305,9 +307,11 @@ class AdapterBank(nn.Module):
         return model, varying
 
     def _check_routable(self, name: str, layer: str, trunk_module: nn.Module, member_module: nn.Module) -> None:
-        if layout_of(trunk_module) is None:
+        if self._routed.get(layer, layout_of(trunk_module)) is None:
             return
-        if not _is_hf_conv1d(trunk_module) and _plain_type(trunk_module).forward not in _STANDARD_FORWARD:
+        plain = _plain_type(trunk_module)
+        hf_conv1d = plain.__name__ == "Conv1D" and plain.__module__.startswith("transformers")  # as layout_of
+        if not hf_conv1d and plain.forward not in _STANDARD_FORWARD:
             raise MultiAdapterError(f"adapter {name!r}: layer {layer!r} is a {_plain_type(trunk_module).__name__} "
                                     "with its own forward; a mixed-adapter batch routes plain Linear/conv layers")
         if member_module._forward_hooks or member_module._forward_pre_hooks:
@@ -335,12 +339,12 @@ class AdapterBank(nn.Module):
     def _route(self, name: str, module: nn.Module) -> None:
         if name in self._routed:
             return
-        if layout_of(module) is not None:
+        layout = self._routed[name] = layout_of(module)
+        if layout is not None:
             parametrize.register_parametrization(module, "weight", _WeightGuard(name), unsafe=True)
             module.forward = partial(self._weight_forward, name, module)
         else:
             module.forward = partial(self._module_forward, name, module)
-        self._routed.add(name)
 
     def _routing(self, name: str, rows: int) -> Routing:
         active = _ACTIVE.get().get(id(self))
@@ -363,7 +367,7 @@ class AdapterBank(nn.Module):
             biases = [module.bias if m is None else m.bias for m in slots]
             output_size = kwargs.get("output_size", args[0] if args else None)
             return mixed_conv(module, x, routing, weights, biases, self.strategy, output_size)
-        layout = layout_of(module)
+        layout = self._routed[name]
         biases = [module.bias if m is None else m.bias for m in slots]
         terms = [[] if m is None else lora_terms(adapters_of(m)) for m in slots]
         canonical_w0 = layout.to_canonical(w0)
@@ -446,8 +450,3 @@ def _join_outputs(name: str, routing: Routing, outputs: list[Any], rows: int) ->
     raise MultiAdapterError(f"layer {name!r}: a routed module must return tensors (or tuples of tensors) with the "
                             f"batch axis first, got {type(first).__name__}")
 
-
-def iter_members(bank: AdapterBank) -> Iterator[tuple[str, nn.Module]]:
-    """``(adapter name, member model)`` in the bank's order."""
-    for name, key in bank._keys.items():
-        yield name, bank.members[key]

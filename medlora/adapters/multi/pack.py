@@ -18,9 +18,11 @@ mixed-adapter batch through an :class:`~medlora.adapters.multi.AdapterBank` whos
 The gradient of the summed loss with respect to job k's parameters is job k's gradient alone, since no other
 term depends on them; BatchNorm runs per job on the job's own samples (its batch statistics and running
 statistics are the job's). So every step equals the K jobs' steps run one by one, up to the float round-off of a
-different summation order (measured in ``tests/test_adapters_multi.py``: within 1e-5 relative after three AdamW
-steps in float32, 1e-10 in float64). A loss that is a mean over the packed batch, instead of a sum of per-job
-losses, would mix the jobs' scales: keep one loss per job. Forwards that draw random numbers (dropout, DyLoRA
+different summation order (``tests/test_adapters_multi.py``: three steps with AdamW and SGD agree to 1e-10 relative
+in float64; one step's float32 gradients to 1e-4 of the job's largest gradient; over several float32 AdamW steps a
+gradient that is zero up to round-off, e.g. a DoRA magnitude right before a BatchNorm, can differ by a step of
+``lr``, as between any two summation orders). A loss that is a mean over the packed batch, instead of a sum of
+per-job losses, would mix the jobs' scales: keep one loss per job. Forwards that draw random numbers (dropout, DyLoRA
 without :func:`~medlora.adapters.draw_dylora_rank` and a per-job generator) draw them in another order than
 separate runs, so such jobs are not reproduced bitwise.
 """
