@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -297,6 +298,74 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
         "process_peak_mb": rss_peak_mb,
         "peak_method": peak_method,
     }
+
+
+def per_layer(args: argparse.Namespace) -> list[str]:
+    """``--per-layer``: each adapted layer's forward + backward alone on the dense and the factored path.
+
+    The calibration data of the cost model (``medlora.adapters.factored.COST_RATIO``): per layer its ratio of
+    multiply-adds, the path ``"auto"`` takes, and the measured times (best of ``--steps``). Input shapes are those
+    the layer sees in the network at the first ``--sizes`` patch size; the upstream gradient is random.
+    """
+    import torch
+
+    from medlora.adapters import backward_path, iter_adapters, set_backward
+    from medlora.adapters.factored import COST_RATIO, cost_ratio
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    size = args.sizes[0]
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    lines = [f"\n## per layer: forward + backward alone, {size}^3 input to the network, batch {args.batch}, "
+             f"{args.device}, best of {args.steps}; auto goes factored where the model ratio <= {COST_RATIO}\n",
+             "| model | method | layer | weight | input | model ratio | auto | dense ms | factored ms | time ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for model_name in args.models:
+        for method in args.methods or ["lora", "dora"]:
+            base = split_method(method)[0]
+            model = prepare_model(base, rank_for(args, model_name), args.seed, model_name).to(device)
+            shapes: dict[str, tuple[int, ...]] = {}
+
+            def record(module, inputs, name, shapes=shapes):
+                shapes.setdefault(name, tuple(inputs[0].shape))
+
+            hooks = [module.register_forward_pre_hook(functools.partial(record, name=name))
+                     for name, module, _ in iter_adapters(model)]
+            with torch.no_grad():
+                model(torch.randn(args.batch, 1, size, size, size, device=device))
+            for hook in hooks:
+                hook.remove()
+            for name, module, _ in iter_adapters(model):
+                shape = shapes.get(name)
+                if shape is None:
+                    continue
+                x = torch.randn(shape, device=device, requires_grad=True)
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                    grad = torch.randn_like(module(x))
+                times = {}
+                for path in ("dense", "factored"):
+                    best = float("inf")
+                    with set_backward(path):
+                        for i in range(args.steps + 1):
+                            if device.type == "cuda":
+                                torch.cuda.synchronize(device)
+                            start = clock()
+                            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+                                y = module(x)
+                            y.backward(grad)
+                            if device.type == "cuda":
+                                torch.cuda.synchronize(device)
+                            if i:  # the first round warms up
+                                best = min(best, clock() - start)
+                    times[path] = best * 1e3
+                ratio = cost_ratio(module, shape)
+                weight = "x".join(map(str, module.parametrizations["weight"].original.shape))
+                lines.append(
+                    f"| {model_name} | {method} | {name} | {weight} | {'x'.join(map(str, shape))} | "
+                    + ("-" if ratio is None else f"{ratio:.2f}") + f" | {backward_path(module, shape)} | "
+                    f"{times['dense']:.2f} | {times['factored']:.2f} | {times['factored'] / times['dense']:.2f} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -579,6 +648,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="64^3 only, few steps")
     p.add_argument("--check", action="store_true", help="exit 1 if any target fails")
+    p.add_argument("--per-layer", action="store_true",
+                   help="instead: time each adapted layer alone on the dense and the factored path\n"
+                        "(the cost model's calibration data; first --sizes value, --methods default lora dora)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw per-run results here")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child run")
     p.add_argument("--max-foreign-load", type=float, default=0.15,
@@ -635,6 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.single is not None:
         print(RESULT_PREFIX + json.dumps(run_single(args)), flush=True)
+        return 0
+    if args.per_layer:
+        print("# medlora factored backward: per-layer timings")
+        print("\n".join(environment(args) + per_layer(args)))
         return 0
 
     ours = list(args.methods) if args.methods else ["lora:dense", "dora:dense", *LORA_TYPE, *DORA_TYPE]
