@@ -182,10 +182,11 @@ def test_dora_zero_magnitude_and_zero_base_rows(f64, one_thread, detach_norm):
 
 
 def test_dora_output_changed_in_place_afterwards(f64, one_thread):
-    """A ReLU(inplace=True) after the layer overwrites the output the magnitude contraction needs."""
+    """A LeakyReLU(inplace=True) after the layer overwrites the output the magnitude contraction needs (a ReLU
+    would not show: its gradient is zero wherever it changes the output)."""
     make, shape, kwargs = LAYERS["conv3d_aniso"]
     model = _adapted("dora", make)
-    _assert_same(model, shape, kwargs, post=lambda y: torch.relu_(y))
+    _assert_same(model, shape, kwargs, post=lambda y: nn.functional.leaky_relu_(y, 0.1))
 
 
 # --- the cost model and the switch ------------------------------------------------------------------------------
@@ -195,11 +196,15 @@ def test_cost_model_keeps_narrow_layers_dense():
     """Hand count per output voxel, 3x3x3 kernel: dense weight gradient O I 27; factored 2 r (27 I + O).
 
     O = I = 16: r = 8 gives 7168 vs 6912 (1.04, dense); r = 2 gives 1792 (0.26, factored). O = I = 128, r = 8:
-    56 320 vs 442 368 (0.13, factored). Linear 16 -> 16 at r = 8: 2 * 8 * 32 = 512 vs 256 (dense).
+    57 344 vs 442 368 (0.13, factored). Linear 16 -> 16 at r = 8: 2 * 8 * 32 = 512 vs 256 (dense). A strided
+    16 -> 32 convolution at r = 2 runs its A stage with 2 outputs, costed as 16: 2 (16 * 16 * 27 + 32 * 2) = 13 952
+    vs 32 * 16 * 27 = 13 824 (1.01, dense), where its stride-1 twin is 2 (2 * 16 * 27 + 64) = 1856 (0.13).
     """
     shape = (2, 16, 8, 8, 8)
     cases = [(nn.Conv3d(16, 16, 3, padding=1), 8, shape, "dense"),
              (nn.Conv3d(16, 16, 3, padding=1), 2, shape, "factored"),
+             (nn.Conv3d(16, 32, 3, padding=1, stride=2), 2, shape, "dense"),
+             (nn.Conv3d(16, 32, 3, padding=1), 2, shape, "factored"),
              (nn.Conv3d(128, 128, 3, padding=1), 8, (2, 128, 4, 4, 4), "factored"),
              (nn.ConvTranspose3d(128, 64, 2, stride=2), 8, (2, 128, 4, 4, 4), "factored"),
              (nn.ConvTranspose3d(32, 16, 2, stride=2), 8, (2, 32, 4, 4, 4), "dense"),

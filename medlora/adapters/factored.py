@@ -328,15 +328,14 @@ class _Conv:
         return dense, stage_a + stage_b, n * math.prod(y_spatial) * out_channels
 
 
-def _prefers_factored(op: _Linear | _Conv, x_shape: tuple[int, ...], factors: Factors) -> bool:
-    """The cost model of ``"auto"``: factored where it costs at most :data:`COST_RATIO` of the dense weight gradient.
+def _cost_ratio(op: _Linear | _Conv, x_shape: tuple[int, ...], factors: Factors) -> float:
+    """Multiply-adds of the factored terms over those of the dense weight gradient.
 
     Each stage runs twice in backward (A: forward for ``h`` and weight gradient; B: input and weight gradient);
     DoRA adds one multiply-add per output element for the magnitude.
     """
     dense, one_pass, outputs = op.costs(x_shape, factors.b.shape[0], factors.a.shape[0], factors)
-    factored = 2 * one_pass + (outputs if factors.magnitude is not None else 0)
-    return factored <= COST_RATIO * dense
+    return (2 * one_pass + (outputs if factors.magnitude is not None else 0)) / max(dense, 1)
 
 
 class _FactoredLayer(torch.autograd.Function):
@@ -462,7 +461,7 @@ def _plan(module: nn.Module, x: torch.Tensor, output_size: Any) -> tuple | None:
         return None
     if isinstance(op, _Conv):
         op = dataclasses.replace(op, b_axes=tuple(factors.b_axes))
-    if mode == "auto" and not _prefers_factored(op, tuple(x.shape), factors):
+    if mode == "auto" and _cost_ratio(op, tuple(x.shape), factors) > COST_RATIO:
         return None
     return reparam, factors, x, op, unbatched
 
@@ -546,3 +545,23 @@ def backward_path(module: nn.Module, input_shape: tuple[int, ...] | torch.Size) 
     with torch.no_grad():
         plan = _plan(module, torch.empty(tuple(input_shape), device="meta"), None)
     return "dense" if plan is None else "factored"
+
+
+def cost_ratio(module: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> float | None:
+    """The cost model's ratio for an adapted layer on an input of this shape (``"auto"`` goes factored where it is at
+    most :data:`COST_RATIO`), or None where the layer has no factored form."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    with torch.no_grad(), set_backward("factored"):
+        reparam = module.parametrizations["weight"][0]
+        saved, reparam.backward_path = reparam.backward_path, None
+        try:
+            plan = _plan(module, torch.empty(tuple(input_shape), device="meta"), None)
+        finally:
+            reparam.backward_path = saved
+    if plan is None:
+        return None
+    _, factors, x, op, _ = plan
+    return _cost_ratio(op, tuple(x.shape), factors)
