@@ -192,6 +192,29 @@ def test_dora_output_changed_in_place_afterwards(f64, one_thread):
 # --- the cost model and the switch ------------------------------------------------------------------------------
 
 
+def test_monai_metatensor_input_is_factored_and_keeps_its_metadata(f64, one_thread):
+    """MONAI pipelines hand MetaTensors to the network: same output type, metadata and gradients as the dense path."""
+    meta_tensor = pytest.importorskip("monai.data").MetaTensor
+    model = _adapted("lora", lambda: nn.Conv3d(3, 5, 3, padding=1))
+    results = {}
+    for mode in ("dense", "factored"):
+        x = meta_tensor(torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2)),
+                        meta={"filename_or_obj": "case_007.nii.gz"}).requires_grad_(True)
+        model.zero_grad()
+        with set_backward(mode):
+            y = model(x)
+        assert type(y) is meta_tensor and y.meta["filename_or_obj"] == "case_007.nii.gz"
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[mode] = (y.as_tensor().detach(), x.grad.as_subclass(torch.Tensor).clone(), grads, _nodes(y))
+    assert FACTORED_NODE in results["factored"][3] and FACTORED_NODE not in results["dense"][3]
+    torch.testing.assert_close(results["factored"][0], results["dense"][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(results["factored"][1], results["dense"][1], rtol=0, atol=1e-10)
+    for name, grad in results["dense"][2].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(results["factored"][2][name], grad, rtol=0, atol=1e-10, msg=name)
+
+
 def test_cost_model_keeps_narrow_layers_dense():
     """Hand count per output voxel, 3x3x3 kernel: dense weight gradient O I 27; factored 2 r (27 I + O).
 

@@ -181,7 +181,8 @@ def test_a_study_reads_the_sections_medlora_fit_reads(tmp_path):
     as_fit.write_text(yaml.safe_dump({"model": study["model"], "trainer": study["trainer"],
                                       "data": {**study["data"], "data_dir": str(tmp_path)}}), encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "medlora.cli", "fit", "--config", str(as_fit), "--print_config"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         capture_output=True, encoding="utf-8", errors="replace",
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
     assert {k: printed["model"][k] for k in study["model"]} == study["model"]
@@ -325,7 +326,7 @@ def _hold(lock_path: Path, marker: Path) -> subprocess.Popen:
             f"m = Path({str(marker)!r}); m.parent.mkdir(parents=True); m.write_text('in progress')\n"
             "print('held', flush=True); time.sleep(600)\n")
     lock_path.parent.mkdir(parents=True)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, encoding="utf-8", errors="replace")
     assert child.stdout.readline().strip() == "held"
     return child
 
@@ -373,7 +374,8 @@ def test_ctrl_c_during_a_job_is_one_line_and_exit_130(small, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", "crossval", "--config", str(config), "--out",
-                             str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(run)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                            errors="replace")
     logs = run / "jobs" / fold("full", 0) / "logs"
     deadline = time.monotonic() + 240
     while not logs.exists() and proc.poll() is None and time.monotonic() < deadline:

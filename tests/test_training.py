@@ -293,7 +293,7 @@ def test_ctrl_c_during_fit_is_one_line_and_exit_130(phantoms, base_weights, tmp_
                     phantoms["sah"], 3, "--model.pretrained", str(base_weights[3]), "--trainer.max_epochs", "500")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
     deadline = time.monotonic() + 240
     while not (tmp_path / "logs").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # the CSV logger's folder appears when Lightning starts fitting

@@ -74,7 +74,7 @@ COST_RATIO = 0.6
 # (r outputs per group) is costed as this many.
 NARROW_OUTPUTS = 16
 
-_MODE = "dense"  # opt-in until the factored path handles MONAI MetaTensor inputs (see the session note)
+_MODE = "auto"
 
 
 def _check_mode(mode: Any, where: str) -> str:
@@ -477,10 +477,22 @@ def _factored_call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor
         return None
     if isinstance(module, nn.Linear) and len(args) + len(kwargs) != 1:
         return None
+    if type(x) is not torch.Tensor and torch.overrides.has_torch_function((x,)):
+        # A tensor subclass (MONAI's MetaTensor): the computation runs on the plain tensor (MetaTensor's own
+        # ``new_empty`` rejects the size arguments aten passes), and the subclass wraps the output as it wraps the
+        # dense path's convolution, metadata included.
+        output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+        return torch.overrides.handle_torch_function(_plain_tensor_call, (x,), module, x, output_size)
+    output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    return _plain_tensor_call(module, x, output_size)
+
+
+def _plain_tensor_call(module: nn.Module, x: torch.Tensor, output_size: Any) -> torch.Tensor | None:
+    if type(x) is not torch.Tensor:
+        x = x.as_subclass(torch.Tensor)
     reparam = module.parametrizations["weight"][0]
     if not any(p.requires_grad for p in reparam.parameters()):
         return None
-    output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
     plan = _plan(module, x, output_size)
     if plan is None:
         return None
