@@ -121,9 +121,13 @@ def test_collect_rows_and_results_csv(tmp_path):
         reader = csv.DictReader(f)
         header = reader.fieldnames
         table = list(reader)
-    assert header[:7] == ["job", "method", "label", "rank", "family", "fold", "case_id"]
-    assert header[7:9] == ["Dice", "IoU"] and header[-5:] == [
-        "volume_bin", "trainable_params", "total_params", "percent_trainable", "train_seconds"]
+    assert header[:10] == ["job", "method", "label", "rank", "family", "seed", "train_cases", "domain", "fold",
+                           "case_id"]
+    assert header[10:12] == ["Dice", "IoU"] and header[-7:] == [
+        "volume_bin", "n_train_cases", "forgetting_weight", "trainable_params", "total_params", "percent_trainable",
+        "train_seconds"]
+    # summaries of the older jobs/<job>/fold_<k> layout: one seed, whole folds, target cases
+    assert {(r["seed"], r["train_cases"], r["domain"]) for r in table} == {("", "all", "target")}
     assert len(table) == 45 and len({(r["job"], r["case_id"]) for r in table}) == 45
     for r in table:
         expected = AGREE[r["job"]][CASES.index(r["case_id"])]
