@@ -385,9 +385,6 @@ class StudyConfig:
         """The ``data:`` section of pretraining: the study's with ``pretrain.data`` over it."""
         return {**self.data, **self.pretrain.data}
 
-    def adapter_config(self, entry: MethodEntry, rank: int | None) -> AdapterConfig:
-        return AdapterConfig.from_dict(self.job_model(entry, rank, None)["adapter"])
-
     def to_record(self) -> dict[str, Any]:
         """The config as JSON-native data (``study.json``), its ``model`` and ``data`` sections completed with the
         defaults of the signatures they are checked against, so that a reader of the run folder needs none."""
