@@ -187,7 +187,20 @@ def test_a_study_reads_the_sections_medlora_fit_reads(tmp_path):
     printed = yaml.safe_load(out.stdout)
     assert {k: printed["model"][k] for k in study["model"]} == study["model"]
     assert {k: printed["data"][k] for k in study["data"]} == study["data"]
-    assert printed["trainer"]["max_epochs"] == study["trainer"]["max_epochs"]
+    assert {k: printed["trainer"][k] for k in study["trainer"]} == study["trainer"]
+
+
+def test_pretraining_overrides_the_study_sections(tmp_path):
+    config = load_study_config(write_config(
+        tmp_path, model={**TINY["model"], "lr": 0.001, "forgetting_weight": 0.5}, trainer={"max_steps": 30},
+        pretrain={"trainer": {"max_epochs": 5}, "model": {"lr": 0.003}, "data": {"batch_size": 2}}))
+    assert config.pretrain_trainer() == {"max_epochs": 5}  # its own budget replaces the study's max_steps
+    model = config.pretrain_model()
+    assert (model["lr"], model["forgetting_weight"], model["finetune"], model["pretrained"]) == (0.003, 0.0, "all",
+                                                                                                 None)
+    assert config.pretrain_data()["batch_size"] == 2 and config.data["batch_size"] == 1
+    (lora,) = [m for m in config.methods if m.name == "cp_dora"]
+    assert config.job_model(lora, 2, "b.safetensors")["forgetting_weight"] == 0.5  # the study's model section
 
 
 def test_a_run_folder_refuses_a_different_study(tmp_path, capsys):

@@ -126,6 +126,8 @@ def test_collect_rows_and_results_csv(tmp_path):
     assert header[10:12] == ["Dice", "IoU"] and header[-7:] == [
         "volume_bin", "n_train_cases", "forgetting_weight", "trainable_params", "total_params", "percent_trainable",
         "train_seconds"]
+    # summaries of the older jobs/<job>/fold_<k> layout: one seed, whole folds, target cases
+    assert {(r["seed"], r["train_cases"], r["domain"]) for r in table} == {("", "all", "target")}
     assert len(table) == 45 and len({(r["job"], r["case_id"]) for r in table}) == 45
     for r in table:
         expected = AGREE[r["job"]][CASES.index(r["case_id"])]

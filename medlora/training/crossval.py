@@ -351,8 +351,8 @@ class Study:
         c = self.config
         pl.seed_everything(seed, workers=True, verbose=False)
         module = self._module(c.pretrain_model())
-        dm = self._datamodule(self.source_dir, "all", seed, data={**c.data, **c.pretrain.data})
-        trainer = {**c.trainer, **c.pretrain.trainer}
+        dm = self._datamodule(self.source_dir, "all", seed, data=c.pretrain_data())
+        trainer = c.pretrain_trainer()
         start = time.perf_counter()
         with _quiet_lightning():
             fit_or_interrupt(_trainer(trainer, folder, progress), module, dm)
@@ -468,8 +468,8 @@ class Study:
             "pretrain_seeds": self.pretrain_seeds if c.base_given is None else None,
             "train_cases": list(c.train_cases), "spatial_dims": c.spatial_dims, **model,
             "patch_size": self._datamodule_defaults()["patch_size"],
-            "pretrain_epochs": None if c.base_given else {**c.trainer, **c.pretrain.trainer}.get("max_epochs"),
-            "finetune_epochs": c.trainer.get("max_epochs"), "expected_jobs": len(self.jobs),
+            "pretrain_trainer": None if c.base_given else c.pretrain_trainer(),
+            "finetune_trainer": dict(c.trainer), "expected_jobs": len(self.jobs),
             "job_names": list(dict.fromkeys(j.name for j in self.jobs)),
         }
         if c.findings is not None:
@@ -630,7 +630,7 @@ def _pretrain(study: Study, seed: int, may_pretrain: bool, bar: Any, say: Any) -
         if not may_pretrain:
             raise MedloraError(f"{base}: the pretrained base does not exist yet; run `medlora crossval --config "
                                f"{study.config_path} --out {study.out} --only pretrain` first")
-        epochs = {**study.config.trainer, **study.config.pretrain.trainer}.get("max_epochs") or 1
+        epochs = study.config.pretrain_trainer().get("max_epochs") or 1
         task = bar.add_task("pretraining on the source domain", total=epochs)
         summary = study.run_pretraining(seed, lambda e, n: bar.update(task, completed=e))
         say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "

@@ -369,12 +369,21 @@ class StudyConfig:
         return model
 
     def pretrain_model(self) -> dict[str, Any]:
-        """The ``model:`` section of pretraining: the study's, with ``pretrain.model`` over it; all trains."""
+        """The ``model:`` section of pretraining: the study's, with ``pretrain.model`` over it; all trains, from
+        random weights, without a forgetting term (there is no base to forget)."""
         return {**copy.deepcopy(self.model), **copy.deepcopy(self.pretrain.model), "pretrained": None,
-                "spatial_dims": self.spatial_dims, "finetune": "all"}
+                "spatial_dims": self.spatial_dims, "finetune": "all", "forgetting_weight": 0.0}
 
-    def adapter_config(self, entry: MethodEntry, rank: int | None) -> AdapterConfig:
-        return AdapterConfig.from_dict(self.job_model(entry, rank, None)["adapter"])
+    def pretrain_trainer(self) -> dict[str, Any]:
+        """The ``trainer:`` section of pretraining: the study's with ``pretrain.trainer`` over it, where a budget
+        (``max_epochs`` or ``max_steps``) given for pretraining replaces the study's budget as a whole."""
+        budget = {"max_epochs", "max_steps"}
+        base = {k: v for k, v in self.trainer.items() if not (budget & set(self.pretrain.trainer) and k in budget)}
+        return {**base, **self.pretrain.trainer}
+
+    def pretrain_data(self) -> dict[str, Any]:
+        """The ``data:`` section of pretraining: the study's with ``pretrain.data`` over it."""
+        return {**self.data, **self.pretrain.data}
 
     def to_record(self) -> dict[str, Any]:
         """The config as JSON-native data (``study.json``), its ``model`` and ``data`` sections completed with the
@@ -437,7 +446,7 @@ def study_from_mapping(data: Any) -> StudyConfig:
         _data_section(pretrain.get("data"), "study.pretrain.data"),
         _trainer_section(pretrain.get("trainer"), "study.pretrain.trainer"))
     overrides = data.get("adapter_methods") or {}
-    if isinstance(overrides, dict) and "name" in overrides or isinstance(overrides, dict) and "ranks" in overrides:
+    if isinstance(overrides, dict) and {"name", "ranks"} & set(overrides):
         raise StudyConfigError("study.adapter_methods: names and ranks belong to the method entries")
     kwargs["adapter_methods"] = _model_section(overrides, "study.adapter_methods", _METHOD_REFUSED)
     methods = data.get("methods") or []
@@ -670,8 +679,7 @@ def check_study_inputs(config: StudyConfig, path: str | Path) -> None:
                                        "cases")
         checks.existing_file("study.model.pretrained", config.base_given)
         if config.base_given is None:
-            model, data = config.pretrain_model(), {**config.data, **config.pretrain.data}
-            trainer = {**config.trainer, **config.pretrain.trainer}
+            model, data, trainer = config.pretrain_model(), config.pretrain_data(), config.pretrain_trainer()
 
             def origin(key: str) -> str:
                 section, _, leaf = key.partition(".")
