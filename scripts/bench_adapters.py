@@ -300,6 +300,60 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_group(args: argparse.Namespace) -> dict[str, Any]:
+    """``--interleave``: every method's training step in one process, one step of each in turn.
+
+    ``--warmup`` passes, then ``--rounds`` x ``--steps`` timed passes over the methods, the order reversed on
+    every other pass, so that a slow spell of a loaded machine hits every method alike. Per method: its step
+    times and the median of each round's steps.
+    """
+    import torch
+    from monai.losses import DiceCELoss
+
+    from medlora.adapters import set_backward
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if args.loss == "dicece" else torch.nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(args.seed)
+    size = args.size
+    image = torch.randn(args.batch, 1, size, size, size, generator=generator).to(device)
+    label = torch.randint(0, 2, (args.batch, 1, size, size, size), generator=generator).to(device)
+    target = label if args.loss == "dicece" else label[:, 0]
+    methods = args.group.split(",")
+    runs = {}
+    for name in methods:
+        method, path = split_method(name)
+        model = prepare_model(method, args.rank, args.seed, args.model).to(device).train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        runs[name] = (model, torch.optim.Adam(trainable, lr=1e-4), path, sum(p.numel() for p in trainable))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(args.warmup + args.rounds * args.steps):
+        for name in methods if i % 2 == 0 else methods[::-1]:
+            model, optimizer, path, _ = runs[name]
+            with set_backward(path):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = clock()
+                with autocast:
+                    loss = loss_fn(model(image), target)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= args.warmup:
+                    times[name].append((clock() - start) * 1e3)
+    return {name: {"times_ms": times[name], "trainable": runs[name][3],
+                   "round_medians_ms": [statistics.median(times[name][r * args.steps:(r + 1) * args.steps])
+                                        for r in range(args.rounds)]}
+            for name in methods}
+
+
 def per_layer(args: argparse.Namespace) -> list[str]:
     """``--per-layer``: each adapted layer's forward + backward alone on the dense and the factored path.
 
@@ -487,6 +541,26 @@ def run_child(args: argparse.Namespace, method: str, size: int, memory: bool = F
     return result
 
 
+def run_group_child(args: argparse.Namespace, methods: list[str], size: int) -> dict[str, Any]:
+    """:func:`run_group` for ``methods`` in a fresh process; ``{"error": ...}`` if it fails."""
+    command = child_command(args, methods[0], size, memory=False)
+    command[command.index("--single") + 1] = "-"
+    command += ["--group", ",".join(methods), "--rounds", str(args.rounds)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(args.threads)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout * len(methods))
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
 def _run_child_once(args: argparse.Namespace, method: str, size: int, memory: bool) -> dict[str, Any]:
     env = dict(os.environ)
     if memory:
@@ -661,7 +735,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU: separate short runs per method for peak memory with a fixed malloc mmap\n"
                         "threshold (default 1; 0: take memory from the timing runs' RSS)")
     p.add_argument("--retries", type=int, default=2, help="reruns of a run disturbed by other processes")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all methods of a network and size in one process, one step of each in turn\n"
+                        "(robust on a loaded machine; peak memory still from --memory-runs' fresh processes)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--group", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--model", choices=list(MODELS), default="monai", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -696,6 +774,8 @@ def _record(results: dict[str, Aggregate], raw: list[dict[str, Any]], res: dict[
         return f"live peak +{res['peak_mb']:.0f} MB"
     agg.trainable = res["trainable"]
     agg.run_medians_ms.append(res["median_ms"])
+    if res.get("interleaved"):
+        return f"{res['median_ms']:.0f} ms"
     agg.peaks_mb.append(res["peak_mb"])
     msg = f"{res['median_ms']:.0f} ms, RSS peak +{res['peak_mb']:.0f} MB"
     if res.get("foreign_load") is not None:
@@ -705,6 +785,9 @@ def _record(results: dict[str, Aggregate], raw: list[dict[str, Any]], res: dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.group is not None:
+        print(RESULT_PREFIX + json.dumps(run_group(args)), flush=True)
+        return 0
     if args.single is not None:
         print(RESULT_PREFIX + json.dumps(run_single(args)), flush=True)
         return 0
@@ -737,7 +820,23 @@ def main(argv: list[str] | None = None) -> int:
         child_args = argparse.Namespace(**{**vars(args), "model": model, "rank": rank_for(args, model)})
         here = runs_on(model)
         runs = [(rnd, True, here) for rnd in range(memory_runs)]
-        runs += [(rnd, False, here if rnd % 2 == 0 else here[::-1]) for rnd in range(args.rounds)]
+        if args.interleave:
+            start = time.perf_counter()
+            group = run_group_child(child_args, here, size)
+            done += args.rounds * len(here)
+            for method in here:
+                res = group.get(method, {"error": group.get("error", "no result")})
+                for rnd, median_ms in enumerate(res.get("round_medians_ms", [None])):
+                    one = {"method": method, "model": model, "size": size, "round": rnd, "memory_run": False,
+                           "interleaved": True}
+                    one.update({"error": res["error"]} if "error" in res else
+                               {"median_ms": median_ms, "trainable": res["trainable"],
+                                "times_ms": res["times_ms"][rnd * args.steps:(rnd + 1) * args.steps]})
+                    _record(results[(model, size)], raw, one, memory=False)
+            print(f"[{done}/{total} {time.perf_counter() - t0:.0f}s] {model} {size}^3 interleaved timing of "
+                  f"{len(here)} methods: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        else:
+            runs += [(rnd, False, here if rnd % 2 == 0 else here[::-1]) for rnd in range(args.rounds)]
         for rnd, memory, order in runs:
             for method in order:
                 res = run_child(child_args, method, size, memory=memory)
@@ -770,6 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     print("x PEFT ref: LoRA-type vs peft_lora, DoRA-type vs peft_dora (peft_dora row: vs peft_lora); x dense path: "
           "vs the same method's :dense run (today's backward); run spread: (max - min) / median of the per-run "
           "median step times.")
+    if args.interleave:
+        print("step times: all methods of a table timed in one process, one step of each in turn "
+              f"({args.warmup} warm-up pass(es), {args.rounds} x {args.steps} timed); run spread: over the rounds' "
+              "medians; RSS peak MB: not measured.")
     print(f"targets (default backward): LoRA-type <= {LORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_lora; "
           f"DoRA-type <= {DORA_TIME_VS_FULL}x full FT and <= {TIME_VS_PEFT}x peft_dora; <= {TIME_VS_DENSE}x their "
           f":dense run; peak memory <= {MEMORY_VS_FULL}x full FT.")

@@ -131,6 +131,25 @@ def test_conv_lora_is_factored_on_linear_and_1d(f64, one_thread, method, layer):
     _assert_same(_adapted(method, make), shape, kwargs)
 
 
+@pytest.mark.parametrize("layer", ["conv2d_dilated", "conv2d_groups_reflect", "conv2d_same_even",
+                                   "conv3d_circular_unbatched"])
+@pytest.mark.parametrize("method", ["lora", "dora", "conv_lora"])
+def test_narrow_dense_layers_take_the_input_gradient_as_a_forward_convolution(f64, one_thread, method, layer):
+    """Under "auto", a stride-1 convolution with few outputs that stays dense (rank 4 here: the factored terms cost
+    more than the weight gradient) runs the dense weight gradient in its own backward with the input gradient as a
+    forward convolution; both equal autograd's."""
+    make, shape, kwargs = LAYERS[layer]
+    model = _adapted(method, make, rank=4)
+    y_d, gx_d, g_d, nodes_d = _run(model, shape, kwargs, "dense")
+    y_a, gx_a, g_a, nodes_a = _run(model, shape, kwargs, "auto")
+    assert "_DenseLayerBackward" in nodes_a and FACTORED_NODE not in nodes_a
+    assert backward_path(model[0], shape) == "dense"
+    torch.testing.assert_close(y_a, y_d, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gx_a, gx_d, rtol=0, atol=1e-10)
+    for name in g_d:
+        torch.testing.assert_close(g_a[name], g_d[name], rtol=0, atol=1e-10 * max(1.0, g_d[name].abs().max().item()))
+
+
 def test_conv_lora_on_2d_3d_kernels_stays_dense(f64, one_thread):
     make, shape, _ = LAYERS["conv3d_aniso"]
     model = _adapted("conv_lora", make)

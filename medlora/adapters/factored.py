@@ -215,7 +215,27 @@ class _Conv:
     def forward(self, x, weight, bias):
         return torch.ops.aten.convolution(x, weight, bias, *self._args(None))
 
+    def _input_grad_padding(self, weight_shape) -> list[int] | None:
+        """Padding of the input gradient run as a forward convolution, or None where that is not done.
+
+        The input gradient of a stride-1 convolution is the convolution of ``dy`` with the per-group transposed,
+        flipped kernel and padding ``d (k - 1) - p``. oneDNN's backward-data kernel is slow when ``dy`` has few
+        channels (2 CPU cores: 2 -> 2 channels at 64^3 3.9x, 16 -> 2 at 32^3 3x slower than this forward
+        convolution; from 16 channels on both take the same time), so layers with fewer than NARROW_OUTPUTS
+        outputs take this form.
+        """
+        out_channels, _, *kernel = weight_shape
+        if self.transposed or out_channels >= NARROW_OUTPUTS or any(s != 1 for s in self.stride):
+            return None
+        adjoint = [d * (k - 1) - p for k, p, d in zip(kernel, self.padding, self.dilation, strict=True)]
+        return None if any(p < 0 for p in adjoint) else adjoint
+
     def input_grad(self, dy, x_shape, weight):
+        adjoint = self._input_grad_padding(weight.shape)
+        if adjoint is not None:
+            ones = [1] * len(adjoint)
+            return torch.ops.aten.convolution(dy, self._adjoint_kernel(weight), None, ones, adjoint,
+                                              list(self.dilation), False, [0] * len(adjoint), self.groups)
         return self._backward(dy, dy.new_empty(1).expand(x_shape), weight, None, [True, False, False])[0]
 
     def bias_grad(self, dy):
@@ -240,7 +260,10 @@ class _Conv:
         return adjoint
 
     def _adjoint_kernel(self, k1):
-        """``(g r, I/g, *k)`` -> the adjoint convolution's ``(I, r, *k)`` (per group transposed, taps flipped)."""
+        """``(g r, I/g, *k)`` -> the adjoint convolution's ``(I, r, *k)`` (per group transposed, taps flipped).
+
+        Read as a transposed convolution's weight it maps I to r channels per group, as a convolution's weight r
+        (per group) to I channels."""
         g = self.groups
         rows, per_group, *kernel = k1.shape
         w = k1.reshape(g, rows // g, per_group, *kernel).transpose(1, 2).reshape(g * per_group, rows // g, *kernel)
@@ -380,6 +403,31 @@ class _FactoredLayer(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_k1, grad_k2, grad_m if need_m else None, grad_dir, None, None, None
 
 
+class _DenseLayer(torch.autograd.Function):
+    """``y = layer(x; W_eff)`` with the dense weight gradient, for narrow convolutions that keep the dense path.
+
+    Autograd's own backward would run the same two kernels except for the input gradient, which is computed here
+    as a forward convolution where that is faster (:meth:`_Conv._input_grad_padding`); the weight gradient
+    reaches the adapter through autograd as on the dense path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op):
+        ctx.op, ctx.x_shape = op, x.shape
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return op.forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        op = ctx.op
+        dy = dy.contiguous()
+        grad_x = op.input_grad(dy, ctx.x_shape, weight) if ctx.needs_input_grad[0] else None
+        grad_w = op.weight_grad(x, dy, weight) if ctx.needs_input_grad[1] else None
+        grad_b = op.bias_grad(dy) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 def _magnitude_grad(ctx, op, x, dy, weight, bias, magnitude, direction, norm):
     """``dL/dm_o = sum dy_o (y_o - b_o) / m_o``; from the dense ``G`` for ``m_o = 0`` or a changed output."""
     intact = ctx.output._version == ctx.output_version
@@ -446,7 +494,8 @@ def _mode_of(reparam: nn.Module) -> str:
 
 
 def _plan(module: nn.Module, x: torch.Tensor, output_size: Any) -> tuple | None:
-    """``(reparam, factors, input, operation, unbatched)`` for the factored path, or None for the dense one."""
+    """``(reparam, factors, input, operation, unbatched)`` for the factored path (``factors`` None: the dense weight
+    gradient in :class:`_DenseLayer`), or None for the layer's own forward and autograd."""
     plist = module.parametrizations["weight"]
     reparam = plist[0]
     mode = _mode_of(reparam)
@@ -457,13 +506,15 @@ def _plan(module: nn.Module, x: torch.Tensor, output_size: Any) -> tuple | None:
         return None
     x, op, unbatched = routed
     factors = reparam.factored(reparam.layout.to_canonical(plist.original))
-    if factors is None:
-        return None
-    if isinstance(op, _Conv):
-        op = dataclasses.replace(op, b_axes=tuple(factors.b_axes))
-    if mode == "auto" and _cost_ratio(op, tuple(x.shape), factors) > COST_RATIO:
-        return None
-    return reparam, factors, x, op, unbatched
+    if factors is not None:
+        if isinstance(op, _Conv):
+            op = dataclasses.replace(op, b_axes=tuple(factors.b_axes))
+        if mode == "factored" or _cost_ratio(op, tuple(x.shape), factors) <= COST_RATIO:
+            return reparam, factors, x, op, unbatched
+    shape = reparam.layout.canonical_shape(plist.original.shape)
+    if isinstance(op, _Conv) and op._input_grad_padding(shape) is not None:
+        return reparam, None, x, op, unbatched
+    return None
 
 
 def _factored_call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -499,6 +550,8 @@ def _plain_tensor_call(module: nn.Module, x: torch.Tensor, output_size: Any) -> 
     reparam, factors, x, op, unbatched = plan
     layout = reparam.layout
     w0 = module.parametrizations["weight"].original
+    if factors is None:
+        return _dense_call(module, reparam(w0), x, op, unbatched)
     with torch.no_grad():
         weight = reparam(w0)  # exactly the dense path's forward weight
     groups = getattr(module, "groups", 1)
@@ -517,6 +570,18 @@ def _plain_tensor_call(module: nn.Module, x: torch.Tensor, output_size: Any) -> 
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         y = _FactoredLayer.apply(x, weight, bias, k1, k2, factors.magnitude, factors.direction if dora else None,
                                  factors.norm if dora else None, op, layout.to_canonical)
+    return y.squeeze(0) if unbatched else y
+
+
+def _dense_call(module: nn.Module, weight: torch.Tensor, x: torch.Tensor, op: _Conv, unbatched: bool) -> torch.Tensor:
+    bias = module.bias
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        cast = torch.get_autocast_dtype(device_type)
+        x, weight, bias = x.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        y = _DenseLayer.apply(x, weight, bias, op)
     return y.squeeze(0) if unbatched else y
 
 
@@ -556,7 +621,7 @@ def backward_path(module: nn.Module, input_shape: tuple[int, ...] | torch.Size) 
         return "dense"
     with torch.no_grad():
         plan = _plan(module, torch.empty(tuple(input_shape), device="meta"), None)
-    return "dense" if plan is None else "factored"
+    return "dense" if plan is None or plan[1] is None else "factored"
 
 
 def cost_ratio(module: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> float | None:
@@ -573,7 +638,7 @@ def cost_ratio(module: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> 
             plan = _plan(module, torch.empty(tuple(input_shape), device="meta"), None)
         finally:
             reparam.backward_path = saved
-    if plan is None:
+    if plan is None or plan[1] is None:
         return None
     _, factors, x, op, _ = plan
     return _cost_ratio(op, tuple(x.shape), factors)
