@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -183,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (what to do next, if the command says) and 128 + SIGINT
         print(f"medlora: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `medlora adapters | head`: the reader left; no traceback, 128 + SIGPIPE as a shell would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush cannot fail
+        return 141
 
 
 if __name__ == "__main__":

@@ -17,6 +17,16 @@ def test_help_lists_the_commands():
         assert command in proc.stdout
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`medlora adapters | head -1`: the reader leaves early; no traceback, exit 141 (128 + SIGPIPE)."""
+    proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", "adapters"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0)
+    assert proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read().decode("utf-8", "replace")
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
 def test_adapters_lists_every_method_with_its_options(capsys):
     assert main(["adapters"]) == 0
     out = capsys.readouterr().out
