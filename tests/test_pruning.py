@@ -309,3 +309,40 @@ def test_loram_recovered_adapter_equals_pruned_base_plus_adapter_and_keeps_w0(tm
     assert main(["recover", "--model", str(other), "--adapter", str(small_adapter), "--out", str(again)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not the base" in err and "\n" not in err and not again.exists()
+
+
+def test_loram_recovery_of_fused_qkv_lora_on_sam_heads(tmp_path):
+    from medlora.adapters import read_adapter_file
+    from medlora.pruning.files import recover_adapter
+
+    torch.manual_seed(0)
+    full = SamSegmenter("tiny", num_classes=1).eval()
+    graph = channel_graph(full)
+    keep = _random_keep(graph, seed=2)
+    small = prune_structure(copy.deepcopy(full), graph, keep)
+    # SAMed's q/v-only LoRA on the fused qkv, plain LoRA on the projections and the MLPs
+    inject(small, AdapterConfig("lora", rank=2, targets=["*.qkv"], options={"fused_outputs": 3,
+                                                                          "adapt_outputs": [0, 2]}))
+    inject(small, AdapterConfig("lora", rank=2, targets=["*.attn.proj", "*.lin1", "*.lin2"]))
+    with torch.no_grad():
+        for _, _, r in iter_adapters(small):
+            r.lora_B.normal_(std=0.1)
+    path = tmp_path / "small.safetensors"
+    save_adapter(small, path)
+    meta, tensors = read_adapter_file(path)
+    recovered = copy.deepcopy(full)
+    for p in recovered.parameters():
+        p.requires_grad_(False)
+    recover_adapter(recovered, {k: v.tolist() for k, v in keep.items()}, meta, tensors, path)
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert (_masked(recovered, graph, keep, x) - small(x)).abs().max() < 1e-6
+        # the pruned head's q, k and v rows keep W0 exactly (k was never adapted; q and v got zero rows of B)
+        block = "image_encoder.blocks.0.attn"
+        gone = 1 - int(keep[f"{block}.heads"][0])
+        w_full = dict(recovered.named_modules())[f"{block}.qkv"].weight
+        w0 = dict(full.named_modules())[f"{block}.qkv"].weight
+        for k in range(3):
+            rows = slice(k * 64 + gone * 32, k * 64 + gone * 32 + 32)
+            assert torch.equal(w_full[rows], w0[rows])
+        assert not torch.equal(w_full, w0)

@@ -1,8 +1,16 @@
 """Structured pruning of a base network with its adapters: LoRAPrune (prune guided by the adapter) and LoRAM
 (train the adapter on the pruned base, recover it for the full one). See docs/pruning.md."""
 
-from .graph import ChannelGraph, ChannelGroup, PruningError, Slot, channel_graph, layer_indices, mask_hooks
-from .graph import prune_structure
+from .graph import (
+    ChannelGraph,
+    ChannelGroup,
+    PruningError,
+    Slot,
+    channel_graph,
+    layer_indices,
+    mask_hooks,
+    prune_structure,
+)
 from .loraprune import LoRAPruner, group_importance, layer_importance, schedule_sparsity, select_keep
 
 __all__ = [

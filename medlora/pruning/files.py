@@ -216,7 +216,8 @@ def run_recover(model: str | os.PathLike[str], adapter: str | os.PathLike[str], 
     if source.get("merged"):
         raise PruningError(f"{adapter}: its base was pruned with another adapter merged in (medlora prune without "
                            "--no-merge); LoRAM recovers onto the full base only from a base pruned from W0")
-    full = build_model(ModelSpec(args["backbone"], args.get("backbone_args") or {}, spatial_dims, pretrained=str(model)))
+    full_spec = ModelSpec(args["backbone"], args.get("backbone_args") or {}, spatial_dims, pretrained=str(model))
+    full = build_model(full_spec)
     if source.get("base_sha256") and base_record(full)["sha256"] != source["base_sha256"]:
         raise PruningError(f"{model}: not the base the adapter's pruned base was made from "
                            f"({source.get('base', '?')})")
@@ -228,8 +229,6 @@ def run_recover(model: str | os.PathLike[str], adapter: str | os.PathLike[str], 
                  loram={"paper": "LoRAM, arXiv 2502.13533", "recovered_from": str(adapter), "fill": "zeros"})
     save_adapter(full, out, extra_metadata=extra, extra_tensors=extras)
     if merged_out:
-        base = build_model(ModelSpec(args["backbone"], args.get("backbone_args") or {}, spatial_dims,
-                                     pretrained=str(model)))
-        merged = load_adapter_onto(base, out, merge_weights=True)
+        merged = load_adapter_onto(build_model(full_spec), out, merge_weights=True)
         atomic_save_safetensors(dict(merged.state_dict()), Path(merged_out), {"format": "pt"})
     return {"out": str(out), "layers": len(meta["layers"]), "merged_out": str(merged_out) if merged_out else None}
