@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from medlora.adapters import AdapterConfig, inject, iter_adapters, load_adapter, merge, save_adapter
-from medlora.assembly import build_model
+from medlora.assembly import build_architecture, build_model
 from medlora.cli import main
 from medlora.models.mv_unet import MultiViewUNet
 from medlora.models.sam import SamSegmenter
@@ -215,6 +215,8 @@ def test_prune_command_writes_a_base_equal_to_the_masked_model(tmp_path, capsys)
     out = tmp_path / "small.safetensors"
     assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
     small = build_model(pruned_spec(out)).eval()
+    on_meta = build_architecture(pruned_spec(out))  # config checks build networks on the meta device
+    assert {k: v.shape for k, v in on_meta.state_dict().items()} == {k: v.shape for k, v in small.state_dict().items()}
     reference = copy.deepcopy(base)
     load_adapter(reference, adapter)
     merge(reference)

@@ -53,7 +53,7 @@ def build_pruned(*, backbone: str, backbone_args: dict[str, Any] | None = None, 
     unknown = sorted(set(keep) - set(graph.groups))
     if unknown:
         raise PruningError(f"pruned {backbone}: no channel group {unknown[0]!r} in this architecture")
-    return prune_structure(model, graph, {k: torch.as_tensor(v, dtype=torch.long) for k, v in keep.items()})
+    return prune_structure(model, graph, {k: torch.as_tensor(v, dtype=torch.long, device="cpu") for k, v in keep.items()})
 
 
 def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, dict[str, Any], int]:
@@ -155,7 +155,7 @@ def recover_adapter(full: nn.Module, keep: dict[str, Any], meta: dict[str, Any],
     modules = dict(full.named_modules())
     for idx, cfg in enumerate(meta["configs"]):
         names = [n for n, info in meta["layers"].items() if info["config"] == idx]
-        if cfg.get("method") != "lora":
+        if names and cfg.get("method") != "lora":
             raise PruningError(f"{path}: LoRAM recovery supports lora adapters; {names[0]} holds {cfg.get('method')}")
         if names:
             inject(full, AdapterConfig.from_dict({**cfg, "targets": [f"re:{re.escape(n)}" for n in names],

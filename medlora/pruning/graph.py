@@ -80,7 +80,8 @@ class ChannelGroup:
 
     def channels(self, units: torch.Tensor) -> torch.Tensor:
         """Channel indices (within the group) of the given unit indices."""
-        return (units[:, None] * self.unit + torch.arange(self.unit)).reshape(-1)
+        units = units.to("cpu")
+        return (units[:, None] * self.unit + torch.arange(self.unit, device="cpu")).reshape(-1)
 
 
 @dataclass
@@ -203,15 +204,15 @@ def layer_indices(model: nn.Module, graph: ChannelGraph, keep: dict[str, torch.T
     for g in graph:
         if g.name not in keep:
             continue
-        gone = torch.ones(g.size, dtype=torch.bool)
-        gone[keep[g.name]] = False
+        gone = torch.ones(g.size, dtype=torch.bool, device="cpu")  # indices on the CPU, even for a meta-device build
+        gone[keep[g.name].to("cpu")] = False
         channels = g.channels(torch.nonzero(gone).reshape(-1))
         for s in g.slots:
             removed.setdefault((s.layer, s.axis), set()).update((channels + s.offset).tolist())
     out = {}
     for (layer, axis), gone_set in removed.items():
         n = _axis_size(modules[layer], axis)
-        out[(layer, axis)] = torch.tensor([i for i in range(n) if i not in gone_set], dtype=torch.long)
+        out[(layer, axis)] = torch.tensor([i for i in range(n) if i not in gone_set], dtype=torch.long, device="cpu")
     return out
 
 
