@@ -53,7 +53,9 @@ def build_pruned(*, backbone: str, backbone_args: dict[str, Any] | None = None, 
     unknown = sorted(set(keep) - set(graph.groups))
     if unknown:
         raise PruningError(f"pruned {backbone}: no channel group {unknown[0]!r} in this architecture")
-    return prune_structure(model, graph, {k: torch.as_tensor(v, dtype=torch.long, device="cpu") for k, v in keep.items()})
+    # index tensors on the CPU even inside a meta-device build (config checks build networks there)
+    kept = {k: torch.as_tensor(v, dtype=torch.long, device="cpu") for k, v in keep.items()}
+    return prune_structure(model, graph, kept)
 
 
 def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, dict[str, Any], int]:
