@@ -8,7 +8,8 @@ SAH phantoms with LoRA (rank 4, every convolution but the logit head; norms froz
   held-out Dice and inference time of that base (sparsity 0: plain LoRA on the full base, nothing pruned);
 * LoRAM: the base pruned from ``W0`` with the same masks (``medlora prune --no-merge``), a LoRA trained on it
   (training time per step, activation memory saved for backward, base weights), its Dice on the small base, then
-  ``medlora recover`` to the full base, merged, and its Dice there.
+  ``medlora recover`` to the full base, merged, and its Dice there;
+* the agreement (Spearman, per channel group) of LoRA-guided importance with the true-gradient one.
 
     python scripts/bench_pruning.py --out /tmp/bench_pruning            # ~12 min on one CPU thread
     python scripts/bench_pruning.py --steps 40 --sparsities 0,0.5      # a quick look
@@ -156,6 +157,48 @@ def interleaved_times(out: Path, sparsities: list[float], test, train_data, repe
     return {"infer_s": best_infer, "train_step_s": best_step}
 
 
+def importance_agreement(out: Path, data, batches_n: int = 10) -> dict:
+    """Spearman rank correlation, per channel group, between LoRAPrune's LoRA-guided importance and the one from
+    the frozen weight's true gradient (the official ``prune_metric='grad'``: ``|dL/dW ⊙ (W0 + s BA)|``), both
+    summed over ``batches_n`` batches, for the plain LoRA adapter of the run (sparsity 0)."""
+    from scipy.stats import spearmanr
+
+    from medlora.adapters import iter_adapters, load_adapter
+    from medlora.models.weights import load_weights
+    from medlora.pruning import channel_graph, group_importance
+    from medlora.pruning.loraprune import _slot_scores
+
+    model = load_weights(MultiViewUNet(spatial_dims=2, **ARGS), out / "base.safetensors").eval()
+    load_adapter(model, out / "loraprune_s0.0.safetensors")
+    graph = channel_graph(model)
+    layers = {name: (module, r) for name, module, r in iter_adapters(model)}
+    for module, _ in layers.values():
+        module.parametrizations["weight"].original.requires_grad_(True)
+    lora_sum: dict[str, torch.Tensor] = {}
+    true_sum: dict[str, torch.Tensor] = {}
+    for x, y in batches(data, 8, batches_n, seed=9):
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+        for name, v in group_importance(model, graph).items():
+            lora_sum[name] = lora_sum.get(name, 0) + v
+        with torch.no_grad():
+            scores = {n: (r.layout.to_canonical(m.parametrizations["weight"].original.grad)
+                          * r.layout.to_canonical(m.weight)).abs() for n, (m, r) in layers.items()}
+        for g in graph:
+            total = None
+            for slot in g.slots:
+                if slot.layer in scores:
+                    v = _slot_scores(scores[slot.layer], g, slot.axis, slot.offset).double()
+                    v = v / (torch.linalg.vector_norm(v) + 1e-8)
+                    total = v if total is None else total + v
+            if total is not None:
+                true_sum[g.name] = true_sum.get(g.name, 0) + total
+    rho = {n: float(spearmanr(lora_sum[n].numpy(), true_sum[n].numpy()).statistic) for n in lora_sum}
+    values = list(rho.values())
+    return {"groups": len(values), "mean": float(np.mean(values)), "min": float(np.min(values)),
+            "max": float(np.max(values)), "per_group": rho}
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -171,6 +214,8 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.75")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--agreement-only", action="store_true",
+                    help="only compute the Spearman agreement of LoRA-guided and true-gradient importance")
     ap.add_argument("--timing-only", action="store_true",
                     help="only re-time the files of an earlier run in --out (interleaved, minimum of 7)")
     args = ap.parse_args()
@@ -181,6 +226,10 @@ def main() -> None:
 
     tbi, sah = cases("tbi", 0, 12), cases("sah", 1, 12)
     sah_train, sah_test = sah[:8], sah[8:]
+    if args.agreement_only:
+        agreement = importance_agreement(out, sah_train)
+        print(json.dumps({k: v for k, v in agreement.items() if k != "per_group"}))
+        return
     if args.timing_only:
         results = json.loads((out / "results.json").read_text())
         retime(results, out, sparsities, sah_test, sah_train)
@@ -244,6 +293,8 @@ def main() -> None:
                "dice_small": dice(small, sah_test), "dice_recovered_full": dice(full, sah_test)}
         results["loram"].append(row)
         print(json.dumps(row), flush=True)
+    if 0.0 in sparsities:
+        results["importance_agreement"] = importance_agreement(out, sah_train)
     retime(results, out, sparsities, sah_test, sah_train)
 
 
