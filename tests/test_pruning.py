@@ -162,11 +162,11 @@ def test_pruner_reaches_the_target_and_never_unmasks():
     model.train()
     inject(model, AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d"], exclude=["M3.TripleOut.6"]))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    pruner = LoRAPruner(model, 0.5, total_steps=20, frequency=2)
+    pruner = LoRAPruner(model, 0.5, total_steps=10, frequency=2, cooldown=0.2)
     history = []
     torch.manual_seed(3)
-    for _ in range(20):
-        x = torch.randn(2, 1, 8, 8, 8)
+    for _ in range(10):
+        x = torch.randn(1, 1, 8, 8, 8)
         loss = nn.functional.binary_cross_entropy_with_logits(model(x), (x > 0.5).float())
         opt.zero_grad()
         loss.backward()
