@@ -190,6 +190,9 @@ def _base_file(tmp_path, seed: int = 0, name: str = "base.safetensors"):
     return model, path
 
 
+PREP = {"hu_window": [0.0, 140.0], "target_spacing": None, "roi_size": [8, 8, 8], "threshold": 0.5}
+
+
 def _loraprune_adapter(tmp_path, base: nn.Module, sparsity: float = 0.5):
     model = copy.deepcopy(base)
     inject(model, AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d"], exclude=["M3.TripleOut.6"]))
@@ -205,7 +208,7 @@ def _loraprune_adapter(tmp_path, base: nn.Module, sparsity: float = 0.5):
     pruner.remove_masks()
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path, extra_metadata={"backbone": "mv_unet", "backbone_args": MV_ARGS, "spatial_dims": 3,
-                                              "loraprune": pruner.record()})
+                                              "loraprune": pruner.record(), "preprocessing": PREP})
     return path, pruner.keep()
 
 
@@ -348,3 +351,42 @@ def test_loram_recovery_of_fused_qkv_lora_on_sam_heads(tmp_path):
             rows = slice(k * 64 + gone * 32, k * 64 + gone * 32 + 32)
             assert torch.equal(w_full[rows], w0[rows])
         assert not torch.equal(w_full, w0)
+
+
+def test_infer_runs_a_pruned_base_as_the_masked_model(tmp_path):
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    from medlora.data.dataset import save_nifti
+    from medlora.data.transforms import compose, preprocessing
+    from medlora.evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP
+    from medlora.training.module import predict_volume
+
+    base, base_path = _base_file(tmp_path)
+    adapter, keep = _loraprune_adapter(tmp_path, base)
+    small = tmp_path / "small.safetensors"
+    assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(small)]) == 0
+    rng = np.random.default_rng(0)
+    image = tmp_path / "case.nii.gz"
+    volume = rng.uniform(-20, 160, (16, 12, 8)).astype(np.float32)
+    volume[:2], volume[-2:] = -1000.0, 900.0  # air and bone, so that the input reads as CT in HU
+    save_nifti(image, volume, np.diag([0.9, 0.9, 3.0, 1.0]))
+    out = tmp_path / "preds"
+    assert main(["infer", str(image), "--model", str(small), "--out", str(out), "--save-probabilities"]) == 0
+    got = np.asarray(__import__("nibabel").load(str(out / "case_prob.nii.gz")).dataobj)
+    # reference: the full base + adapter, masked, through training's preprocessing and sliding window
+    reference = copy.deepcopy(base)
+    load_adapter(reference, adapter)
+    merge(reference)
+    handles = mask_hooks(reference, channel_graph(reference), keep)
+    pre = compose(preprocessing(keys=("image",), target_spacing=None))
+    d = pre({"image": str(image)})
+    with torch.no_grad():
+        prob = predict_volume(reference, d["image"][None], 3, PREP["roi_size"], DEFAULT_SW_BATCH_SIZE,
+                              DEFAULT_SW_OVERLAP)[0]
+    for h in handles:
+        h.remove()
+    d["pred"] = MetaTensor(prob, meta=dict(d["image"].meta), applied_operations=list(d["image"].applied_operations))
+    expected = np.asarray(Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(d)["pred"][0])
+    assert got.shape == expected.shape == (16, 12, 8)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -23,18 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..adapters import AdapterConfig, inject, iter_adapters, read_adapter_file, save_adapter
 from ..adapters.io import EXTRA_PREFIX, base_record
 from ..assembly import ModelSpec, build_model, load_adapter_onto
-from ..fileio import atomic_save_safetensors, read_safetensors
+from ..fileio import atomic_save_safetensors
 from ..models import create_model
 from .graph import PruningError, channel_graph, layer_indices, prune_structure
 from .loraprune import select_keep
 
-__all__ = ["PRUNED_BACKBONE", "RECORD_KEY", "build_pruned", "pruned_spec", "recover_adapter", "run_prune",
-           "run_recover"]
+__all__ = ["PRUNED_BACKBONE", "RECORD_KEY", "build_pruned", "pruned_base_record", "pruned_spec", "recover_adapter",
+           "run_prune", "run_recover"]
 
 PRUNED_BACKBONE = "pruned"
 RECORD_KEY = "medlora_pruned"
@@ -65,14 +66,34 @@ def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]
     return str(extra["backbone"]), dict(extra.get("backbone_args") or {}), int(extra.get("spatial_dims", 3))
 
 
+def pruned_base_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The model record (backbone ``pruned``, its arguments, ``spatial_dims``, the adapter's preprocessing) in the
+    header of a pruned base file; None for a file that is not one (another format, no record)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = dict(f.metadata() or {})
+    except Exception:  # not a safetensors file: the weights loader says so in its own words
+        return None
+    if RECORD_KEY not in header:
+        return None
+    try:
+        return json.loads(header[RECORD_KEY])
+    except json.JSONDecodeError:
+        raise PruningError(f"{path}: corrupt {RECORD_KEY} record") from None
+
+
 def pruned_spec(path: str | os.PathLike[str], **fields: Any) -> ModelSpec:
     """The :class:`~medlora.assembly.ModelSpec` of a pruned base file (its weights as ``pretrained``); ``fields``
     add e.g. ``adapter=AdapterConfig(...)`` to train on it (LoRAM)."""
     path = Path(path)
-    _, header = read_safetensors(path, error=PruningError)
-    if RECORD_KEY not in header:
+    if not path.is_file():
+        raise PruningError(f"{path}: file not found")
+    record = pruned_base_record(path)
+    if record is None:
         raise PruningError(f"{path}: not a pruned base (no {RECORD_KEY} record; write one with medlora prune)")
-    record = json.loads(header[RECORD_KEY])
     return ModelSpec(PRUNED_BACKBONE, record["backbone_args"], record["spatial_dims"], pretrained=str(path),
                      **fields)
 
@@ -127,6 +148,7 @@ def run_prune(model: str | os.PathLike[str], adapter: str | os.PathLike[str], ou
               "merged": merge, "sparsity": sparsity if sparsity is not None else record.get("reached")}
     prune_structure(net, graph, keep)
     spec = {"backbone": PRUNED_BACKBONE, "spatial_dims": spatial_dims,
+            "preprocessing": (meta.get("extra") or {}).get("preprocessing"),
             "backbone_args": {"backbone": backbone, "backbone_args": args,
                               "keep": {k: v.tolist() for k, v in keep.items()}, "source": source}}
     atomic_save_safetensors(dict(net.state_dict()), out, {"format": "pt", RECORD_KEY: json.dumps(spec)})
