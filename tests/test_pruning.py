@@ -390,3 +390,39 @@ def test_infer_runs_a_pruned_base_as_the_masked_model(tmp_path):
     expected = np.asarray(Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(d)["pred"][0])
     assert got.shape == expected.shape == (16, 12, 8)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*(does not have many workers|LeafSpec|val_dataloader)")
+def test_lightning_fit_with_the_loraprune_callback_feeds_medlora_prune(tmp_path, capsys):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from medlora.adapters import read_adapter_file
+    from medlora.assembly import ModelSpec
+    from medlora.pruning.lightning import LoRAPruneCallback
+    from medlora.training import SegmentationModule, run_callbacks
+
+    arch = {"level": 1, "width": 4}
+    base_path = tmp_path / "base.safetensors"
+    torch.manual_seed(0)
+    save_file(build_model(ModelSpec("mv_unet", arch)).state_dict(), str(base_path))
+    spec = ModelSpec("mv_unet", arch, pretrained=str(base_path),
+                     adapter=AdapterConfig("lora", rank=1, target_types=["Conv3d"], exclude=["M3.TripleOut.6"]))
+    module = SegmentationModule(build_model(spec), spec, roi_size=[8, 8, 8], lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.rand(1, 8, 8, 8, generator=g), "label": (torch.rand(1, 8, 8, 8, generator=g) > 0.7).float()}
+            for _ in range(4)]
+    callback = LoRAPruneCallback(0.5, warmup=0.0, cooldown=0.25, frequency=1)
+    trainer = pl.Trainer(max_epochs=1, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         default_root_dir=str(tmp_path / "run"), callbacks=[*run_callbacks(), callback])
+    trainer.fit(module, DataLoader(data, batch_size=1))
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    record = read_adapter_file(adapter)[0]["extra"]["loraprune"]
+    assert record["steps"] == 4 and record["reached"] == 0.5
+    assert all(len(group["keep"]) == 2 for group in record["groups"].values())  # 4 channels, 2 pruned
+    assert not any(m._forward_pre_hooks for m in module.model.modules())  # masks gone after fit
+    out = tmp_path / "small.safetensors"
+    assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
+    small = build_model(pruned_spec(out)).eval()
+    assert small.M1.DoubleConv[0].out_channels == 2
