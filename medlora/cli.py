@@ -71,6 +71,25 @@ def _infer_command(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _prune_command(args: argparse.Namespace) -> int:
+    from .pruning.files import run_prune
+
+    done = run_prune(args.model, args.adapter, args.out, sparsity=args.sparsity, merge=not args.no_merge,
+                     overwrite=args.overwrite)
+    print(f"pruned base: {done['out']} ({done['parameters_before']:,} -> {done['parameters_after']:,} parameters, "
+          f"{done['groups']} channel groups{', adapter merged' if done['merged'] else ''})")
+    return 0
+
+
+def _recover_command(args: argparse.Namespace) -> int:
+    from .pruning.files import run_recover
+
+    done = run_recover(args.model, args.adapter, args.out, merged_out=args.merged_out, overwrite=args.overwrite)
+    print(f"recovered adapter: {done['out']} ({done['layers']} layers)"
+          + (f"; merged base: {done['merged_out']}" if done["merged_out"] else ""))
+    return 0
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -161,6 +180,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs (default: a case whose outputs exist is skipped and counted failed)")
     p.set_defaults(func=_infer_command)
+
+    p = sub.add_parser("prune", help="LoRAPrune: write a channel-pruned base from an adapter trained with LoRAPrune")
+    p.add_argument("--model", required=True, help="the full base weights the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter file holding a LoRAPrune record (importance, masks)")
+    p.add_argument("--sparsity", type=float, help="share of units removed per channel group, in [0, 1) "
+                   "(default: the sparsity the adapter was trained to, with its masks)")
+    p.add_argument("--no-merge", action="store_true", help="prune W0 only, without the adapter (a base for LoRAM)")
+    p.add_argument("--out", required=True, help="pruned base to write (.safetensors, with its model record)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_prune_command)
+
+    p = sub.add_parser("recover", help="LoRAM: recover an adapter trained on a pruned base for the full base")
+    p.add_argument("--model", required=True, help="the full base the pruned base was made from")
+    p.add_argument("--adapter", required=True, help="adapter trained on the pruned base")
+    p.add_argument("--out", required=True, help="adapter file for the full base to write")
+    p.add_argument("--merged-out", help="also write the full base with the recovered adapter merged")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=_recover_command)
 
     return parser
 

@@ -158,6 +158,13 @@ class InferenceModels:
         return self.architecture.spatial_dims
 
 
+def _pruned_record(path: Path) -> dict[str, Any] | None:
+    """The model record in the header of a pruned base written by ``medlora prune``; None for other files."""
+    from ..pruning.files import pruned_base_record
+
+    return pruned_base_record(path)
+
+
 def _read_lightning_checkpoint(path: Path) -> dict[str, Any] | None:
     """``hyper_parameters`` and ``medlora_preprocessing`` of a Lightning checkpoint; None for a plain state dict.
 
@@ -267,7 +274,12 @@ def load_models(
             base = hp.get("pretrained") or "BASE"
             raise InferenceError(f"{path}: checkpoint of an adapter run (it holds only the adapter); use "
                                  f"--model {base} --adapter <its adapter.safetensors>")
-        if not adapter_paths:
+        pruned = _pruned_record(path) if ckpt is None else None
+        if not adapter_paths and pruned is not None:  # a base written by medlora prune records both
+            arch = Architecture.from_record(pruned, str(path))
+            prep = Preprocessing.from_record(pruned.get("preprocessing"), str(path))
+            loaded = InferenceModels([_load_base(path, arch)], [str(path)], arch, prep, [ModelFile("model", path)])
+        elif not adapter_paths:
             if ckpt is None:
                 raise InferenceError(f"{path}: a plain state dict has no backbone or preprocessing record; give a "
                                      "Lightning checkpoint, this base with --adapter files, or a crossval run folder")

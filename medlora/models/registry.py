@@ -8,7 +8,8 @@ so MONAI networks take MONAI's own argument names. Registered here:
 * ``unet``, ``dynunet``, ``segresnet``, ``swin_unetr``: ``monai.networks.nets`` UNet, DynUNet, SegResNet,
   SwinUNETR;
 * ``sam``: Segment Anything (ViT-B/L/H or a tiny variant) on 2D CT slices, official checkpoints load
-  (:mod:`medlora.models.sam`).
+  (:mod:`medlora.models.sam`);
+* ``pruned``: a channel-pruned ``mv_unet`` or ``sam`` written by ``medlora prune`` (:mod:`medlora.pruning`).
 
 Defaults are for one-channel CT in and a binary mask out as a single logit channel (sigmoid), the
 convention of the MV net, so losses and post-processing do not depend on the backbone; pass
@@ -143,3 +144,12 @@ def sam(**kwargs: Any) -> nn.Module:
     from medlora.models.sam import SamSegmenter
 
     return SamSegmenter(**kwargs)
+
+
+@register_model("pruned")
+def pruned(**kwargs: Any) -> nn.Module:
+    """A channel-pruned base (``medlora prune``): ``backbone``/``backbone_args`` of the full network, ``keep`` the
+    kept units per channel group (:func:`medlora.pruning.files.build_pruned`)."""
+    from medlora.pruning.files import build_pruned
+
+    return build_pruned(**kwargs)
