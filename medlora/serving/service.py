@@ -35,6 +35,7 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -209,14 +210,7 @@ class Service:
             self.base_preprocessing: Preprocessing | None = Preprocessing.from_record(
                 ckpt["medlora_preprocessing"], str(self.model_path), default_threshold=float(hp.get("threshold", 0.5)))
         else:
-            files = self.adapter_files()
-            if not files:
-                raise InferenceError(f"{self.model_path}: a plain state dict records no backbone, and "
-                                     f"{self.adapter_dir} holds no adapter file to read it from; add one or serve a "
-                                     "Lightning checkpoint")
-            first = next(iter(files.values()))
-            meta, _ = read_adapter_file(first)
-            self.architecture = Architecture.from_record(meta.get("extra") or {}, str(first))
+            self.architecture = self._architecture_from_adapters()
             self.base_preprocessing = None
         self.device = resolve_device(device)
         self.sw_batch_size, self.overlap = int(sw_batch_size), float(overlap)
@@ -234,6 +228,20 @@ class Service:
             self._predictor(self.base_preprocessing)  # checks the record's sliding-window size now
 
     # ----------------------------------------------------------------------------------------- adapters
+
+    def _architecture_from_adapters(self) -> Architecture:
+        """A plain state dict records no backbone: the first readable adapter file's record gives it (every adapter
+        is checked against it when loaded)."""
+        problems = []
+        for path in self.adapter_files().values():
+            try:
+                meta, _ = read_adapter_file(path)
+                return Architecture.from_record(meta.get("extra") or {}, str(path))
+            except MedloraError as exc:
+                problems.append(str(exc))
+        raise InferenceError(f"{self.model_path}: a plain state dict records no backbone, and {self.adapter_dir} "
+                             f"holds no readable adapter file to read it from ({'; '.join(problems[:2]) or 'none'}); "
+                             "add one or serve a Lightning checkpoint")
 
     def adapter_files(self) -> dict[str, Path]:
         """The adapters in the folder now, by name."""
@@ -278,7 +286,9 @@ class Service:
             adapter = _Adapter(path, prep)
             if self.mode == "mixed":
                 assert self.bank is not None
-                self.bank.add(name, path)  # checks the base fingerprint
+                with warnings.catch_warnings():  # inject's advice on adapter sizes is for training time
+                    warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
+                    self.bank.add(name, path)  # checks the base fingerprint
                 self.bank.to(self.device)
             else:
                 adapter.network = load_adapter_onto(self.base, path, merge_weights=True).eval().to(self.device)
