@@ -9,12 +9,21 @@ subprocess.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 import torch
 from monai.inferers import sliding_window_inference
 from safetensors.torch import save_file
@@ -204,3 +213,93 @@ def test_bad_requests_fail_alone(files, offline, tmp_path):
         assert info.value.status == 400 and "\n" not in str(info.value) and "medlora-serve-" not in str(info.value), \
             what
     assert service.segment([good])[0].nifti == offline["ivh", "vol0"][0]  # still serving
+
+
+# ---------------------------------------------------------------------------------------- over HTTP
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    """``medlora serve`` in its own process group on localhost (cache of 2 adapters, batches of up to 8)."""
+    pytest.importorskip("litserve")
+    port = free_port()
+    log = open(files["root"] / "server.log", "wb")  # noqa: SIM115 - closed below
+    paths = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", "serve", "--model", str(files["ckpt"]),
+                             "--adapters", str(files["adapters"]), "--port", str(port), "--cache-size", "2",
+                             "--max-batch-size", "8", "--batch-timeout", "0.3"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (files["root"] / "server.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"medlora serve did not start: {tail}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def post(url: str, path: Path | None, adapter: str | None, data: bytes | None = None) -> requests.Response:
+    form = {"adapter": adapter} if adapter is not None else {}
+    upload = {"file": (path.name if path else "scan.nii.gz", data if data is not None else path.read_bytes())}
+    return requests.post(f"{url}/predict", files=upload if (path or data is not None) else None, data=form,
+                         timeout=300)
+
+
+def test_http_round_trip_and_errors(server, files, offline):
+    answer = post(server, files["vol1"], "sah")
+    assert answer.status_code == 200, answer.text
+    assert answer.content == offline["sah", "vol1"][0]
+    assert float(answer.headers["X-Medlora-Volume-mL"]) == pytest.approx(offline["sah", "vol1"][1], rel=1e-12)
+    assert answer.headers["X-Medlora-Adapter"] == "sah"
+    assert 'filename="vol1.nii.gz"' in answer.headers["Content-Disposition"]
+    nan = phantom(0)
+    nan[3, 4, 5] = np.nan
+    errors = [
+        (post(server, files["vol0"], "nope"), 404, "unknown adapter 'nope'"),
+        (post(server, files["vol0"], "foreign"), 422, "foreign.safetensors"),
+        (post(server, None, "sah", data=b"\x1f\x8b garbage"), 400, "scan.nii.gz"),
+        (post(server, save_nifti(files["root"] / "nan.nii.gz", nan, RAS_AFFINE), "sah"), 400, "1 NaN"),
+        (requests.post(f"{server}/predict", data={"adapter": "sah"}, timeout=60), 400, "multipart file field"),
+    ]
+    for response, status, text in errors:
+        assert response.status_code == status and text in response.json()["detail"], response.text
+        assert "\n" not in response.json()["detail"]
+    answer = post(server, files["vol0"], None)  # the base, from the checkpoint's records: still serving
+    assert answer.status_code == 200 and answer.content == offline[None, "vol0"][0]
+
+
+def test_http_load_16_concurrent_clients(server, files, offline):
+    """16 clients at once over three adapters, a crossval job folder's adapter and the base: every answer is
+    the offline answer for its own adapter and volume, and requests for different adapters shared batches."""
+    plan = [(adapter, f"vol{i % 3}") for i, adapter in enumerate(["sah", "ivh", None, "site3", "job"] * 4)][:16]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda p: post(server, files[p[1]], p[0]), plan))
+    batches = []
+    for (adapter, vol), answer in zip(plan, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.content == offline[adapter, vol][0], (adapter, vol)
+        assert answer.headers["X-Medlora-Adapter"] == (adapter or "")
+        batches.append(json.loads(answer.headers["X-Medlora-Batch"]))
+    assert max(b["size"] for b in batches) > 1 and max(len(b["adapters"]) for b in batches) > 1

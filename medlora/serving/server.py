@@ -23,7 +23,7 @@ import litserve as ls
 
 from ..errors import MedloraError
 from ..inference.infer import resolve_device
-from .service import Segmentation, ServeError, ServeRequest, Service
+from .service import Segmentation, ServeError, Service
 
 __all__ = ["SegmentationAPI", "build_server", "encode_answer", "run_server"]
 
@@ -62,7 +62,9 @@ class SegmentationAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         self.service = Service(device=device, **self.options)
 
-    def decode_request(self, request: Any) -> ServeRequest | ServeError:
+    # No annotations on these two: LitServe reads the request and response types from them (a multipart form
+    # arrives as Starlette's form data when the request is unannotated).
+    def decode_request(self, request):
         upload = _form_field(request, "file")
         adapter = _form_field(request, "adapter")
         if adapter is not None and not isinstance(adapter, str):
@@ -87,7 +89,7 @@ class SegmentationAPI(ls.LitAPI):
     def unbatch(self, output: list[Any]) -> list[Any]:
         return list(output)
 
-    def encode_response(self, output: Any) -> Any:
+    def encode_response(self, output):
         return encode_answer(output)
 
 
