@@ -17,7 +17,8 @@ that noise from other processes hits all alike. Reported: requests per second (a
 p50 and p95 (request sent to answer received), throughput relative to the ``merged`` and ``per-request`` servers,
 and the most label voxels by which one answer differs from the ``merged`` server's answer to the same request
 (the mixed path sums in another order: a voxel whose probability lies within round-off of the threshold may
-flip).
+flip). "Weights held" is computed from the file sizes: the base plus the adapters (mixed), the base plus one merged
+copy per adapter (merged), the base alone (per-request, plus one transient copy).
 
     python scripts/bench_serve.py                          # the table in docs/serving.md
     python scripts/bench_serve.py --nets unet3d --adapters 1 8 --requests 16   # quick
@@ -206,10 +207,15 @@ def main() -> None:
                             stats[m]["differ"] = max(stats[m]["differ"],
                                                      *(int((labels(a) != labels(b)).sum()) for a, b in pairs))
                     tput = {m: args.requests / statistics.median(s["wall"]) for m, s in stats.items()}
+                    base_mb = Path(files["base"]).stat().st_size / 2**20
+                    adapter_mb = sum((Path(files["adapters"]) / f"{a}.safetensors").stat().st_size
+                                     for a in names) / 2**20
+                    held = {"mixed": base_mb + adapter_mb, "merged": base_mb * (1 + n), "per-request": base_mb}
                     for m in MODES:
                         lat = np.asarray(stats[m]["lat"]) * 1000
                         rows.append((net, n, m, tput[m], float(np.percentile(lat, 50)), float(np.percentile(lat, 95)),
-                                     tput[m] / tput["merged"], tput[m] / tput["per-request"], stats[m]["differ"]))
+                                     tput[m] / tput["merged"], tput[m] / tput["per-request"], held[m],
+                                     stats[m]["differ"]))
                         print("| " + " | ".join(fmt(v) for v in rows[-1]) + " |", flush=True)
             finally:
                 for proc, _ in servers.values():
@@ -221,8 +227,8 @@ def main() -> None:
           f"{args.max_batch_size}, batch timeout {args.batch_timeout} s, {args.threads} torch thread(s) per server")
     print()
     print("| network | adapters | server | requests/s | p50 ms | p95 ms | vs merged | vs per-request "
-          "| voxels != merged |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| weights held MB | voxels != merged |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(fmt(v) for v in row) + " |")
 
