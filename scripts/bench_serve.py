@@ -141,13 +141,16 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
     raise RuntimeError(f"server at {url} did not start in 600 s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def stop(procs: list[subprocess.Popen]) -> None:
+    """End the servers' process groups (the server, LitServe's worker, API and manager processes)."""
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def send(url: str, volume: bytes, adapter: str) -> tuple[float, bytes]:
@@ -218,8 +221,7 @@ def main() -> None:
                                      stats[m]["differ"]))
                         print("| " + " | ".join(fmt(v) for v in rows[-1]) + " |", flush=True)
             finally:
-                for proc, _ in servers.values():
-                    stop(proc)
+                stop([proc for proc, _ in servers.values()])
     print()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; python {platform.python_version()}, torch "
           f"{torch.__version__}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "

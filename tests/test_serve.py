@@ -251,7 +251,7 @@ def server(files):
             time.sleep(0.3)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and LitServe's worker, API and manager processes
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
