@@ -303,3 +303,24 @@ def test_http_load_16_concurrent_clients(server, files, offline):
         assert answer.headers["X-Medlora-Adapter"] == (adapter or "")
         batches.append(json.loads(answer.headers["X-Medlora-Batch"]))
     assert max(b["size"] for b in batches) > 1 and max(len(b["adapters"]) for b in batches) > 1
+
+
+def test_cli_refuses_bad_options_in_one_line(files, tmp_path, capsys):
+    from medlora.cli import main
+
+    pytest.importorskip("litserve")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--model", str(tmp_path / "missing.safetensors"), "--adapters", str(files["adapters"])],
+         "missing.safetensors: weights file not found"),
+        (["--model", str(files["base"]), "--adapters", str(tmp_path / "nowhere")], "nowhere: adapter folder not found"),
+        (["--model", str(files["base"]), "--adapters", str(empty)], "holds no readable adapter file"),
+        (["--model", str(files["base"]), "--adapters", str(files["adapters"]), "--cache-size", "0"],
+         "--cache-size must be at least 1"),
+        (["--model", str(files["base"]), "--adapters", str(files["adapters"]), "--port", "80"], "--port 80"),
+    ]
+    for argv, text in cases:
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("medlora: error: ") and text in err and "\n" not in err, err
