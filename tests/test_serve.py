@@ -154,6 +154,7 @@ def test_modes_and_2d_network_agree_with_offline_infer(files, offline):
         service = Service(files["base"], files["adapters"], mode=mode, cache_size=2)
         answers = service.segment([decoded(files, vol, adapter) for adapter, vol in plan])
         assert [a.nifti for a in answers] == [offline[p][0] for p in plan], mode
+        assert service.loads == {"merged": 2, "per-request": 3}[mode]  # per request: ivh is read twice
     service = Service(files["base2d"], files["root"] / "adapters2d")
     answer = service.segment([decoded(files, "vol1", "a2d")])[0]
     out = files["root"] / "offline2d"

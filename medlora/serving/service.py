@@ -309,16 +309,12 @@ class Service:
                     self.bank.remove(name)
 
     def _acquire(self, names: list[str]) -> dict[str, tuple[_Adapter | ServeError, str]]:
-        """Make ``names`` usable (at most ``cache_size`` of them): per name the adapter (or its error) and
-        whether it was a cache hit."""
+        """Make ``names`` resident (at most ``cache_size`` of them): per name the adapter (or its error) and
+        whether it was a cache hit (nothing in ``per-request`` mode)."""
         out: dict[str, tuple[_Adapter | ServeError, str]] = {}
         wanted = set(names)
         for name in names:
-            if self.mode == "per-request":
-                try:
-                    out[name] = (self._load(name), "merged-now")
-                except ServeError as exc:
-                    out[name] = (exc, "")
+            if self.mode == "per-request":  # loaded per request in _round
                 continue
             if name in self._resident:
                 self._resident.move_to_end(name)
@@ -400,7 +396,13 @@ class Service:
                     continue
                 jobs[k] = (req, self.base_preprocessing, None, "base")
                 continue
-            adapter, cache = adapters[req.adapter]
+            if self.mode == "per-request":  # every request reads and merges its adapter, even a repeated one
+                try:
+                    adapter, cache = self._load(req.adapter), "merged-now"
+                except ServeError as exc:
+                    adapter, cache = exc, ""
+            else:
+                adapter, cache = adapters[req.adapter]
             if isinstance(adapter, ServeError):
                 answers[k] = adapter
             else:
