@@ -256,8 +256,12 @@ def server(files):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever of the group is left (LitServe's API process may outlive the server briefly)
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:
+            pass
+        proc.wait()
         log.close()
 
 
