@@ -418,7 +418,7 @@ class Service:
                 t.start()
             for t in threads:
                 t.join()
-            batch = {"size": len(requests), "adapters": sorted({str(n) for n in names_of.values()}),
+            batch = {"size": len(requests), "adapters": sorted({n or "(base)" for n in names_of.values()}),
                      "seconds": round(time.perf_counter() - start, 4)}
             for k, (req, _, _, cache) in jobs.items():
                 res = results[k]
