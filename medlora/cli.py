@@ -90,6 +90,18 @@ def _recover_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_command(args: argparse.Namespace) -> int:
+    try:
+        from .serving.server import run_server
+    except ImportError as exc:  # litserve is the optional extra `serve`
+        raise MedloraError(f"medlora serve needs the serve extra (pip install -e '.[serve]'): {exc}") from None
+
+    return run_server(args.model, args.adapters, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                      batch_timeout=args.batch_timeout, cache_size=args.cache_size, device=args.device,
+                      sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap, mode=args.mode,
+                      request_timeout=args.request_timeout)
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -198,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged-out", help="also write the full base with the recovered adapter merged")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_recover_command)
+
+
+    p = sub.add_parser("serve", help="HTTP segmentation server: one base, many adapters, mixed-adapter batches "
+                       "(LitServe; docs/serving.md)")
+    p.add_argument("--model", required=True, help="base weights (.safetensors/.pt) or a Lightning checkpoint of it")
+    p.add_argument("--adapters", required=True, metavar="DIR",
+                   help="folder of adapter files: NAME.safetensors or NAME/adapter.safetensors, loaded on demand")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default, this machine only), 0.0.0.0 or ::")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests segmented together (default 8)")
+    p.add_argument("--batch-timeout", type=float, default=0.05,
+                   help="seconds to wait for a batch to fill (default 0.05)")
+    p.add_argument("--cache-size", type=int, default=8, help="adapters kept loaded, least recently used evicted")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="cpu (default), cuda or auto")
+    p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH_SIZE,
+                   help=f"sliding windows per request and network call (default {DEFAULT_SW_BATCH_SIZE})")
+    p.add_argument("--sw-overlap", type=float, default=DEFAULT_SW_OVERLAP,
+                   help=f"sliding-window overlap (default {DEFAULT_SW_OVERLAP})")
+    p.add_argument("--mode", default="mixed", choices=("mixed", "merged", "per-request"),
+                   help="mixed (default): one mixed-adapter batch; merged / per-request: for comparison")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may wait in the queue (default 600)")
+    p.set_defaults(func=_serve_command)
 
     return parser
 

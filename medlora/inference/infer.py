@@ -410,23 +410,28 @@ class Predictor:
                            affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
         return self.transform({"image": image})["image"]
 
-    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Mean probability of the ensemble on the preprocessed grid: (X', Y', Z') float32 on the CPU."""
+    def probabilities(self, image: torch.Tensor, networks: Sequence[nn.Module] | None = None) -> torch.Tensor:
+        """Mean probability of the ensemble on the preprocessed grid: (X', Y', Z') float32 on the CPU.
+
+        ``networks`` replaces the loaded models (``medlora serve`` passes a callable that batches the windows of
+        concurrent requests together, :mod:`medlora.serving`)."""
         from ..evaluation.predict import predict_volume
+
+        networks = list(self.models.models if networks is None else networks)
 
         # A plain tensor: MetaTensor bookkeeping on every window would cost time and carry nothing needed.
         x = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)[None].to(self.device)
         total: torch.Tensor | None = None
         autocast = self._autocast()
         with torch.inference_mode(), autocast:
-            for model in self.models.models:
+            for model in networks:
                 # Under bf16 autocast the windows are blended in float32: bf16 sums would lose the Gaussian weights.
                 net = model if isinstance(autocast, contextlib.nullcontext) else _Float32Output(model)
                 p = predict_volume(net, x, self.models.spatial_dims, self.roi_size, self.sw_batch_size,
                                    self.overlap).float()
                 total = p if total is None else total + p
         assert total is not None
-        mean = total / len(self.models.models) if len(self.models.models) > 1 else total
+        mean = total / len(networks) if len(networks) > 1 else total
         return mean[0, 0].cpu().clone()  # clone: a normal tensor again, usable outside inference mode
 
     def to_input_grid(self, values: torch.Tensor, image: torch.Tensor) -> np.ndarray:
@@ -440,9 +445,10 @@ class Predictor:
         inverted = self.transform.inverse({"image": pred})["image"]
         return np.asarray(torch.as_tensor(inverted)[0].numpy(), dtype=np.float32)
 
-    def predict(self, data: np.ndarray, affine: np.ndarray) -> CasePrediction:
+    def predict(self, data: np.ndarray, affine: np.ndarray,
+                networks: Sequence[nn.Module] | None = None) -> CasePrediction:
         image = self.preprocess(data, affine)
-        prob_ras = self.probabilities(image)
+        prob_ras = self.probabilities(image, networks)
         prob = self.to_input_grid(prob_ras, image)
         if prob.shape != data.shape:
             raise RuntimeError(f"inverted prediction has shape {prob.shape}, the input {data.shape}")
