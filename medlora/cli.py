@@ -29,8 +29,13 @@ def _phantoms_command(args: argparse.Namespace) -> int:
     def progress(i: int, n: int, info: dict) -> None:
         print(f"\r  {args.domain} phantoms: {i}/{n}", end="" if i < n else "\n", flush=True)
 
-    out = write_dataset(args.out, args.domain, args.cases, seed=args.seed, overwrite=args.overwrite,
-                        progress=progress)
+    if args.types and args.domain != "ich":
+        raise MedloraError(f"--types: only --domain ich writes multi-class labels, not --domain {args.domain}")
+    try:
+        out = write_dataset(args.out, args.domain, args.cases, seed=args.seed, overwrite=args.overwrite,
+                            types=args.types or None, progress=progress)
+    except ValueError as exc:
+        raise MedloraError(str(exc)) from None
     print(f"wrote {args.cases} {args.domain} cases to {out}")
     return 0
 
@@ -110,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     p = data.add_parser("phantoms", help="write synthetic head-CT phantoms in nnU-Net v2 layout")
     p.add_argument("--out", required=True, help="dataset folder to write")
-    p.add_argument("--domain", choices=("tbi", "sah"), required=True,
-                   help="tbi: source domain (contusions, subdural, epidural); sah: target domain (cisterns, sulci)")
+    p.add_argument("--domain", choices=("tbi", "sah", "ich"), required=True,
+                   help="tbi: source domain (contusions, subdural, epidural); sah: target domain (cisterns, sulci); "
+                   "ich: multi-class labels by hemorrhage type")
+    p.add_argument("--types", nargs="+", metavar="GROUP",
+                   help="ich only: the type mix, one group per case cycled, '+' joins types of one case, e.g. "
+                   "sah ivh sah+ivh iph+sdh (default: the five types, one per case)")
     p.add_argument("--cases", type=int, default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives bitwise identical files")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
