@@ -46,6 +46,15 @@ def _crossval_command(args: argparse.Namespace) -> int:
     return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers)
 
 
+def _compose_command(args: argparse.Namespace) -> int:
+    from .training.composition import run_composition_study
+
+    run_composition_study(args.out, types=args.types, train_cases=args.train_cases, test_cases=args.test_cases,
+                          few_cases=args.few_cases, seed=args.seed, base_steps=args.base_steps,
+                          adapter_steps=args.adapter_steps, budget=args.budget)
+    return 0
+
+
 def _federate_command(args: argparse.Namespace) -> int:
     try:
         from .federated.federation import run_federate
@@ -76,6 +85,7 @@ def _infer_command(args: argparse.Namespace) -> int:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+_COMPOSE_TYPES = ("sah", "ivh", "iph", "sdh", "sah+ivh", "iph+sdh")  # medlora.training.composition.DEFAULT_TYPES
 
 
 class _Renamed(argparse.Action):
@@ -135,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
     p.set_defaults(func=_crossval_command)
+
+    p = sub.add_parser("compose", help="single-class adapters composed at the output vs merged (LoraHub-style) vs "
+                       "their controls, on a multi-class phantom cohort")
+    p.add_argument("--out", required=True, help="output folder (composition.md, composition.json, adapters/)")
+    p.add_argument("--types", nargs="+", default=list(_COMPOSE_TYPES), metavar="GROUP",
+                   help=f"type groups of the cohort, as data phantoms --types (default: {' '.join(_COMPOSE_TYPES)})")
+    p.add_argument("--train-cases", type=int, default=12)
+    p.add_argument("--test-cases", type=int, default=8)
+    p.add_argument("--few-cases", type=int, default=3, help="labelled cases per class the merges are fitted on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-steps", type=int, default=200)
+    p.add_argument("--adapter-steps", type=int, default=100)
+    p.add_argument("--budget", type=int, default=40, help="objective evaluations of each coefficient search")
+    p.set_defaults(func=_compose_command)
 
     p = sub.add_parser("federate", help="federated adapter fine-tuning across sites on Flower (resumable)")
     p.add_argument("--config", required=True, help="federation YAML, e.g. configs/federated/sah_sites.yaml")
