@@ -19,7 +19,10 @@ def test_tiny_study_writes_every_method_and_keeps_the_search_budget(tmp_path):
     assert r["classes"] == ["intraventricular", "subarachnoid"]
     methods = set(r["dice"])
     assert {"single adapter", "composition (probability)", "composition (priority)", "fresh adapter (same few cases)",
-            "merge (other classes' adapters)", "merge (pool incl. own adapter)", "merge (random adapters)"} <= methods
+            "merge (other classes' adapters)", "merge (pool incl. own adapter)", "merge (random adapters)",
+            "router top-1 + composition", "router top-2 + composition"} <= methods
+    assert r["routing"]["chosen"]["router top-1 + composition"]["effective_experts"] == pytest.approx(1.0)
+    assert r["routing"]["chosen"]["router top-2 + composition"]["mean_adapters"] == 2
     for c in r["classes"]:
         assert r["merges"][c]["others"]["evaluations"] <= 3 and len(r["merges"][c]["others"]["weights"]) == 1
         assert len(r["merges"][c]["all"]["weights"]) == 2

@@ -11,7 +11,9 @@ On a multi-class phantom cohort (the ``ich`` domain, labels by hemorrhage type) 
    no adapter for the class exists) and from the pool with its own adapter added (the "highly relevant LoRA in
    the pool" case), against the two controls of the recycling paper (arXiv 2602.12323): a fresh adapter trained on
    the same few cases with the same steps, and the same search over norm-matched random adapters;
-5. reports per-class Dice on held-out cases (3D, per case; a case where the class is absent in both truth and
+5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's pooled bottleneck, trained on which
+   classes each training case holds) and composes only the chosen adapters (top-1, top-2, or those scored present);
+6. reports per-class Dice on held-out cases (3D, per case; a case where the class is absent in both truth and
    prediction is NaN and left out, as nnU-Net), paired bootstrap intervals and Wilcoxon p-values (Holm) of each
    method against the class's own single adapter, parameter counts and inference time per case.
 
@@ -35,7 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterBank, AdapterConfig, inject, parameter_report, save_adapter
-from ..adapters.multi import AdapterDeltas, compose_outputs, random_like, search_coefficients
+from ..adapters.multi import (
+    AdapterDeltas,
+    CaseRouter,
+    compose_outputs,
+    effective_experts,
+    pooled_features,
+    random_like,
+    search_coefficients,
+)
 from ..data.phantoms import TYPE_LABELS, generate_case, parse_types
 from ..errors import MedloraError
 from ..evaluation.statistics import bootstrap_ci, holm, wilcoxon_p
@@ -179,6 +189,8 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
         base(xte)
         timing["one network (base, a merged adapter)"] = (time.perf_counter() - t1) / test_cases
     log(f"composition done ({time.perf_counter() - t0:.1f} s)")
+    routing = _route_cases(base, bank, classes, values, train, xte, test_cases, depth, preds, timing, seed)
+    log(f"router done ({time.perf_counter() - t0:.1f} s)")
 
     merges: dict[str, Any] = {}
     rows = {"merge (other classes' adapters)": {}, "merge (pool incl. own adapter)": {},
@@ -234,12 +246,59 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
               "adapter_steps": adapter_steps, "rank": rank, "budget": budget,
               "priority": [classes[k] for k in priority],
               "dice": dice, "stats": stats, "merges": merges, "seconds_per_case": timing,
-              "adapter_parameters": n_params, "base_parameters": sum(p.numel() for p in base.parameters()),
+              "routing": routing, "adapter_parameters": n_params,
+              "base_parameters": sum(p.numel() for p in base.parameters()),
               "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_bytes(out / "composition.json", json.dumps(result, indent=1, default=float) + "\n")
     atomic_write_bytes(out / "composition.md", _markdown(result))
     log(f"wrote {out / 'composition.md'} ({result['seconds']} s)")
     return result
+
+
+def _route_cases(base, bank, classes, values, train, xte, test_cases, depth, preds, timing, seed) -> dict[str, Any]:
+    """Case-level router on the base's pooled bottleneck (``M2``), trained on which classes each training case holds;
+    at test it picks the adapters whose outputs are composed: top-1, top-2 (ReMix's fixed equal weights: each
+    chosen adapter runs with its whole update), or every adapter it scores present (score > 0)."""
+    torch.manual_seed(seed)
+
+    def case_features(x):
+        return torch.stack([pooled_features(base, "M2", x[i * depth:(i + 1) * depth]).mean(0)
+                            for i in range(x.shape[0] // depth)])
+
+    xtr, ytr = _slices(train)
+    present = torch.stack([torch.tensor([bool((ytr[i * depth:(i + 1) * depth] == v).any()) for v in values])
+                           for i in range(len(train))])
+    router = CaseRouter(int(case_features(xtr[:depth]).shape[1]), len(classes), classes)
+    losses = router.fit(case_features(xtr), present)
+    ftest = case_features(xte)
+    with torch.no_grad():
+        scores = router(ftest)
+    soft = torch.softmax(scores, dim=1)
+    info: dict[str, Any] = {"train_loss": [round(losses[0], 4), round(losses[-1], 4)],
+                            "effective_experts_softmax": round(float(effective_experts(soft).mean()), 3),
+                            "chosen": {}}
+    choices = {"router top-1 + composition": [torch.topk(scores[i], 1).indices.tolist() for i in range(test_cases)],
+               "router top-2 + composition": [torch.topk(scores[i], 2).indices.tolist() for i in range(test_cases)],
+               "router (score > 0) + composition": [
+                   [k for k in range(len(classes)) if scores[i, k] > 0] or [int(scores[i].argmax())]
+                   for i in range(test_cases)]}
+    for name, chosen in choices.items():
+        t1 = time.perf_counter()
+        labels = []
+        with torch.no_grad():
+            for i, ks in enumerate(chosen):
+                lab, _ = compose_outputs(bank, xte[i * depth:(i + 1) * depth], [classes[k] for k in ks],
+                                         values=[values[k] for k in ks])
+                labels.append(lab)
+        timing[name] = (time.perf_counter() - t1) / test_cases
+        merged = torch.cat(labels)
+        preds[name] = {c: merged for c in classes}
+        w = torch.zeros(test_cases, len(classes))
+        for i, ks in enumerate(chosen):
+            w[i, ks] = 1.0 / len(ks)
+        info["chosen"][name] = {"mean_adapters": round(sum(map(len, chosen)) / test_cases, 2),
+                                "effective_experts": round(float(effective_experts(w).mean()), 3)}
+    return info
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -266,6 +325,10 @@ def _markdown(r: dict[str, Any]) -> str:
                      f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] | {s['p_holm']:.3g} |")
     lines += ["", "Inference time per case (s, CPU):", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in r["seconds_per_case"].items()]
+    ro = r["routing"]
+    lines += ["", f"Router: training BCE {ro['train_loss'][0]} -> {ro['train_loss'][1]}; effective number of experts "
+              f"of its softmax over the {len(classes)} adapters: {ro['effective_experts_softmax']}; "
+              + "; ".join(f"{k}: {v['mean_adapters']} adapters per case" for k, v in ro["chosen"].items()) + "."]
     lines += ["", f"Adapter parameters (each): {r['adapter_parameters']}; base parameters: {r['base_parameters']}.",
               f"Priority order: {', '.join(r['priority'])}.", ""]
     return "\n".join(lines)
