@@ -13,9 +13,10 @@ On a multi-class phantom cohort (the ``ich`` domain, labels by hemorrhage type) 
    the same few cases with the same steps, and the same search over norm-matched random adapters;
 5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's pooled bottleneck, trained on which
    classes each training case holds) and composes only the chosen adapters (top-1, top-2, or those scored present);
-6. reports per-class Dice on held-out cases (3D, per case; a case where the class is absent in both truth and
-   prediction is NaN and left out, as nnU-Net), paired bootstrap intervals and Wilcoxon p-values (Holm) of each
-   method against the class's own single adapter, parameter counts and inference time per case.
+6. reports per-class Dice on held-out cases (3D, per case, over the cases that hold the class, so every method
+   has the same denominator; predictions of a class in cases without it are counted as false-positive cases),
+   paired bootstrap intervals and Wilcoxon p-values (Holm) of each method against the class's own single adapter,
+   parameter counts and inference time per case.
 
 Deliberately small (2D slices of a 48 x 48 x 16 grid, an 8-channel multi-view UNet) so it runs in minutes on a
 CPU; the numbers are a phantom study, not a clinical claim. The table in ``docs/composition.md`` was made with it.
@@ -106,14 +107,26 @@ def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    s = int(pred.sum()) + int(truth.sum())
-    return float("nan") if s == 0 else 2.0 * int((pred & truth).sum()) / s
+    """Dice of a case that holds the class (0 when nothing is predicted); NaN when the truth lacks the class, so every
+    method is averaged over the same cases (a prediction there is counted by :func:`_false_positive_cases`)."""
+    if not truth.any():
+        return float("nan")
+    return 2.0 * int((pred & truth).sum()) / (int(pred.sum()) + int(truth.sum()))
+
+
+def _split(label_slices: torch.Tensor, truth_slices: torch.Tensor, depth: int, value: int):
+    p = (label_slices == value).numpy().reshape(-1, depth, *label_slices.shape[1:])
+    t = (truth_slices == value).numpy().reshape(-1, depth, *truth_slices.shape[1:])
+    return p, t
 
 
 def _per_case(label_slices: torch.Tensor, truth_slices: torch.Tensor, depth: int, value: int) -> list[float]:
-    p = (label_slices == value).numpy().reshape(-1, depth, *label_slices.shape[1:])
-    t = (truth_slices == value).numpy().reshape(-1, depth, *truth_slices.shape[1:])
-    return [_dice(a, b) for a, b in zip(p, t, strict=True)]
+    return [_dice(a, b) for a, b in zip(*_split(label_slices, truth_slices, depth, value), strict=True)]
+
+
+def _false_positive_cases(label_slices: torch.Tensor, truth_slices: torch.Tensor, depth: int, value: int) -> int:
+    return sum(bool(a.any() and not b.any()) for a, b in zip(*_split(label_slices, truth_slices, depth, value),
+                                                             strict=True))
 
 
 def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYPES, train_cases: int = 12,
@@ -227,6 +240,8 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
     preds.update(rows)
 
     dice = {m: {c: _per_case(p[c], yte, depth, TYPE_LABELS[c]) for c in classes} for m, p in preds.items()}
+    false_pos = {m: {c: _false_positive_cases(p[c], yte, depth, TYPE_LABELS[c]) for c in classes}
+                 for m, p in preds.items()}
     stats = []
     for m in dice:
         if m == "single adapter":
@@ -245,7 +260,8 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
               "test_cases": test_cases, "few_cases": few_cases, "seed": seed, "base_steps": base_steps,
               "adapter_steps": adapter_steps, "rank": rank, "budget": budget,
               "priority": [classes[k] for k in priority],
-              "dice": dice, "stats": stats, "merges": merges, "seconds_per_case": timing,
+              "dice": dice, "false_positive_cases": false_pos, "stats": stats, "merges": merges,
+              "seconds_per_case": timing,
               "routing": routing, "adapter_parameters": n_params,
               "base_parameters": sum(p.numel() for p in base.parameters()),
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -312,12 +328,15 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = ["# Composition study (medlora compose)", "",
              f"Classes: {', '.join(classes)}; {r['train_cases']} training / {r['test_cases']} test cases; "
              f"merges fitted on {r['few_cases']} cases per class; seed {r['seed']}.", "",
-             "Per-class Dice, mean over test cases where the class is in the truth or the prediction (n):", "",
+             "Per-class Dice, mean over the test cases that hold the class (n); in brackets, the cases without the "
+             "class where it was predicted anyway (false-positive cases):", "",
              "| method | " + " | ".join(classes) + " | mean |", "|---" * (len(classes) + 2) + "|"]
     for m, per in r["dice"].items():
         means = [np.nanmean(np.array(per[c], dtype=float)) if not np.all(np.isnan(per[c])) else math.nan
                  for c in classes]
-        lines.append(f"| {m} | " + " | ".join(_fmt(per[c]) for c in classes) + f" | {np.nanmean(means):.3f} |")
+        fp = r["false_positive_cases"][m]
+        lines.append(f"| {m} | " + " | ".join(f"{_fmt(per[c])} [{fp[c]}]" for c in classes)
+                     + f" | {np.nanmean(means):.3f} |")
     lines += ["", "Against the class's own single adapter (paired per case; 95% bootstrap CI; Wilcoxon, Holm):", "",
               "| method | class | n | mean diff | CI | p (Holm) |", "|---|---|---|---|---|---|"]
     for s in r["stats"]:
