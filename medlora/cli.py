@@ -30,8 +30,13 @@ def _phantoms_command(args: argparse.Namespace) -> int:
     def progress(i: int, n: int, info: dict) -> None:
         print(f"\r  {args.domain} phantoms: {i}/{n}", end="" if i < n else "\n", flush=True)
 
-    out = write_dataset(args.out, args.domain, args.cases, seed=args.seed, overwrite=args.overwrite,
-                        progress=progress)
+    if args.types and args.domain != "ich":
+        raise MedloraError(f"--types: only --domain ich writes multi-class labels, not --domain {args.domain}")
+    try:
+        out = write_dataset(args.out, args.domain, args.cases, seed=args.seed, overwrite=args.overwrite,
+                            types=args.types or None, progress=progress)
+    except ValueError as exc:
+        raise MedloraError(str(exc)) from None
     print(f"wrote {args.cases} {args.domain} cases to {out}")
     return 0
 
@@ -40,6 +45,15 @@ def _crossval_command(args: argparse.Namespace) -> int:
     from .training.crossval import run_crossval
 
     return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers)
+
+
+def _compose_command(args: argparse.Namespace) -> int:
+    from .training.composition import run_composition_study
+
+    run_composition_study(args.out, types=args.types, train_cases=args.train_cases, test_cases=args.test_cases,
+                          few_cases=args.few_cases, seed=args.seed, base_steps=args.base_steps,
+                          adapter_steps=args.adapter_steps, budget=args.budget)
+    return 0
 
 
 def _federate_command(args: argparse.Namespace) -> int:
@@ -103,6 +117,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+_COMPOSE_TYPES = ("sah", "ivh", "iph", "sdh", "sah+ivh", "iph+sdh")  # medlora.training.composition.DEFAULT_TYPES
 
 
 class _Renamed(argparse.Action):
@@ -142,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     p = data.add_parser("phantoms", help="write synthetic head-CT phantoms in nnU-Net v2 layout")
     p.add_argument("--out", required=True, help="dataset folder to write")
-    p.add_argument("--domain", choices=("tbi", "sah"), required=True,
-                   help="tbi: source domain (contusions, subdural, epidural); sah: target domain (cisterns, sulci)")
+    p.add_argument("--domain", choices=("tbi", "sah", "ich"), required=True,
+                   help="tbi: source domain (contusions, subdural, epidural); sah: target domain (cisterns, sulci); "
+                   "ich: multi-class labels by hemorrhage type")
+    p.add_argument("--types", nargs="+", metavar="GROUP",
+                   help="ich only: the type mix, one group per case cycled, '+' joins types of one case, e.g. "
+                   "sah ivh sah+ivh iph+sdh (default: the five types, one per case)")
     p.add_argument("--cases", type=int, default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives bitwise identical files")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
@@ -158,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
     p.set_defaults(func=_crossval_command)
+
+    p = sub.add_parser("compose", help="single-class adapters composed at the output vs merged (LoraHub-style) vs "
+                       "their controls, on a multi-class phantom cohort")
+    p.add_argument("--out", required=True, help="output folder (composition.md, composition.json, adapters/)")
+    p.add_argument("--types", nargs="+", default=list(_COMPOSE_TYPES), metavar="GROUP",
+                   help=f"type groups of the cohort, as data phantoms --types (default: {' '.join(_COMPOSE_TYPES)})")
+    p.add_argument("--train-cases", type=int, default=12)
+    p.add_argument("--test-cases", type=int, default=8)
+    p.add_argument("--few-cases", type=int, default=3, help="labelled cases per class the merges are fitted on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-steps", type=int, default=200)
+    p.add_argument("--adapter-steps", type=int, default=100)
+    p.add_argument("--budget", type=int, default=40, help="objective evaluations of each coefficient search")
+    p.set_defaults(func=_compose_command)
 
     p = sub.add_parser("federate", help="federated adapter fine-tuning across sites on Flower (resumable)")
     p.add_argument("--config", required=True, help="federation YAML, e.g. configs/federated/sah_sites.yaml")

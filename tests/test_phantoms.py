@@ -203,7 +203,7 @@ def test_write_dataset_is_idempotent_and_refuses_to_clobber(tmp_path):
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown phantom domain"):
-        generate_case("ich", 0)
+        generate_case("stroke", 0)
     with pytest.raises(ValueError, match="field of view"):
         generate_case("sah", 0, 0, (48, 48, 16), (2.0, 2.0, 5.0))
     assert case_id("sah", 7) == "SAH_007" and case_id("TBI", 12) == "TBI_012"

@@ -18,7 +18,7 @@ import torch
 from monai.data import CacheDataset, Dataset, list_data_collate
 from torch.utils.data import DataLoader, Sampler
 
-from .dataset import DatasetError, ensure_splits, load_splits, read_dataset, validate_dataset
+from .dataset import DatasetError, ensure_splits, foreground_values, load_splits, read_dataset, validate_dataset
 from .transforms import DEFAULT_HU_WINDOW, compose, preprocessing, training_augmentation
 
 
@@ -111,6 +111,9 @@ class CTSegDataModule(pl.LightningDataModule):
         cache: keep preprocessed volumes in memory (MONAI CacheDataset).
         num_workers: DataLoader workers.
         seed: seed of the sampling order.
+        foreground: label names or values trained as foreground (the binary view of a multi-class dataset, e.g.
+            ``[subarachnoid]`` for one class); None: every class of a multi-class dataset, a binary dataset as is
+            (see :func:`medlora.data.dataset.foreground_values`).
     """
 
     def __init__(
@@ -130,6 +133,7 @@ class CTSegDataModule(pl.LightningDataModule):
         cache: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        foreground: Sequence[int | str] | None = None,
     ) -> None:
         super().__init__()
         from ..training.checks import check_data
@@ -164,7 +168,8 @@ class CTSegDataModule(pl.LightningDataModule):
         hp = self.hparams
         index = validate_dataset(self.data_dir) if hp.validate else read_dataset(self.data_dir)
         self.train_ids, self.val_ids = self.case_split()
-        pre = preprocessing(hu_window=hp.hu_window, target_spacing=hp.target_spacing)
+        pre = preprocessing(hu_window=hp.hu_window, target_spacing=hp.target_spacing,
+                            foreground=foreground_values(index, hp.foreground))
         dataset_cls = CacheDataset if hp.cache else Dataset
         extra = {"progress": False, "num_workers": 0} if hp.cache else {}
         self._val = dataset_cls(_records(index, self.val_ids), transform=compose(pre), **extra)

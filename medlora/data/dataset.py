@@ -150,6 +150,35 @@ def _label_values(labels: dict[str, Any]) -> set[int]:
     return values
 
 
+def foreground_values(index: DatasetIndex, foreground: Sequence[int | str] | None = None) -> list[int] | None:
+    """The label values that the binary view of ``index``'s labels counts as foreground, or None (no view needed).
+
+    ``foreground``: label names or values of ``dataset.json`` ``"labels"`` (e.g. ``["subarachnoid"]``: one class
+    of a multi-class dataset). None: every non-background value when the dataset has more than one (the binary
+    view of a multi-class dataset); a binary dataset needs no view, so its pipeline is exactly as before.
+    """
+    labels = index.meta["labels"]
+    nonzero = sorted(v for v in index.label_values if v != 0)
+    if foreground is None:
+        return nonzero if len(nonzero) > 1 else None
+    out: set[int] = set()
+    for item in foreground:
+        if isinstance(item, str) and not item.lstrip("-").isdigit():
+            if item not in labels or item == "background":
+                raise DatasetError(f"{index.root / 'dataset.json'}: foreground class {item!r} is not one of its labels "
+                                   f"({', '.join(k for k in labels if k != 'background')})")
+            v = labels[item]
+            out.update(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+        elif int(item) in nonzero:
+            out.add(int(item))
+        else:
+            raise DatasetError(f"{index.root / 'dataset.json'}: foreground value {item!r} is not a non-background "
+                               f"label value ({', '.join(map(str, nonzero))})")
+    if not out:
+        raise DatasetError(f"{index.root / 'dataset.json'}: foreground names no class")
+    return sorted(out)
+
+
 def _read_meta(root: Path) -> dict[str, Any]:
     meta_path = root / "dataset.json"
     if not root.is_dir():

@@ -41,6 +41,9 @@ from .dataset import atomic_write_bytes, save_nifti
 __all__ = [
     "GENERATOR_VERSION",
     "DOMAINS",
+    "HEMORRHAGE_TYPES",
+    "TYPE_LABELS",
+    "parse_types",
     "VOLUME_BINS_ML",
     "DEFAULT_SHAPE",
     "DEFAULT_SPACING",
@@ -52,8 +55,18 @@ __all__ = [
 ]
 
 GENERATOR_VERSION = "1.0"
-DOMAINS = ("tbi", "sah")
-_DOMAIN_CODE = {"tbi": 1, "sah": 2}
+DOMAINS = ("tbi", "sah", "ich")
+_DOMAIN_CODE = {"tbi": 1, "sah": 2, "ich": 3}
+# Multi-class labels of the "ich" domain: the five types of BHSD (Wu et al. 2023), in the order its data card lists
+# them (EDH, IPH, IVH, SAH, SDH), values 1-5. Which integer BHSD's own files use is not verified here (see
+# data_cards/bhsd.md); a converted BHSD dataset states its own mapping in dataset.json and medlora reads it from there.
+HEMORRHAGE_TYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+TYPE_LABELS = {t: i + 1 for i, t in enumerate(HEMORRHAGE_TYPES)}
+_TYPE_ALIASES = {"edh": "epidural", "iph": "intraparenchymal", "contusion": "intraparenchymal",
+                 "ivh": "intraventricular", "sah": "subarachnoid", "sdh": "subdural"}
+# Volume caps (mL) of one type inside a mixed case: larger epidurals are implausible (as in the tbi domain) and
+# intraventricular blood is bounded by the distended ventricles; the rest of the case's share is not moved elsewhere.
+_TYPE_MAX_ML = {"epidural": 60.0, "intraventricular": 40.0}
 VOLUME_BINS_ML: tuple[tuple[float, float], ...] = ((0.0, 25.0), (25.0, 50.0), (50.0, 100.0), (100.0, 225.0))
 DEFAULT_SHAPE = (96, 96, 32)
 DEFAULT_SPACING = (2.0, 2.0, 5.0)
@@ -159,6 +172,36 @@ def _check_bins(volume_bins: Sequence[int] | None) -> list[int] | None:
         raise ValueError(f"volume_bins must list bin indices 0-{len(VOLUME_BINS_ML) - 1} "
                          f"({', '.join(f'{lo:g}-{hi:g} mL' for lo, hi in VOLUME_BINS_ML)}), got {list(volume_bins)}")
     return bins
+
+
+def parse_types(groups: Sequence[str | Sequence[str]] | None) -> tuple[tuple[str, ...], ...]:
+    """The per-case type mix of an ``"ich"`` cohort: one group of types per entry, cases cycle through the groups.
+
+    An entry is a type name, a ``+``-joined string (``"subarachnoid+intraventricular"``: both in the same case) or a
+    sequence of names. Names are those of :data:`HEMORRHAGE_TYPES` or the abbreviations edh, iph (contusion), ivh,
+    sah, sdh. Each group comes back sorted in label order without repeats. None: the five types, one per case.
+    """
+    if groups is None:
+        return tuple((t,) for t in HEMORRHAGE_TYPES)
+    if isinstance(groups, str):
+        groups = [g for g in groups.replace(",", " ").split() if g]
+    out = []
+    for group in groups:
+        names = group.split("+") if isinstance(group, str) else list(group)
+        canon = set()
+        for name in names:
+            key = str(name).strip().lower()
+            key = _TYPE_ALIASES.get(key, key)
+            if key not in TYPE_LABELS:
+                raise ValueError(f"unknown hemorrhage type {name!r}; choose from {', '.join(HEMORRHAGE_TYPES)} "
+                                 f"(or {', '.join(_TYPE_ALIASES)}), '+' joins types of one case")
+            canon.add(key)
+        if not canon:
+            raise ValueError(f"empty group of hemorrhage types in {list(groups)!r}")
+        out.append(tuple(sorted(canon, key=TYPE_LABELS.__getitem__)))
+    if not out:
+        raise ValueError("types: give at least one hemorrhage type")
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -633,17 +676,20 @@ class _Phantom:
         rad = 1.0 / math.sqrt(float(np.sum((u / axes) ** 2)))
         return u * (rad - depth_mm)
 
-    def _tbi(self, r, target_ml, target_vox):
+    def _tbi(self, r, target_ml, target_vox, kind=None, satellites=True):
         g = self.g
         irregular = _smooth_noise(r, g.fshape, (6.0 / g.spacing[0], 6.0 / g.spacing[1],
                                                 6.0 / (g.spacing[2] / g.zsub)))
         # The primary lesion rotates with the index (offset per block of 4 so that every kind meets every
         # volume bin), so even a dozen cases contain all three; a 100+ mL epidural would be implausible.
-        kind = ("contusion", "subdural", "epidural")[(self.index + self.index // 4) % 3]
+        if kind is None:
+            kind = ("contusion", "subdural", "epidural")[(self.index + self.index // 4) % 3]
         if kind == "epidural" and target_ml >= 100:
             kind = "subdural"
         side = float(r.choice([-1.0, 1.0]))
         extra_contusions = int(r.integers(0, 3))  # satellites of a subdural/epidural: 0, 1 or 2
+        if not satellites:  # a multi-class case labels contusions as their own class, grown on their own
+            extra_contusions = 0
         lesions = [kind]
         phis = []
         cav = self.cav_a
@@ -713,7 +759,7 @@ class _Phantom:
         self.info["growth_mm"] = round(float(tau), 2)
         return b
 
-    def _sah(self, r, target_ml, target_vox):
+    def _sah(self, r, target_ml, target_vox, ivh=None):
         g = self.g
         sites = {"acom": (0, 24, -15), "mca_left": (-30, 14, -14), "mca_right": (30, 14, -14),
                  "pcom_left": (-12, 8, -18), "pcom_right": (12, 8, -18), "basilar": (0, 2, -22)}
@@ -723,6 +769,8 @@ class _Phantom:
         irregular = _smooth_noise(r, g.fshape, (8.0 / g.spacing[0], 8.0 / g.spacing[1],
                                                 8.0 / (g.spacing[2] / g.zsub)))
         with_ivh = bool(r.uniform() < 0.4) and target_ml >= 50
+        if ivh is not None:  # drawn above all the same, so the stream after it is unchanged
+            with_ivh = ivh
         y_level = r.uniform(-15, 5)
         phi = (np.sqrt((g.qx - src[0]) ** 2 + (g.qy - src[1]) ** 2 + (1.3 * (g.qz - src[2])) ** 2)
                * (1.0 + 0.25 * irregular)).astype(_F32)
@@ -757,6 +805,62 @@ class _Phantom:
             self.info["expansion_mm"] = e
         return b
 
+    def _ivh(self, r, target_ml, target_vox):
+        """Intraventricular blood spreading from one atrium through the ventricular system; a volume the
+        ventricles cannot hold distends them (cast ventricles), as the cisterns are distended in ``_sah``."""
+        g = self.g
+        side = float(r.choice([-1.0, 1.0]))
+        src = self.P(side * 20, -28, 14)
+        irregular = _smooth_noise(r, g.fshape, (8.0 / g.spacing[0], 8.0 / g.spacing[1],
+                                                8.0 / (g.spacing[2] / g.zsub)))
+        phi = (np.sqrt((g.qx - src[0]) ** 2 + (g.qy - src[1]) ** 2 + (g.qz - src[2]) ** 2)
+               * (1.0 + 0.25 * irregular)).astype(_F32)
+        del irregular
+        self.info["side"] = "right" if side > 0 else "left"
+        b = None
+        for e in (0.0, 1.0, 2.0, 3.0, 4.5, 6.0):
+            space = np.zeros(g.fshape, _F32)
+            for sl, sd in self.vent:
+                cur = space[sl]
+                np.maximum(cur, _ramp(sd - _F32(e), g.w) * self.cav_a[sl], out=cur)
+            b = self._grow(phi, space, 200.0, target_vox, ramp_w=4.0)
+            self.info["expansion_mm"] = e
+            if self._labelled(b) >= 0.97 * target_vox:
+                break
+        return b
+
+    def mixed_hemorrhage(self, total_ml: float, types: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """Blood fraction per type (fine grid) for a multi-class case; None when ``total_ml`` is 0.
+
+        The case's volume is shared among its types (random shares, each at least half an equal share, capped by
+        ``_TYPE_MAX_ML``); each type grows on its own random stream, ``(seed, index, type)``, so a type's bleed does
+        not depend on which other types share the case.
+        """
+        vox_ml = float(np.prod(self.g.spacing)) / 1000.0
+        r = self.rng_bleed
+        self.blood_hu = r.uniform(62.0, 80.0)
+        if total_ml <= 0:
+            return None
+        shares = 0.5 / len(types) + 0.5 * r.dirichlet([2.0] * len(types))
+        outer, parts, per_type = self.info, {}, {}
+        for t, share in zip(types, shares, strict=True):
+            ml = max(min(float(total_ml * share), _TYPE_MAX_ML.get(t, math.inf)), 2.0)
+            rt = np.random.default_rng(np.random.SeedSequence(
+                [self.seed, _DOMAIN_CODE[self.domain], self.index, 100 + TYPE_LABELS[t]]))
+            self.info = {}
+            if t == "subarachnoid":
+                parts[t] = self._sah(rt, ml, ml / vox_ml, ivh=False)
+            elif t == "intraventricular":
+                parts[t] = self._ivh(rt, ml, ml / vox_ml)
+            elif t == "intraparenchymal":
+                parts[t] = self._tbi(rt, ml, ml / vox_ml, kind="contusion")
+            else:
+                parts[t] = self._tbi(rt, ml, ml / vox_ml, kind=t, satellites=False)
+            self.info.pop("lesions", None)
+            per_type[t] = {"target_ml": round(ml, 3), **self.info}
+        self.info = {**outer, "types": per_type}
+        return parts
+
     def _labelled(self, b) -> int:
         return int(np.count_nonzero(self.g.to_coarse(b) >= 0.5))
 
@@ -780,12 +884,13 @@ def generate_case(
     hu_offset: float = 0.0,
     head_scale: float = 1.0,
     volume_bins: Sequence[int] | None = None,
+    types: Sequence[str | Sequence[str]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Generate one synthetic head CT with its hemorrhage label.
 
     Args:
-        domain: ``"tbi"`` (source: contusion / subdural / epidural) or ``"sah"`` (target: cisternal and
-            sulcal blood).
+        domain: ``"tbi"`` (source: contusion / subdural / epidural), ``"sah"`` (target: cisternal and
+            sulcal blood), both with a binary label, or ``"ich"``: multi-class, labels by type (:data:`TYPE_LABELS`).
         seed: dataset seed (non-negative int). With ``domain`` and ``index`` it fixes the case bitwise.
         index: case index within the dataset (also picks the hemorrhage volume bin).
         shape, spacing: output grid (voxels, mm). In-plane field of view must be >= 180 mm and z >= 100 mm.
@@ -801,14 +906,22 @@ def generate_case(
             larger heads); 1 leaves the case bitwise as without it.
         volume_bins: bin indices of :data:`VOLUME_BINS_ML` the scheduled volumes cycle through (a site's
             lesion-volume mix, e.g. ``[0, 1]`` for mostly small bleeds); None: all four.
+        types: ``"ich"`` only: the cohort's type mix (see :func:`parse_types`); case ``index`` holds the types of
+            group ``index % len(groups)``, the scheduled volume shared among them. A voxel is labelled where the
+            summed-over-slice blood fraction of all types together is >= 0.5 (so ``label > 0`` is the binary label
+            the same rule gives), with the type whose own fraction there is largest (the lower label on a tie).
 
     Returns:
         ``(image_hu, label, affine, info)``: float32 HU (integer-valued, in [-1024, 3071]) of shape ``shape``,
         uint8 label (1 = blood fraction >= 0.5), RAS+ 4x4 affine, and a JSON-friendly ``info`` dict with
         ``hemorrhage_ml`` (= label voxels x voxel volume / 1000), ``hemorrhage_voxels``, ``target_ml``,
-        ``volume_bin``, ``lesions`` and the case's drawn parameters.
+        ``volume_bin``, ``lesions`` and the case's drawn parameters; ``"ich"`` adds ``class_voxels`` and
+        ``class_ml`` per type present and ``types`` (each type's own drawn parameters).
     """
     domain = _check_domain(domain)
+    if types is not None and domain != "ich":
+        raise ValueError(f"types: only the multi-class 'ich' domain takes a type mix, not {domain!r}")
+    groups = parse_types(types) if domain == "ich" else None
     if int(seed) < 0 or int(index) < 0:
         raise ValueError("seed and index must be non-negative integers")
     shape = tuple(int(s) for s in shape)
@@ -836,11 +949,23 @@ def generate_case(
     want = sched_ml if target_ml is None else max(float(target_ml), 0.0)
     if target_ml is not None:
         vbin = -1 if want <= 0 else int(np.searchsorted([25, 50, 100], want, side="right"))
-    b = ph.hemorrhage(want) if hemorrhage else None
+    parts = None
+    if groups is not None:
+        case_types = groups[int(index) % len(groups)]
+        parts = ph.mixed_hemorrhage(want, case_types) if hemorrhage else None
+        b = None if parts is None else np.max(np.stack(list(parts.values())), axis=0)
+        ph.info["lesions"] = list(case_types) if parts is not None else []
+    else:
+        b = ph.hemorrhage(want) if hemorrhage else None
     g = ph.g
     if b is not None:
         g.paint(g.full, b, ph.blood_hu + 2.5 * ph.tex, "blood")
         label = (g.to_coarse(b) >= 0.5).astype(np.uint8)
+        if parts is not None:
+            names = list(parts)
+            owner = np.argmax(np.stack([g.to_coarse(parts[t]) for t in names]), axis=0)
+            codes = np.array([TYPE_LABELS[t] for t in names], np.uint8)
+            label = np.where(label > 0, codes[owner], 0).astype(np.uint8)
     else:
         label = np.zeros(shape, np.uint8)
         if not hemorrhage:
@@ -856,7 +981,7 @@ def generate_case(
         hu += _F32(round(float(hu_offset)))
     image = np.clip(hu, -1024, 3071).astype(_F32)
     vox_ml = float(np.prod(spacing)) / 1000.0
-    n_vox = int(label.sum(dtype=np.int64))
+    n_vox = int(np.count_nonzero(label))
     info: dict[str, Any] = {
         "case_id": case_id(domain, int(index)),
         "domain": domain,
@@ -873,6 +998,10 @@ def generate_case(
         "head_size_mm": [round(2 * ph.ax, 1), round(2 * ph.ay, 1)],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if groups is not None:
+        present = [t for t in HEMORRHAGE_TYPES if np.any(label == TYPE_LABELS[t])]
+        info["class_voxels"] = {t: int(np.count_nonzero(label == TYPE_LABELS[t])) for t in present}
+        info["class_ml"] = {t: n * vox_ml for t, n in info["class_voxels"].items()}
     if tissue_maps and g.maps is not None:
         info["tissue"] = {k: g.to_coarse(v) for k, v in g.maps.items()}
     return image, label, phantom_affine(shape, spacing), info
@@ -892,6 +1021,7 @@ def write_dataset(
     hu_offset: float = 0.0,
     head_scale: float = 1.0,
     volume_bins: Sequence[int] | None = None,
+    types: Sequence[str | Sequence[str]] | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> Path:
@@ -903,9 +1033,14 @@ def write_dataset(
     If ``out_dir`` already holds a dataset made with the same settings it is returned untouched; a
     different dataset there raises ``FileExistsError`` unless ``overwrite``. ``hu_offset``, ``head_scale`` and
     ``volume_bins`` (see :func:`generate_case`) are recorded only when they differ from their defaults, so a
-    dataset written without them is byte for byte what it was before they existed.
+    dataset written without them is byte for byte what it was before they existed. The ``"ich"`` domain writes
+    multi-class labels: ``dataset.json`` ``"labels"`` maps background and each type of :data:`TYPE_LABELS`, the
+    ``"medlora"`` block records the type groups (``types``) and each case's ``class_ml``.
     """
     domain = _check_domain(domain)
+    if types is not None and domain != "ich":
+        raise ValueError(f"types: only the multi-class 'ich' domain takes a type mix, not {domain!r}")
+    groups = parse_types(types) if domain == "ich" else None
     if int(n_cases) < 1:
         raise ValueError("n_cases must be >= 1")
     out = Path(out_dir)
@@ -925,6 +1060,8 @@ def write_dataset(
     site = {"hu_offset": float(hu_offset), "head_scale": float(head_scale),
             "volume_bins": None if volume_bins is None else [int(b) for b in volume_bins]}
     settings.update({k: v for k, v in site.items() if v != {"hu_offset": 0.0, "head_scale": 1.0}.get(k)})
+    if groups is not None:
+        settings["types"] = [list(g) for g in groups]
     meta_path = out / "dataset.json"
     if meta_path.exists() and not overwrite:
         try:
@@ -941,7 +1078,7 @@ def write_dataset(
         image, label, affine, info = generate_case(domain, seed, i, shape, spacing, tilt_deg=tilt_deg,
                                                    noise_sigma=noise_sigma, z_subsamples=z_subsamples,
                                                    hu_offset=hu_offset, head_scale=head_scale,
-                                                   volume_bins=volume_bins)
+                                                   volume_bins=volume_bins, types=groups)
         cid = info["case_id"]
         save_nifti(out / "imagesTr" / f"{cid}_0000.nii.gz", image, affine, np.int16)
         save_nifti(out / "labelsTr" / f"{cid}.nii.gz", label, affine, np.uint8)
@@ -952,13 +1089,15 @@ def write_dataset(
             "volume_bin": info["volume_bin"],
             "lesions": info["lesions"],
         }
+        if groups is not None:
+            cases[cid]["class_ml"] = {t: round(v, 4) for t, v in info["class_ml"].items()}
         if progress is not None:
             progress(i + 1, int(n_cases), info)
     meta = {
         "name": f"medlora_phantom_{domain}",
         "description": f"Synthetic head CT phantoms ({domain.upper()} hemorrhage), medlora.data.phantoms",
         "channel_names": {"0": "CT"},
-        "labels": {"background": 0, "hemorrhage": 1},
+        "labels": {"background": 0, **(TYPE_LABELS if groups is not None else {"hemorrhage": 1})},
         "numTraining": int(n_cases),
         "file_ending": ".nii.gz",
         "medlora": {**settings, "cases": cases},

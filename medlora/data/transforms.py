@@ -14,6 +14,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Lambdad,
     LoadImaged,
     Orientationd,
     RandCropByPosNegLabeld,
@@ -26,12 +27,27 @@ from monai.transforms import (
 DEFAULT_HU_WINDOW: tuple[float, float] = (0.0, 140.0)
 
 
+class ForegroundView:
+    """A binary view of a multi-class label map: 1 where the label is one of ``values``, else 0 (same type)."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.values = tuple(int(v) for v in values)
+
+    def __call__(self, label):
+        hit = label == self.values[0]
+        for v in self.values[1:]:
+            hit = hit | (label == v)
+        return hit.to(label.dtype)
+
+
 def preprocessing(
     keys: Sequence[str] = ("image", "label"),
     hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
     target_spacing: Sequence[float] | None = None,
+    foreground: Sequence[int] | None = None,
 ) -> list:
-    """The deterministic part: load, channel first, RAS, optional resampling, HU window to [0, 1]."""
+    """The deterministic part: load, channel first, RAS, optional resampling, HU window to [0, 1]; with
+    ``foreground`` (label values) the label becomes the binary view of those classes (after resampling)."""
     keys = list(keys)
     steps: list = [
         LoadImaged(keys=keys, image_only=True),
@@ -46,6 +62,8 @@ def preprocessing(
                              clip=True),
         EnsureTyped(keys=keys, track_meta=True),
     ]
+    if foreground is not None and "label" in keys:
+        steps.append(Lambdad(keys=["label"], func=ForegroundView(foreground)))
     return steps
 
 

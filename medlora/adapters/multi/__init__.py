@@ -2,6 +2,10 @@
 
 * :class:`AdapterBank`: one base, several adapters held apart from it by name; ``bank(x, adapters=[...])`` computes
   a batch in which each sample names its adapter (or ``None``, the base).
+* :func:`compose_outputs` / :class:`AdapterDeltas`: several single-class adapters giving one answer, by output
+  composition in one mixed batch or by a merge of their updates with searched coefficients (:mod:`.compose`).
+* :class:`CaseRouter`, :func:`topk_equal_weights`, :func:`effective_experts`, :func:`rloo_surrogate`: choosing
+  adapters per case (:mod:`.router`).
 * :class:`PackedJobs`: K independent training jobs (adapted models of one base) computed as one batch, one forward
   and one backward per step; each job keeps its own optimiser, learning rate and BatchNorm statistics.
 
@@ -9,8 +13,12 @@
 """
 
 from .bank import AdapterBank, lora_terms
+from .compose import AdapterDeltas, compose_outputs, fuse_class_maps, random_like, search_coefficients
 from .ops import STRATEGIES
 from .pack import PackedJobs
+from .router import CaseRouter, effective_experts, pooled_features, rloo_surrogate, sample_subsets, topk_equal_weights
 from .routing import MultiAdapterError
 
-__all__ = ["STRATEGIES", "AdapterBank", "MultiAdapterError", "PackedJobs", "lora_terms"]
+__all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "MultiAdapterError", "PackedJobs",
+           "compose_outputs", "effective_experts", "fuse_class_maps", "lora_terms", "pooled_features", "random_like",
+           "rloo_surrogate", "sample_subsets", "search_coefficients", "topk_equal_weights"]

@@ -1,0 +1,42 @@
+"""``medlora compose`` end to end on a tiny cohort: files, table rows, search budgets, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medlora.cli import main
+from medlora.training.composition import run_composition_study
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*adapter parameters >= the layer")]
+
+
+def test_tiny_study_writes_every_method_and_keeps_the_search_budget(tmp_path):
+    r = run_composition_study(tmp_path, types=["sah", "ivh", "sah+ivh"], train_cases=3, test_cases=2, few_cases=1,
+                              base_steps=1, adapter_steps=1, budget=3, width=4, log=lambda msg: None)
+    assert r["classes"] == ["intraventricular", "subarachnoid"]
+    methods = set(r["dice"])
+    assert {"single adapter", "composition (probability)", "composition (priority)", "fresh adapter (same few cases)",
+            "merge (other classes' adapters)", "merge (pool incl. own adapter)", "merge (random adapters)",
+            "router top-1 + composition", "router top-2 + composition"} <= methods
+    assert r["routing"]["chosen"]["router top-1 + composition"]["effective_experts"] == pytest.approx(1.0)
+    assert r["routing"]["chosen"]["router top-2 + composition"]["mean_adapters"] == 2
+    for c in r["classes"]:
+        assert r["merges"][c]["others"]["evaluations"] <= 3 and len(r["merges"][c]["others"]["weights"]) == 1
+        assert len(r["merges"][c]["all"]["weights"]) == 2
+        assert all(abs(w) <= 1.5 for key in ("others", "all", "random") for w in r["merges"][c][key]["weights"])
+        assert all(len(r["dice"][m][c]) == 2 for m in methods)
+    saved = json.loads((tmp_path / "composition.json").read_text())
+    assert saved["classes"] == r["classes"]
+    table = (tmp_path / "composition.md").read_text()
+    assert "| composition (probability) |" in table and "| merge (random adapters) |" in table
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
+        "intraventricular.safetensors", "subarachnoid.safetensors"]
+
+
+def test_compose_needs_two_classes(tmp_path, capsys):
+    assert main(["compose", "--out", str(tmp_path / "o"), "--types", "sah"]) == 2
+    assert "composition needs at least two hemorrhage types" in capsys.readouterr().err
+    assert main(["compose", "--out", str(tmp_path / "o"), "--types", "blood"]) == 2
