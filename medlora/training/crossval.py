@@ -470,19 +470,6 @@ class Study:
         write_summary(summary, folder / SUMMARY_FILE)  # last: the job is done
         return summary
 
-    def run_job_if_free(self, job: RunJob, progress: Any | None = None) -> dict[str, Any] | None:
-        """:meth:`run_job` under the job's lock; None if another process finished the job meanwhile.
-
-        Raises :class:`JobHeld` at once if another live process holds the job.
-        """
-        lock = self.job_lock(job)
-        if not lock.acquire(wait=False):
-            raise JobHeld(f"running in another process ({lock.holder()})")
-        try:
-            return None if self.job_done(job) else self.run_job(job, progress)
-        finally:
-            lock.release()
-
     def study_info(self) -> dict[str, Any]:
         """The report's header and selections (``findings``, ``comparisons``), saved as ``study_info.json``."""
         c = self.config

@@ -1,0 +1,113 @@
+"""Study wall time with ``medlora crossval --pack 1`` against ``--pack 4`` and ``--pack 8``, side by side in one run.
+
+The study is the README's main job (``configs/study/sah_transfer.yaml``) with a reduced budget so that the three
+runs fit in minutes: ``trainer.max_steps`` and ``pretrain.trainer.max_steps`` are replaced (``--steps``,
+``--pretrain-steps``) and a part of the grid is selected (``--only``, default: seed 0 on the whole training
+sets, 27 jobs). Pretraining runs once; every ``--pack`` value then runs the same jobs in a copy of that run folder,
+in its own process with ``--threads`` CPU threads. Per-case numbers of every packed run are compared with the
+``--pack 1`` run.
+
+    python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8
+
+Columns: the study's wall time (training, evaluation and start-up), the training time (``--pack 1``: the sum of
+the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the speed-ups against ``--pack 1``,
+and the largest per-case differences of Dice and soft Dice against ``--pack 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def crossval(config: Path, out: Path, threads: int, *extra: str) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "medlora.cli", "crossval", "--config", str(config), "--out", str(out),
+                    *extra], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def summaries(run: Path) -> dict[str, dict]:
+    return {p.parent.relative_to(run).as_posix(): json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(run.glob("jobs/*/seed_*/cases_*/fold_*/summary.json"))}
+
+
+def training_seconds(jobs: dict[str, dict]) -> float:
+    packs, total = set(), 0.0
+    for job in jobs.values():
+        info = job["medlora"]
+        if "pack_seconds" in info:
+            packs.add(info["pack_seconds"])  # one entry per pack: its jobs share the same wall time
+        else:
+            total += info["train_seconds"]
+    return total + sum(packs)
+
+
+def max_difference(jobs: dict[str, dict], reference: dict[str, dict], key: str) -> float:
+    worst = 0.0
+    for name, job in jobs.items():
+        for a, b in zip(job["metric_per_case"], reference[name]["metric_per_case"], strict=True):
+            x, y = a["metrics"]["1"][key], b["metrics"]["1"][key]
+            if x == x or y == y:
+                worst = max(worst, abs(x - y))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "study" / "sah_transfer.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (replaced)")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps per job (the study: 30)")
+    parser.add_argument("--pretrain-steps", type=int, default=40, help="pretraining steps (the study: 400)")
+    parser.add_argument("--only", default="seed=0,train_cases=all", help="the jobs to time (crossval --only)")
+    parser.add_argument("--packs", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    study = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    study["trainer"] = {**study.get("trainer", {}), "max_steps": args.steps}
+    study.setdefault("pretrain", {}).setdefault("trainer", {})["max_steps"] = args.pretrain_steps
+    config = args.out / "study.yaml"
+    config.write_text(yaml.safe_dump(study), encoding="utf-8")
+    prepared = args.out / "prepared"
+    crossval(config, prepared, args.threads, "--only", "pretrain")
+
+    runs = {}
+    for pack in args.packs:
+        folder = args.out / f"pack_{pack}"
+        shutil.copytree(prepared, folder)
+        wall = crossval(config, folder, args.threads, "--only", args.only, "--pack", str(pack))
+        runs[pack] = (wall, summaries(folder))
+        print(f"--pack {pack}: {wall:.1f} s", flush=True)
+
+    wall_1, reference = runs[args.packs[0]]
+    train_1 = training_seconds(reference)
+    load = os.getloadavg()
+    print(f"\n{len(reference)} jobs ({args.only}), {args.steps} steps each, {args.threads} thread(s); "
+          f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
+    print("| --pack | jobs | study wall s | training s | speed-up study | speed-up training | max abs dDice "
+          "| max abs d soft Dice |")
+    print("|---|---|---|---|---|---|---|---|")
+    for pack, (wall, jobs) in runs.items():
+        train = training_seconds(jobs)
+        print(f"| {pack} | {len(jobs)} | {wall:.0f} | {train:.0f} | {wall_1 / wall:.2f}x | {train_1 / train:.2f}x | "
+              f"{max_difference(jobs, reference, 'Dice'):.1e} | {max_difference(jobs, reference, 'soft_Dice'):.1e} |")
+
+
+if __name__ == "__main__":
+    main()
