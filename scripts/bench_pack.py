@@ -3,8 +3,9 @@
 The study is the README's main job (``configs/study/sah_transfer.yaml``) with a reduced budget so that the three
 runs fit in minutes: ``trainer.max_steps`` and ``pretrain.trainer.max_steps`` are replaced (``--steps``,
 ``--pretrain-steps``) and a part of the grid is selected (``--only``, default: seed 0 on the whole training
-sets, 27 jobs). Pretraining runs once; every ``--pack`` value then runs the same jobs in a copy of that run folder,
-in its own process with ``--threads`` CPU threads. Per-case numbers of every packed run are compared with the
+sets, 27 jobs); ``--no-source-eval`` drops the held-out source-domain evaluation, which packing does not change.
+Pretraining runs once; every ``--pack`` value then runs the same jobs in a copy of that run folder, in its own
+process with ``--threads`` CPU threads. Per-case numbers of every packed run are compared with the
 ``--pack 1`` run.
 
     python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--only", default="seed=0,train_cases=all", help="the jobs to time (crossval --only)")
     parser.add_argument("--packs", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-source-eval", action="store_true",
+                        help="drop the study's held-out source-domain evaluation (evaluation is not packed)")
     args = parser.parse_args()
 
     if args.out.exists():
@@ -82,6 +85,8 @@ def main() -> None:
     study = yaml.safe_load(args.config.read_text(encoding="utf-8"))
     study["trainer"] = {**study.get("trainer", {}), "max_steps": args.steps}
     study.setdefault("pretrain", {}).setdefault("trainer", {})["max_steps"] = args.pretrain_steps
+    if args.no_source_eval:
+        study.pop("source_eval", None)
     config = args.out / "study.yaml"
     config.write_text(yaml.safe_dump(study), encoding="utf-8")
     prepared = args.out / "prepared"
@@ -98,7 +103,8 @@ def main() -> None:
     wall_1, reference = runs[args.packs[0]]
     train_1 = training_seconds(reference)
     load = os.getloadavg()
-    print(f"\n{len(reference)} jobs ({args.only}), {args.steps} steps each, {args.threads} thread(s); "
+    print(f"\n{len(reference)} jobs ({args.only}), {args.steps} steps each, {args.threads} thread(s), "
+          f"source evaluation {'off' if args.no_source_eval else 'on'}; "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
     print("| --pack | jobs | study wall s | training s | speed-up study | speed-up training | max abs dDice "
           "| max abs d soft Dice |")

@@ -30,7 +30,10 @@ METHODS = [{"name": "no_finetune"}, {"name": "full"}, {"name": "lora", "ranks": 
 # (grouped convolutions), a difference of ~1e-7 relative per step.
 PER_CASE_ABS = 1e-5      # Dice, soft Dice, IoU, HD95 (mm) of every case
 VOLUME_REL = 1e-4        # soft volume (a float32 sum over the volume)
-LORA_REL = 1e-4          # LoRA factors, relative to the tensor's largest entry
+# LoRA factors, relative to the tensor's largest entry: Adam (lr 0.01) divides by the gradient's own size, which
+# magnifies round-off where a gradient is nearly zero (measured up to 1e-4); a wrong batch, seed or BatchNorm
+# statistic changes the factors at order 1
+LORA_REL = 1e-3
 
 
 @pytest.fixture(scope="module")
