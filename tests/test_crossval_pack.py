@@ -181,24 +181,25 @@ def test_bad_pack_and_launcher_options_are_one_line(tiny, tmp_path, capsys, extr
     assert not (tmp_path / "run").exists()
 
 
-def test_ray_launcher_runs_the_study_as_the_local_launcher(tiny, unpacked, tmp_path, capsys):
+def test_ray_launcher_runs_the_study_as_the_local_launcher(tiny, tmp_path, capsys):
     pytest.importorskip("ray")
-    run = tmp_path / "ray"
-    only = "job=lora_r2"
-    assert main(["crossval", "--config", str(tiny), "--out", str(run), "--only", only, "--launcher", "ray",
+    only = ["--only", "job=lora_r2,fold=1"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert main(["crossval", "--config", str(tiny), "--out", str(local), *only]) == 0
+    assert main(["crossval", "--config", str(tiny), "--out", str(remote), *only, "--launcher", "ray",
                  "--workers", "2"]) == 0
-    folders = [f for f in job_folders(unpacked) if "/lora_r2/" in f]
-    assert job_folders(run) == folders and len(folders) == 2
-    for folder in folders:  # the same function in a Ray worker with the same thread count: bitwise equal
-        ours = json.loads((run / folder / "summary.json").read_text(encoding="utf-8"))
-        theirs = json.loads((unpacked / folder / "summary.json").read_text(encoding="utf-8"))
-        assert ours["metric_per_case"] == theirs["metric_per_case"]
-        a, b = (load_file(str(r / folder / "adapter.safetensors")) for r in (run, unpacked))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folders = job_folders(local)
+    assert job_folders(remote) == folders == ["jobs/lora_r2/seed_0/cases_all/fold_1"]
+    # the same function in a Ray worker with the same thread count: bitwise equal
+    ours = json.loads((remote / folders[0] / "summary.json").read_text(encoding="utf-8"))
+    theirs = json.loads((local / folders[0] / "summary.json").read_text(encoding="utf-8"))
+    assert ours["metric_per_case"] == theirs["metric_per_case"]
+    a, b = (load_file(str(r / folders[0] / "adapter.safetensors")) for r in (remote, local))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert capsys.readouterr().out.count("LoRA r2") == 2
 
 
-def test_slurm_array_script_runs_one_job_per_task_and_submits_with_dependencies(tiny, unpacked, tmp_path):
+def test_slurm_array_script_runs_one_job_per_task_and_submits_with_dependencies(tiny, tmp_path):
     script = ROOT / "scripts" / "slurm_array.sh"
     run = tmp_path / "run"
     fake = tmp_path / "bin"
@@ -221,12 +222,9 @@ def test_slurm_array_script_runs_one_job_per_task_and_submits_with_dependencies(
     assert calls[1].startswith("--parsable --dependency=afterany:101 ") and calls[1].endswith(
         f"{script} report {tiny} {run}")
 
-    # array task 4: the fifth line of --list, nothing else
-    env_task = {**env, "SLURM_ARRAY_TASK_ID": "4"}
-    subprocess.run(["bash", str(script), "task", str(tiny), str(run)], env=env_task, check=True,
-                   capture_output=True, text=True)
-    selector = dict(part.split("=") for part in listed[4].split(","))
+    # array task 5: the sixth line of --list (no_finetune on fold 1), nothing else
+    subprocess.run(["bash", str(script), "task", str(tiny), str(run)], env={**env, "SLURM_ARRAY_TASK_ID": "5"},
+                   check=True, capture_output=True, text=True)
+    selector = dict(part.split("=") for part in listed[5].split(","))
     expected = f"jobs/{selector['job']}/seed_{selector['seed']}/cases_{selector['train_cases']}/fold_{selector['fold']}"
-    assert job_folders(run) == [expected]
-    assert json.loads((run / expected / "summary.json").read_text())["metric_per_case"] == json.loads(
-        (unpacked / expected / "summary.json").read_text())["metric_per_case"]
+    assert job_folders(run) == [expected] == ["jobs/no_finetune/seed_0/cases_all/fold_1"]

@@ -52,6 +52,9 @@ def run_on_ray(study: Any, units: list[list[Any]], workers: int, address: str | 
         package_root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))
         threads = max(1, torch.get_num_threads() // workers)
+        # Ray lowers its workers' priority (nice 15) by default; the local launcher's jobs take the priority
+        # of the command, as --workers processes do (on a busy machine they would otherwise wait behind everything)
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}})
     else:
