@@ -26,7 +26,7 @@ from medlora.training.packing import plan_units, trainer_problem
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [{"name": "no_finetune"}, {"name": "full"}, {"name": "lora", "ranks": [2]}, {"name": "dora_c", "ranks": [2]},
            {"name": "lora", "ranks": [2], "forgetting_weight": 1.0}]
-# Float tolerance of packed against unpacked jobs (float32, one thread): the packed forward sums in another order
+# Float tolerance of packed against unpacked jobs (float32, two threads): the packed forward sums in another order
 # (grouped convolutions), a difference of ~1e-7 relative per step.
 PER_CASE_ABS = 1e-5      # Dice, soft Dice, IoU, HD95 (mm) of every case
 VOLUME_REL = 1e-4        # soft volume (a float32 sum over the volume)
@@ -181,7 +181,7 @@ def test_bad_pack_and_launcher_options_are_one_line(tiny, tmp_path, capsys, extr
     assert not (tmp_path / "run").exists()
 
 
-def test_ray_launcher_runs_the_study_as_the_local_launcher(tiny, tmp_path, capsys):
+def test_ray_launcher_runs_the_study_as_the_local_launcher(tiny, tmp_path, capsys, one_thread):
     pytest.importorskip("ray")
     only = ["--only", "job=lora_r2,fold=1"]
     local, remote = tmp_path / "local", tmp_path / "ray"
@@ -190,7 +190,7 @@ def test_ray_launcher_runs_the_study_as_the_local_launcher(tiny, tmp_path, capsy
                  "--workers", "2"]) == 0
     folders = job_folders(local)
     assert job_folders(remote) == folders == ["jobs/lora_r2/seed_0/cases_all/fold_1"]
-    # the same function in a Ray worker with the same thread count: bitwise equal
+    # the same function in a Ray worker with the same thread count (one: --workers 2 on one thread) is bitwise equal
     ours = json.loads((remote / folders[0] / "summary.json").read_text(encoding="utf-8"))
     theirs = json.loads((local / folders[0] / "summary.json").read_text(encoding="utf-8"))
     assert ours["metric_per_case"] == theirs["metric_per_case"]
@@ -228,3 +228,21 @@ def test_slurm_array_script_runs_one_job_per_task_and_submits_with_dependencies(
     selector = dict(part.split("=") for part in listed[5].split(","))
     expected = f"jobs/{selector['job']}/seed_{selector['seed']}/cases_{selector['train_cases']}/fold_{selector['fold']}"
     assert job_folders(run) == [expected] == ["jobs/no_finetune/seed_0/cases_all/fold_1"]
+
+
+def test_a_pack_the_bank_refuses_runs_its_jobs_one_by_one(tiny, tmp_path, capsys):
+    config = yaml.safe_load(tiny.read_text(encoding="utf-8"))
+    config["methods"] = [{"name": "flylora", "ranks": [2]}, {"name": "lora", "ranks": [2]}]
+    path = tmp_path / "fly.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["crossval", "--config", str(path), "--out", str(run), "--only", "fold=0", "--pack", "2"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "cannot be packed" in line)
+    assert line.startswith("2 jobs (flylora_r2, lora_r2) cannot be packed: ") and "flylora" in line[40:]
+    assert line.endswith("running them one by one")
+    folders = job_folders(run)
+    assert folders == ["jobs/flylora_r2/seed_0/cases_all/fold_0", "jobs/lora_r2/seed_0/cases_all/fold_0"]
+    for folder in folders:
+        info = json.loads((run / folder / "summary.json").read_text(encoding="utf-8"))["medlora"]
+        assert "pack_size" not in info and (run / folder / "adapter.safetensors").is_file()
