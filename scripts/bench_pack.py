@@ -11,8 +11,11 @@ process with ``--threads`` CPU threads. Per-case numbers of every packed run are
     python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8
 
 Columns: the study's wall time (training, evaluation and start-up), the training time (``--pack 1``: the sum of
-the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the speed-ups against ``--pack 1``,
-and the largest per-case differences of Dice and soft Dice against ``--pack 1``.
+the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the evaluation time (the sum of
+the jobs' ``eval_seconds``: the same work in every run, so on a shared machine it measures how busy the machine
+was), the speed-ups against ``--pack 1``, the training speed-up divided by the evaluation speed-up (the packing
+gain with the change in load taken out), and the largest per-case differences of Dice and soft Dice against
+``--pack 1``. ``--tabulate`` prints the table of an earlier run's folder again.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ def summaries(run: Path) -> dict[str, dict]:
             for p in sorted(run.glob("jobs/*/seed_*/cases_*/fold_*/summary.json"))}
 
 
+def eval_seconds(jobs: dict[str, dict]) -> float:
+    return sum(job["medlora"]["eval_seconds"] for job in jobs.values())
+
+
 def training_seconds(jobs: dict[str, dict]) -> float:
     packs, total = set(), 0.0
     for job in jobs.values():
@@ -75,10 +82,31 @@ def main() -> None:
     parser.add_argument("--only", default="seed=0,train_cases=all", help="the jobs to time (crossval --only)")
     parser.add_argument("--packs", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tabulate", action="store_true", help="only print the table of an earlier run in --out")
     parser.add_argument("--no-source-eval", action="store_true",
                         help="drop the study's held-out source-domain evaluation (evaluation is not packed)")
     args = parser.parse_args()
 
+    if not args.tabulate:
+        run_all(args)
+    walls = json.loads((args.out / "walls.json").read_text(encoding="utf-8"))
+    runs = {int(pack): (wall, summaries(args.out / f"pack_{pack}")) for pack, wall in walls.items()}
+    wall_1, reference = runs[min(runs)]
+    train_1, eval_1 = training_seconds(reference), eval_seconds(reference)
+    load = os.getloadavg()
+    print(f"\n{len(reference)} jobs; load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
+    print("| --pack | jobs | study wall s | training s | evaluation s | speed-up study | speed-up training "
+          "| speed-up evaluation | training / evaluation speed-up | max abs dDice | max abs d soft Dice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pack, (wall, jobs) in runs.items():
+        train, evaluation = training_seconds(jobs), eval_seconds(jobs)
+        gain, load_change = train_1 / train, eval_1 / evaluation
+        print(f"| {pack} | {len(jobs)} | {wall:.0f} | {train:.0f} | {evaluation:.0f} | {wall_1 / wall:.2f}x | "
+              f"{gain:.2f}x | {load_change:.2f}x | {gain / load_change:.2f}x | "
+              f"{max_difference(jobs, reference, 'Dice'):.1e} | {max_difference(jobs, reference, 'soft_Dice'):.1e} |")
+
+
+def run_all(args: argparse.Namespace) -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
@@ -91,28 +119,15 @@ def main() -> None:
     config.write_text(yaml.safe_dump(study), encoding="utf-8")
     prepared = args.out / "prepared"
     crossval(config, prepared, args.threads, "--only", "pretrain")
-
-    runs = {}
+    walls = {}
     for pack in args.packs:
         folder = args.out / f"pack_{pack}"
         shutil.copytree(prepared, folder)
-        wall = crossval(config, folder, args.threads, "--only", args.only, "--pack", str(pack))
-        runs[pack] = (wall, summaries(folder))
-        print(f"--pack {pack}: {wall:.1f} s", flush=True)
-
-    wall_1, reference = runs[args.packs[0]]
-    train_1 = training_seconds(reference)
-    load = os.getloadavg()
-    print(f"\n{len(reference)} jobs ({args.only}), {args.steps} steps each, {args.threads} thread(s), "
-          f"source evaluation {'off' if args.no_source_eval else 'on'}; "
-          f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
-    print("| --pack | jobs | study wall s | training s | speed-up study | speed-up training | max abs dDice "
-          "| max abs d soft Dice |")
-    print("|---|---|---|---|---|---|---|---|")
-    for pack, (wall, jobs) in runs.items():
-        train = training_seconds(jobs)
-        print(f"| {pack} | {len(jobs)} | {wall:.0f} | {train:.0f} | {wall_1 / wall:.2f}x | {train_1 / train:.2f}x | "
-              f"{max_difference(jobs, reference, 'Dice'):.1e} | {max_difference(jobs, reference, 'soft_Dice'):.1e} |")
+        walls[pack] = crossval(config, folder, args.threads, "--only", args.only, "--pack", str(pack))
+        print(f"--pack {pack}: {walls[pack]:.1f} s", flush=True)
+        (args.out / "walls.json").write_text(json.dumps(walls), encoding="utf-8")
+    print(f"{args.only}, {args.steps} steps per job, {args.threads} thread(s), source evaluation "
+          f"{'off' if args.no_source_eval else 'on'}")
 
 
 if __name__ == "__main__":
