@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,federated,serve]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,federated,serve,ray]"
 	touch $(STAMP)
 
 # The README's main job: the k-fold TBI -> SAH transfer study on the embedded phantoms.

@@ -44,7 +44,8 @@ def _phantoms_command(args: argparse.Namespace) -> int:
 def _crossval_command(args: argparse.Namespace) -> int:
     from .training.crossval import run_crossval
 
-    return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers)
+    return run_crossval(args.config, args.out, only=args.only, list_jobs=args.list, workers=args.workers,
+                        pack=args.pack, launcher=args.launcher, ray_address=args.ray_address)
 
 
 def _compose_command(args: argparse.Namespace) -> int:
@@ -176,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print the jobs (for a scheduler) and exit")
     p.add_argument("--workers", type=int, default=1,
                    help="jobs to run at once in separate processes (they share the CPU threads / the GPU)")
+    p.add_argument("--pack", type=int, default=1, metavar="K",
+                   help="train up to K jobs of one base in one process, one forward/backward per step for all K")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="ray: every job (or pack) is a Ray task (pip install 'medlora[ray]')")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="an existing Ray cluster (e.g. ray://head:10001); default: a local Ray with --workers CPUs")
     p.set_defaults(func=_crossval_command)
 
     p = sub.add_parser("compose", help="single-class adapters composed at the output vs merged (LoraHub-style) vs "

@@ -37,6 +37,7 @@ ends with one line saying how many jobs are done and exit code 130; the same com
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -83,8 +84,10 @@ from ..runs import plan_jobs as plan_record_jobs
 from .callbacks import run_callbacks
 from .locks import FileLock
 from .module import SegmentationModule, segmentation_module
+from .packing import plan_units, run_unit, trainer_problem
 from .study_config import BASELINES, StudyConfig, StudyConfigError, check_study_inputs, load_study_config
 
+LAUNCHERS = ("local", "ray")
 ONLY_KEYS = ("job", "method", "rank", "fold", "family", "seed", "train_cases", "stage")
 
 
@@ -158,6 +161,20 @@ def fit_or_interrupt(trainer: pl.Trainer, module: pl.LightningModule, datamodule
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handler)
+
+
+@dataclasses.dataclass
+class JobRun:
+    """A job being run: its folder, module, data module, ``model:`` section, base file, seed and parameter count."""
+
+    job: RunJob
+    folder: Path
+    module: SegmentationModule
+    dm: Any
+    model: dict[str, Any]
+    base: Path
+    run_seed: int
+    total: int
 
 
 class JobHeld(MedloraError):
@@ -396,7 +413,8 @@ class Study:
             r["reference_file"] = str(dataset.case(r["case_id"]).label)
         return summarise_job(rows, info)
 
-    def run_job(self, job: RunJob, progress: Any | None = None) -> dict[str, Any]:
+    def prepare_job(self, job: RunJob) -> JobRun:
+        """A job's fresh folder, its module (built under the job's seed) and data module, before training."""
         folder = self.job_dir(job)
         if folder.exists():
             shutil.rmtree(folder)  # leftovers of an interrupted attempt
@@ -411,14 +429,23 @@ class Study:
             module = self._module(model)
         dm = self._datamodule(self.target_dir, job.fold, run_seed, self.subset_splits_path(job.seed, job.train_cases))
         total = sum(p.numel() for n, p in module.model.named_parameters() if ".parametrizations.weight.0." not in n)
+        return JobRun(job, folder, module, dm, model, base, run_seed, total)
+
+    def run_job(self, job: RunJob, progress: Any | None = None) -> dict[str, Any]:
+        run = self.prepare_job(job)
         train_seconds = 0.0
         if job.family != "none":
             start = time.perf_counter()
             with _quiet_lightning():
                 # the adapter file is written at the end of fit
-                callbacks = run_callbacks(adapter_path=folder / ADAPTER_FILE)
-                fit_or_interrupt(_trainer(c.trainer, folder, progress, callbacks), module, dm)
+                callbacks = run_callbacks(adapter_path=run.folder / ADAPTER_FILE)
+                fit_or_interrupt(_trainer(self.config.trainer, run.folder, progress, callbacks), run.module, run.dm)
             train_seconds = time.perf_counter() - start
+        return self.finish_job(run, train_seconds)
+
+    def finish_job(self, run: JobRun, train_seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Evaluate a trained job, write its model (full, module-wise) and its summaries (``summary.json`` last)."""
+        job, folder, module, dm, c = run.job, run.folder, run.module, run.dm, self.config
         # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
         start = time.perf_counter()
@@ -429,12 +456,12 @@ class Study:
         info = {"job": job.name, "method": job.method, "label": job.label, "rank": job.rank, "fold": job.fold,
                 "family": job.family, "seed": job.seed, "train_cases": job.train_cases,
                 "n_train_cases": len(dm.train_ids), "domain": "target", "trainable_params": trainable,
-                "total_params": total, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                "epochs": c.trainer.get("max_epochs"), "run_seed": run_seed, "pretrain_seed": job.pretrain_seed,
-                "base": str(base), "forgetting_weight": float(model.get("forgetting_weight") or 0.0),
-                "calibration": histogram.to_dict()}
+                "total_params": run.total, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                "epochs": c.trainer.get("max_epochs"), "run_seed": run.run_seed, "pretrain_seed": job.pretrain_seed,
+                "base": str(run.base), "forgetting_weight": float(run.model.get("forgetting_weight") or 0.0),
+                "calibration": histogram.to_dict(), **(extra or {})}
         if self.source_eval_dir is not None:
-            source = self._datamodule(self.source_eval_dir, job.fold, run_seed, self.out / SPLITS_DIR /
+            source = self._datamodule(self.source_eval_dir, job.fold, run.run_seed, self.out / SPLITS_DIR /
                                       SOURCE_EVAL_SPLITS)
             source_rows, source_histogram = self._evaluate(module, source)
             write_summary(self._summary(source_rows, self.source_eval_dir, {
@@ -442,19 +469,6 @@ class Study:
         summary = self._summary(rows, self.target_dir, info)
         write_summary(summary, folder / SUMMARY_FILE)  # last: the job is done
         return summary
-
-    def run_job_if_free(self, job: RunJob, progress: Any | None = None) -> dict[str, Any] | None:
-        """:meth:`run_job` under the job's lock; None if another process finished the job meanwhile.
-
-        Raises :class:`JobHeld` at once if another live process holds the job.
-        """
-        lock = self.job_lock(job)
-        if not lock.acquire(wait=False):
-            raise JobHeld(f"running in another process ({lock.holder()})")
-        try:
-            return None if self.job_done(job) else self.run_job(job, progress)
-        finally:
-            lock.release()
 
     def study_info(self) -> dict[str, Any]:
         """The report's header and selections (``findings``, ``comparisons``), saved as ``study_info.json``."""
@@ -509,9 +523,11 @@ def _init_worker(config_path: str, out_dir: str, threads: int) -> None:
     _WORKER_STUDY.prepare_data()
 
 
-def _run_in_worker(index: int) -> tuple[int, dict[str, Any] | None]:
+def _run_in_worker(indices: list[int]) -> list[tuple[int, dict[str, Any] | JobHeld | None]]:
+    """One unit (a job, or a pack) of the study in a worker process: ``(job index, outcome)`` per job."""
     assert _WORKER_STUDY is not None
-    return index, _WORKER_STUDY.run_job_if_free(_WORKER_STUDY.jobs[index])
+    jobs = [_WORKER_STUDY.jobs[i] for i in indices]
+    return [(i, outcome) for i, (_, outcome) in zip(indices, run_unit(_WORKER_STUDY, jobs), strict=True)]
 
 
 def _job_title(study: Study, job: RunJob) -> str:
@@ -537,13 +553,18 @@ def list_lines(study: Study) -> list[str]:
 
 
 def run_crossval(
-    config_path: str, out_dir: str, only: str | None = None, list_jobs: bool = False, workers: int = 1
+    config_path: str, out_dir: str, only: str | None = None, list_jobs: bool = False, workers: int = 1,
+    pack: int = 1, launcher: str = "local", ray_address: str | None = None,
 ) -> int:
     """The ``medlora crossval`` command. Returns the process exit code.
 
-    ``workers > 1`` runs that many jobs at once in separate processes, sharing the CPU threads; the
+    ``workers > 1`` runs that many jobs (or packs) at once in separate processes, sharing the CPU threads; the
     numbers then equal those of another run with the same ``workers`` (thread counts change the order
-    of floating-point sums). Ctrl-C raises ``KeyboardInterrupt`` whose message says how far the study got.
+    of floating-point sums). ``pack > 1`` trains up to that many jobs of one base in one process with one
+    forward and backward per step (:mod:`medlora.training.packing`). ``launcher="ray"`` runs every job (or
+    pack) as a Ray task, on a local Ray started with ``workers`` CPUs or on the cluster at ``ray_address``
+    (:mod:`medlora.training.launchers`). Ctrl-C raises ``KeyboardInterrupt`` whose message says how far the
+    study got.
     """
     study = Study(config_path, out_dir)
     selector = parse_only(only)
@@ -552,6 +573,12 @@ def run_crossval(
         return 0
     if workers < 1:
         raise StudyConfigError(f"--workers must be at least 1, got {workers}")
+    if pack < 1:
+        raise StudyConfigError(f"--pack must be at least 1, got {pack}")
+    if launcher not in LAUNCHERS:
+        raise StudyConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    if ray_address is not None and launcher != "ray":
+        raise StudyConfigError("--ray-address needs --launcher ray")
     if selector is not None and selector.get("stage") == "pretrain":
         if study.config.base_given is not None:
             raise StudyConfigError(f"--only {only!r}: the study starts from model.pretrained; nothing to pretrain")
@@ -562,7 +589,7 @@ def run_crossval(
         raise StudyConfigError(f"--only {only!r} matches no job (see --list)")
     study.check_inputs()
     try:
-        _run_study(study, selector, workers)
+        _run_study(study, selector, workers, pack, launcher, ray_address)
     except KeyboardInterrupt:
         done = sum(study.job_done(j) for j in study.jobs)
         raise KeyboardInterrupt(f"run the same command again to resume: {done} of {len(study.jobs)} jobs done") \
@@ -570,7 +597,8 @@ def run_crossval(
     return 0
 
 
-def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> None:
+def _run_study(study: Study, selector: dict[str, str] | None, workers: int, pack: int = 1, launcher: str = "local",
+               ray_address: str | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     running = study.lock("study", shared=True)  # while held, no other process may replace the study
@@ -601,18 +629,22 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int) -> N
                 bar.advance(overall)
                 say(_outcome_line(study, job, outcome))
 
-            if workers == 1 or len(todo) <= 1:
-                epochs = max(int(study.config.trainer.get("max_epochs") or 1), 1)
-                for job in todo:
-                    task = bar.add_task(f"  {_job_title(study, job).strip()}", total=epochs)
-                    try:
-                        outcome = study.run_job_if_free(job, lambda e, n, t=task: bar.update(t, completed=e))
-                    except JobHeld as exc:
-                        outcome = exc
+            units = plan_units(todo, pack, study.config.trainer)
+            if pack > 1 and trainer_problem(study.config.trainer):
+                say(f"--pack {pack}: jobs run one by one: {trainer_problem(study.config.trainer)}")
+            if launcher == "ray":
+                from .launchers import run_on_ray
+
+                run_on_ray(study, units, workers, ray_address, finished)
+            elif workers == 1 or len(units) <= 1:
+                for unit in units:
+                    title = _job_title(study, unit[0]).strip() if len(unit) == 1 else f"pack of {len(unit)} jobs"
+                    task = bar.add_task(f"  {title}", total=None)
+                    run_unit(study, unit, lambda done, total, t=task: bar.update(t, completed=done, total=total),
+                             finished, say)
                     bar.remove_task(task)
-                    finished(job, outcome)
             else:
-                _run_in_pool(study, todo, workers, finished)
+                _run_in_pool(study, units, workers, finished)
         if selector is None:
             _report(study)
     finally:
@@ -644,7 +676,7 @@ def _outcome_line(study: Study, job: RunJob, outcome: dict[str, Any] | JobHeld |
     return f"{_job_title(study, job)}: {state}"
 
 
-def _run_in_pool(study: Study, todo: list[RunJob], workers: int, finished: Any) -> None:
+def _run_in_pool(study: Study, units: list[list[RunJob]], workers: int, finished: Any) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -653,13 +685,10 @@ def _run_in_pool(study: Study, todo: list[RunJob], workers: int, finished: Any) 
     init_args = (str(study.config_path), str(study.out), threads)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
         try:
-            futures = {pool.submit(_run_in_worker, study.jobs.index(j)): j for j in todo}
+            futures = [pool.submit(_run_in_worker, [study.jobs.index(j) for j in unit]) for unit in units]
             for future in as_completed(futures):
-                try:
-                    outcome: dict[str, Any] | JobHeld | None = future.result()[1]
-                except JobHeld as exc:
-                    outcome = exc
-                finished(futures[future], outcome)
+                for index, outcome in future.result():
+                    finished(study.jobs[index], outcome)
         except KeyboardInterrupt:
             # stop the workers now rather than wait for their jobs (Ctrl-C in a terminal reaches them too)
             pool.shutdown(wait=False, cancel_futures=True)

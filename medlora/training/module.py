@@ -130,12 +130,18 @@ class SegmentationModule(pl.LightningModule):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The training loss of one batch (promptable backbones such as SAM get boxes from the labels)."""
-        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
+    def model_inputs(self, batch: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+        """The network's positional and keyword arguments for a training batch: the image, and for promptable
+        backbones (SAM) boxes drawn from the labels."""
+        image = torch.as_tensor(batch["image"])
         if getattr(self.model, "prompt", None) == "box":
-            return self.loss_fn(self.model(image, boxes=self.model.training_boxes(label)), label)
-        return self.loss_fn(self.model(image), label)
+            return (image,), {"boxes": self.model.training_boxes(torch.as_tensor(batch["label"]))}
+        return (image,), {}
+
+    def batch_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The task loss of one batch (no forgetting term)."""
+        args, kwargs = self.model_inputs(batch)
+        return self.loss_fn(self.model(*args, **kwargs), torch.as_tensor(batch["label"]))
 
     @staticmethod
     def _freeze_copy(network: nn.Module) -> nn.Module:
@@ -147,20 +153,32 @@ class SegmentationModule(pl.LightningModule):
             p.requires_grad_(False)
         return base
 
+    def training_loss(self, batch: dict[str, Any],
+                      logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of ``logits``, the network's output on ``batch`` (``model_inputs``), and the terms to
+        log besides it: with ``forgetting_weight`` > 0 the task loss + λ · the forgetting regulariser against the
+        frozen base (its forward runs here). Split from the forward so that packed study jobs
+        (:mod:`medlora.training.packing`), whose forward runs for several jobs at once, compute the same loss."""
+        label = torch.as_tensor(batch["label"])
+        if not self._frozen_base:
+            return self.loss_fn(logits, label), {}
+        args, kwargs = self.model_inputs(batch)
+        base = self._frozen_base[0].to(args[0].device)
+        with torch.no_grad():
+            base_logits = base(*args, **kwargs)
+        kl = forgetting_kl(logits, base_logits.to(logits.dtype), label)
+        return self.loss_fn(logits, label) + self.hparams.forgetting_weight * kl, {"train/forgetting_kl": kl.detach()}
+
     def loss_with_forgetting(self, batch: dict[str, Any]) -> torch.Tensor:
         """Task loss + λ · the forgetting regulariser against the frozen base (``forgetting_weight`` > 0)."""
-        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"])
-        base = self._frozen_base[0].to(image.device)
-        kwargs = {"boxes": self.model.training_boxes(label)} if getattr(self.model, "prompt", None) == "box" else {}
-        logits = self.model(image, **kwargs)
-        with torch.no_grad():
-            base_logits = base(image, **kwargs)
-        kl = forgetting_kl(logits, base_logits.to(logits.dtype), label)
-        self.log("train/forgetting_kl", kl.detach(), on_step=True, on_epoch=True, batch_size=image.shape[0])
-        return self.loss_fn(logits, label) + self.hparams.forgetting_weight * kl
+        args, kwargs = self.model_inputs(batch)
+        loss, terms = self.training_loss(batch, self.model(*args, **kwargs))
+        for name, value in terms.items():
+            self.log(name, value, on_step=True, on_epoch=True, batch_size=args[0].shape[0])
+        return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_with_forgetting(batch) if self._frozen_base else self.batch_loss(batch)
+        loss = self.loss_with_forgetting(batch)
         # sync_dist: under DDP the logged loss is the mean over ranks, not rank 0's share of the batch
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)

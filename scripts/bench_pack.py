@@ -1,0 +1,134 @@
+"""Study wall time with ``medlora crossval --pack 1`` against ``--pack 4`` and ``--pack 8``, side by side in one run.
+
+The study is the README's main job (``configs/study/sah_transfer.yaml``) with a reduced budget so that the three
+runs fit in minutes: ``trainer.max_steps`` and ``pretrain.trainer.max_steps`` are replaced (``--steps``,
+``--pretrain-steps``) and a part of the grid is selected (``--only``, default: seed 0 on the whole training
+sets, 27 jobs); ``--no-source-eval`` drops the held-out source-domain evaluation, which packing does not change.
+Pretraining runs once; every ``--pack`` value then runs the same jobs in a copy of that run folder, in its own
+process with ``--threads`` CPU threads. Per-case numbers of every packed run are compared with the
+``--pack 1`` run.
+
+    python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8
+
+Columns: the study's wall time (training, evaluation and start-up), the training time (``--pack 1``: the sum of
+the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the evaluation time (the sum of
+the jobs' ``eval_seconds``: the same work in every run, so on a shared machine it measures how busy the machine
+was), the speed-ups against ``--pack 1``, the training speed-up divided by the evaluation speed-up (the packing
+gain with the change in load taken out), and the largest per-case differences of Dice and soft Dice against
+``--pack 1``. ``--tabulate`` prints the table of an earlier run's folder again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def crossval(config: Path, out: Path, threads: int, *extra: str) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "medlora.cli", "crossval", "--config", str(config), "--out", str(out),
+                    *extra], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def summaries(run: Path) -> dict[str, dict]:
+    return {p.parent.relative_to(run).as_posix(): json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted(run.glob("jobs/*/seed_*/cases_*/fold_*/summary.json"))}
+
+
+def eval_seconds(jobs: dict[str, dict]) -> float:
+    return sum(job["medlora"]["eval_seconds"] for job in jobs.values())
+
+
+def training_seconds(jobs: dict[str, dict]) -> float:
+    packs, total = set(), 0.0
+    for job in jobs.values():
+        info = job["medlora"]
+        if "pack_seconds" in info:
+            packs.add(info["pack_seconds"])  # one entry per pack: its jobs share the same wall time
+        else:
+            total += info["train_seconds"]
+    return total + sum(packs)
+
+
+def max_difference(jobs: dict[str, dict], reference: dict[str, dict], key: str) -> float:
+    worst = 0.0
+    for name, job in jobs.items():
+        for a, b in zip(job["metric_per_case"], reference[name]["metric_per_case"], strict=True):
+            x, y = a["metrics"]["1"][key], b["metrics"]["1"][key]
+            if x == x or y == y:
+                worst = max(worst, abs(x - y))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "study" / "sah_transfer.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="work folder (replaced)")
+    parser.add_argument("--steps", type=int, default=10, help="optimiser steps per job (the study: 30)")
+    parser.add_argument("--pretrain-steps", type=int, default=40, help="pretraining steps (the study: 400)")
+    parser.add_argument("--only", default="seed=0,train_cases=all", help="the jobs to time (crossval --only)")
+    parser.add_argument("--packs", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tabulate", action="store_true", help="only print the table of an earlier run in --out")
+    parser.add_argument("--no-source-eval", action="store_true",
+                        help="drop the study's held-out source-domain evaluation (evaluation is not packed)")
+    args = parser.parse_args()
+
+    if not args.tabulate:
+        run_all(args)
+    walls = json.loads((args.out / "walls.json").read_text(encoding="utf-8"))
+    runs = {int(pack): (wall, summaries(args.out / f"pack_{pack}")) for pack, wall in walls.items()}
+    wall_1, reference = runs[min(runs)]
+    train_1, eval_1 = training_seconds(reference), eval_seconds(reference)
+    load = os.getloadavg()
+    print(f"\n{len(reference)} jobs; load average now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n")
+    print("| --pack | jobs | study wall s | training s | evaluation s | speed-up study | speed-up training "
+          "| speed-up evaluation | training / evaluation speed-up | max abs dDice | max abs d soft Dice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pack, (wall, jobs) in runs.items():
+        train, evaluation = training_seconds(jobs), eval_seconds(jobs)
+        gain, load_change = train_1 / train, eval_1 / evaluation
+        print(f"| {pack} | {len(jobs)} | {wall:.0f} | {train:.0f} | {evaluation:.0f} | {wall_1 / wall:.2f}x | "
+              f"{gain:.2f}x | {load_change:.2f}x | {gain / load_change:.2f}x | "
+              f"{max_difference(jobs, reference, 'Dice'):.1e} | {max_difference(jobs, reference, 'soft_Dice'):.1e} |")
+
+
+def run_all(args: argparse.Namespace) -> None:
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    study = yaml.safe_load(args.config.read_text(encoding="utf-8"))
+    study["trainer"] = {**study.get("trainer", {}), "max_steps": args.steps}
+    study.setdefault("pretrain", {}).setdefault("trainer", {})["max_steps"] = args.pretrain_steps
+    if args.no_source_eval:
+        study.pop("source_eval", None)
+    config = args.out / "study.yaml"
+    config.write_text(yaml.safe_dump(study), encoding="utf-8")
+    prepared = args.out / "prepared"
+    crossval(config, prepared, args.threads, "--only", "pretrain")
+    walls = {}
+    for pack in args.packs:
+        folder = args.out / f"pack_{pack}"
+        shutil.copytree(prepared, folder)
+        walls[pack] = crossval(config, folder, args.threads, "--only", args.only, "--pack", str(pack))
+        print(f"--pack {pack}: {walls[pack]:.1f} s", flush=True)
+        (args.out / "walls.json").write_text(json.dumps(walls), encoding="utf-8")
+    print(f"{args.only}, {args.steps} steps per job, {args.threads} thread(s), source evaluation "
+          f"{'off' if args.no_source_eval else 'on'}")
+
+
+if __name__ == "__main__":
+    main()
