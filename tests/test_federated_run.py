@@ -42,14 +42,14 @@ def sites(tmp_path_factory):
     return {"A": a, "B": b, "base": base, "root": root}
 
 
-def write_config(path: Path, sites, strategies=("ffa",), **changes) -> Path:
+def write_config(path: Path, sites, strategies=("ffa",), model=None, **changes) -> Path:
+    """A two-site federation in the run/study schema; ``model`` updates the model section."""
     config = {
-        "name": "tiny", "seed": 0, "rounds": 2,
-        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4}, "spatial_dims": 3,
-                  "pretrained": str(sites["base"]),
-                  "adapter": {"method": "lora", "rank": 2, "target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}},
-        "data": {"patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1, "inference_roi": [48, 48, 16]},
-        "train": {"local_epochs": 1, "lr": 0.05},
+        "name": "tiny", "seed": 0, "rounds": 2, "local_epochs": 1,
+        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4}, "pretrained": str(sites["base"]),
+                  "adapter": {"method": "lora", "rank": 2, "target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]},
+                  "lr": 0.05, "norm_stats": "freeze", "roi_size": [48, 48, 16], **(model or {})},
+        "data": {"spatial_dims": 3, "patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1},
         "sites": [{"name": "A", "data_dir": str(sites["A"]), "heldout": 1},
                   {"name": "B", "data_dir": str(sites["B"]), "heldout": 1}],
         "strategies": [{"name": s} for s in strategies],

@@ -19,7 +19,6 @@ from (seed, round), ends with the same global adapter as an uninterrupted run. A
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -45,9 +44,16 @@ from .client import (
     load_exchange_tensors,
     norm_buffers,
 )
-from .config import FederatedConfig, FederatedConfigError, StrategySpec, _dataclass, load_federated_config
+from .config import (
+    FederatedConfig,
+    FederatedConfigError,
+    StrategySpec,
+    federation_from_mapping,
+    load_federated_config,
+    source_site,
+)
 from .server import FederatedStrategy, LocalGrid, from_record, make_client_app, site_contexts, to_record
-from .sites import SiteSpec, prepare_site, write_site_splits
+from .sites import prepare_site, write_site_splits
 
 
 class Federation:
@@ -67,7 +73,7 @@ class Federation:
         if path.exists():
             stored = json.loads(path.read_text(encoding="utf-8"))
             try:  # read through today's schema: a key added since, at its default, is the same federation
-                same = _normal(_dataclass(FederatedConfig, stored, "federation")) == self.record
+                same = _normal(federation_from_mapping(stored)) == self.record
             except FederatedConfigError:
                 same = False
             if not same:
@@ -82,22 +88,28 @@ class Federation:
         self.data = {s.name: prepare_site(s, self.out / "data") for s in self.config.sites}
         self.splits = {s.name: write_site_splits(s, self.data[s.name], self.out / "splits" / f"{s.name}.json")
                        for s in self.config.sites}
-        self.base = self.config.model.pretrained
-        if self.base is None and self.config.pretrain is not None:
+        self.base = self.config.base_given
+        if self.base is None and self.config.source is not None:
             self.base = str(self.pretrain())
 
     def pretrain(self) -> Path:
         path = self.out / "pretrain" / "base.safetensors"
         if path.exists():
             return path
-        spec = self.config.pretrain
-        site = SiteSpec("source", phantoms=spec.phantoms, heldout=1)
+        c = self.config
+        site = source_site(c)
         data = prepare_site(site, self.out / "pretrain" / "data")
         splits = write_site_splits(site, data, self.out / "pretrain" / "splits.json")
-        print(f"pretraining the base on {spec.phantoms.cases} {spec.phantoms.domain} phantoms "
-              f"({spec.epochs} epochs) ...", flush=True)
-        trainer = SiteTrainer(self.config, "full_fedavg", "source", data, splits, lr=spec.lr)
-        trainer.train(0, spec.epochs)
+        budget = c.pretrain_trainer()
+        steps = budget.get("max_steps", -1) not in (-1, None)
+        what = f"{budget['max_steps']} steps" if steps else f"{budget['max_epochs']} epochs"
+        print(f"pretraining the base on {data.name} ({what}; its last case held out) ...", flush=True)
+        trainer = SiteTrainer(c, "full_fedavg", "source", data, splits, model=c.pretrain_model(),
+                              data=c.data_args(c.pretrain.data), trainer=budget)
+        if steps:
+            trainer.train(0, steps=int(budget["max_steps"]))
+        else:
+            trainer.train(0, epochs=int(budget["max_epochs"]))
         atomic_save_safetensors(trainer.model.state_dict(), path)
         return path
 
@@ -118,7 +130,8 @@ class Federation:
         c = self.config
         options = spec.resolved_options()
         _, server_model = build_network(c, spec.name, self.base)
-        initial = exchange_tensors(server_model, spec.name, c.train.norm_stats)
+        norm_stats = c.strategy_model(spec.name)["norm_stats"]
+        initial = exchange_tensors(server_model, spec.name, norm_stats)
         trainers = self.trainers(spec.name)
         if spec.name == "fedsmooth":
             next(iter(trainers.values())).check_fedsmooth()
@@ -136,7 +149,7 @@ class Federation:
             if done == 0:
                 arrays = to_record(initial)
                 self._evaluate(strategy, grid, 0, arrays)
-            train_config = ConfigRecord({"local-epochs": c.train.local_epochs})
+            train_config = ConfigRecord({f"local-{k}": v for k, v in c.budget().items()})
             for rnd in range(done + 1, c.rounds + 1):
                 replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid))
                 arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -211,7 +224,8 @@ class Federation:
         if strategy == "full_fedavg":
             load_exchange_tensors(model, arrays)
             return atomic_save_safetensors(model.state_dict(), folder / "model.safetensors")
-        extra_tensors = norm_buffers(model, strategy, self.config.train.norm_stats)  # none for fedsmooth
+        model_section = self.config.strategy_model(strategy)
+        extra_tensors = norm_buffers(model, strategy, model_section["norm_stats"])  # none for fedsmooth
         if strategy == "fedsmooth":
             model = self._merged_as_lora(model, arrays)
         else:
@@ -220,9 +234,10 @@ class Federation:
                 "exact": fed.last.exact if fed.last else True, "notes": fed.last.notes if fed.last else []}
         # the record `medlora infer` reads (as training's adapter files): model keys, preprocessing
         record = {k: v for k, v in self.config.model_spec(strategy).to_dict().items() if k != "adapter"}
-        d = self.config.data
-        preprocessing = {"hu_window": list(d.hu_window), "target_spacing": d.target_spacing,
-                         "roi_size": list(d.inference_roi or d.patch_size), "threshold": DEFAULT_THRESHOLD}
+        d = self.config.data_args()
+        preprocessing = {"hu_window": list(d["hu_window"]), "target_spacing": d["target_spacing"],
+                         "roi_size": list(model_section["roi_size"] or d["patch_size"]),
+                         "threshold": model_section["threshold"]}
         return save_adapter(model, folder / "global_adapter.safetensors", extra_tensors=extra_tensors,
                             extra_metadata={**record, "pretrained": self.base, "preprocessing": preprocessing,
                                             "federated": info})
@@ -275,35 +290,36 @@ class Federation:
         results: dict[str, Any] = {}
         strategy = next((s.name for s in self.config.strategies if s.name != "full_fedavg"), "full_fedavg")
         kind = "fedit" if strategy != "full_fedavg" else strategy
-        epochs = self.config.rounds * self.config.train.local_epochs
+        budget = self.config.budget(self.config.rounds)
+        what = f"{budget.get('epochs', budget.get('steps'))} {'epochs' if 'epochs' in budget else 'steps'}"
         for name in self.config.baselines:
             path = self.out / "baselines" / f"{name}.json"
             if path.exists():
                 results[name] = json.loads(path.read_text(encoding="utf-8"))
                 continue
-            print(f"baseline {name}: {epochs} epochs ...", flush=True)
+            print(f"baseline {name}: {what} ...", flush=True)
             trainers = self.trainers(kind)
             per_site: dict[str, Any] = {}
             if name == "local":
                 for t in trainers.values():
-                    t.train(0, epochs)
+                    t.train(0, **budget)
                     per_site[t.name] = _site_result(t.evaluate())
             else:
                 first = next(iter(trainers.values()))
                 pooled = SiteTrainer(self.config, kind, "pooled", self.data[first.name], self.splits[first.name],
                                      base=self.base, datasets=[t.dm._train for t in trainers.values()])
-                pooled.train(0, epochs)
+                pooled.train(0, **budget)
                 tensors = pooled.get_tensors()
                 for t in trainers.values():
                     t.set_tensors(tensors)
                     per_site[t.name] = _site_result(t.evaluate())
-            results[name] = {"baseline": name, "epochs": epochs, "sites": per_site}
+            results[name] = {"baseline": name, **budget, "sites": per_site}
             write_json_atomic(results[name], path)
         return results
 
 
 def _normal(config: FederatedConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return config.to_record()
 
 
 def _digest(record: dict[str, Any]) -> str:

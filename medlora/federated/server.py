@@ -14,9 +14,9 @@ under Flower's deployment engine, where the grid is Flower's own.
 
 Messages. Train and evaluate instructions carry ``arrays`` (the global tensors; FedSmoothLoRA adds the stacked
 global factors of all merged rounds under ``stack::`` and the last round's under ``global::``) and ``config``
-(``server-round``, ``local-epochs``). A train reply carries ``arrays`` (the site's tensors), ``metrics``
-(``num-examples`` = training cases, ``train_loss``) and ``site`` (name, base fingerprint, A fingerprint); an
-evaluate reply carries ``metrics`` (``num-examples`` = held-out cases, ``dice``) and ``site`` (name, per-case
+(``server-round``, ``local-epochs`` or ``local-steps``). A train reply carries ``arrays`` (the site's tensors),
+``metrics`` (``num-examples`` = training cases, ``train_loss``, ``lr``) and ``site`` (name, base fingerprint, A
+fingerprint); an evaluate reply carries ``metrics`` (``num-examples`` = held-out cases, ``dice``) and ``site`` (name, per-case
 rows as JSON).
 """
 
@@ -168,7 +168,9 @@ def make_client_app(trainers: Mapping[int, SiteTrainer], options: Mapping[str, A
             site.fedsmooth_round(rnd, arrays, options)
         else:
             site.set_tensors(arrays)
-        metrics = site.train(rnd, int(msg.content["config"]["local-epochs"]))
+        config = msg.content["config"]
+        budget = {k: int(config[f"local-{k}"]) for k in ("epochs", "steps") if f"local-{k}" in config}
+        metrics = site.train(rnd, **budget)
         tensors = site.fedsmooth_upload() if site.strategy == "fedsmooth" else site.get_tensors()
         carried = dict(tensors) if site.strategy == "fedsmooth" else {}
         if site.config.dp is not None:
