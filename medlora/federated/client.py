@@ -35,7 +35,7 @@ from ..adapters import iter_adapters
 from ..adapters.base import AdditiveReparam
 from ..adapters.io import EXTRA_PREFIX, base_record
 from ..adapters.shared import own_parameters
-from ..assembly import ModelSpec, build_model
+from ..assembly import ModelSpec
 from .config import FederatedConfig
 from .strategies import Pair, fedsmooth_start, fedsmooth_upload, fingerprint, ga_factors, zeta_schedule
 
@@ -146,6 +146,26 @@ def build_network(config: FederatedConfig, strategy: str, base: str | None) -> t
     """The network of ``strategy`` and its record, as :func:`build_module` builds it."""
     module = build_module(config, strategy, base)
     return module.model_spec, module.model
+
+
+def check_fedsmooth(slots: list[PairSlot]) -> None:
+    """FedSmoothLoRA works on ``B A`` as the layer's matricised weight: refuse a method whose ``unfold`` is
+    not a plain reshape (it would merge updates in the wrong places)."""
+    from ..errors import MedloraError
+
+    for slot in slots:
+        a, b = slot.reparam.get_parameter(slot.a_name), slot.reparam.get_parameter(slot.b_name)
+        w0 = slot.canonical()
+        probe = torch.randn(b.shape, dtype=b.dtype, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            kept = b.clone()
+            b.copy_(probe)
+            delta = slot.reparam.delta(w0)
+            b.copy_(kept)
+        if delta.numel() != (probe @ a).numel() or not torch.allclose(
+                delta, slot.pair.scaling * (probe @ a).reshape(w0.shape), atol=1e-5):
+            raise MedloraError(f"fedsmooth: method {slot.reparam.config.method!r} does not apply its pair as a "
+                               "reshaped B @ A (use lora or conv_lora)")
 
 
 class SiteTrainer:
@@ -314,23 +334,7 @@ class SiteTrainer:
     # ------------------------------------------------------------------------------------ FedSmoothLoRA
 
     def check_fedsmooth(self) -> None:
-        """FedSmoothLoRA works on ``B A`` as the layer's matricised weight: refuse a method whose ``unfold`` is
-        not a plain reshape (it would merge updates in the wrong places)."""
-        from ..errors import MedloraError
-
-        for slot in self.slots:
-            a, b = slot.reparam.get_parameter(slot.a_name), slot.reparam.get_parameter(slot.b_name)
-            w0 = slot.canonical()
-            probe = torch.randn(b.shape, dtype=b.dtype, generator=torch.Generator().manual_seed(1))
-            with torch.no_grad():
-                kept = b.clone()
-                b.copy_(probe)
-                delta = slot.reparam.delta(w0)
-                b.copy_(kept)
-            if delta.numel() != (probe @ a).numel() or not torch.allclose(
-                    delta, slot.pair.scaling * (probe @ a).reshape(w0.shape), atol=1e-5):
-                raise MedloraError(f"fedsmooth: method {slot.reparam.config.method!r} does not apply its pair as a "
-                                   "reshaped B @ A (use lora or conv_lora)")
+        check_fedsmooth(self.slots)
 
     def _merged_base(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """``W0 + s B_stack A_stack`` per pair (canonical), the global base after the merged rounds."""

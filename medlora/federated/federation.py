@@ -7,7 +7,8 @@ Run folder::
     RUN/pretrain/base.safetensors       the base, when the config pretrains one
     RUN/<strategy>/checkpoints/round_NNN.safetensors   global state + every site's carried state, per round
     RUN/<strategy>/history.json         per round: every site's held-out Dice (final round: per case)
-    RUN/<strategy>/global_adapter.safetensors          the final global adapter (full_fedavg: model.safetensors)
+    RUN/<strategy>/global_adapter.safetensors          the final global adapter, for medlora infer on the base
+    RUN/full_fedavg/model.ckpt                         full_fedavg's final model, for medlora infer alone
     RUN/baselines/{local,centralised}.json
     RUN/report.md, results.csv, dice_per_round.png
 
@@ -32,14 +33,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..adapters import save_adapter
 from ..errors import MedloraError
-from ..evaluation.predict import DEFAULT_THRESHOLD
 from ..evaluation.summary import write_json_atomic
-from ..fileio import atomic_save_safetensors, read_safetensors
+from ..fileio import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from .client import (
     STACK,
     SiteTrainer,
+    adapter_pairs,
     base_fingerprint_of,
     build_network,
+    check_fedsmooth,
     exchange_tensors,
     load_exchange_tensors,
     norm_buffers,
@@ -54,6 +56,9 @@ from .config import (
 )
 from .server import FederatedStrategy, LocalGrid, from_record, make_client_app, site_contexts, to_record
 from .sites import prepare_site, write_site_splits
+
+ADAPTER_FILE = "global_adapter.safetensors"
+FULL_MODEL_FILE = "model.ckpt"
 
 
 class Federation:
@@ -120,9 +125,14 @@ class Federation:
 
     # ------------------------------------------------------------------------------------ one strategy
 
-    def run_strategy(self, spec: StrategySpec, stop_after: int | None = None) -> dict[str, Any]:
-        """Rounds of ``spec`` through Flower's ServerApp/ClientApp on a :class:`LocalGrid`; resumes from the last
-        checkpoint. ``stop_after`` ends the run after that round's checkpoint (as a kill would, for tests)."""
+    def run_strategy(self, spec: StrategySpec, stop_after: int | None = None, grid: Grid | None = None
+                     ) -> dict[str, Any]:
+        """Rounds of ``spec`` through Flower's ServerApp/ClientApp; resumes from the last checkpoint.
+
+        Without ``grid``: on a :class:`LocalGrid` in this process (``medlora federate``). With ``grid``: Flower's
+        own (the deployment engine, :mod:`medlora.federated.app`, from inside its ServerApp), whose sites keep
+        their carried state on their SuperNodes. ``stop_after`` ends the run after that round's checkpoint (as a
+        kill would, for tests)."""
         folder = self.out / spec.name
         history_path = folder / "history.json"
         if history_path.exists():
@@ -132,37 +142,27 @@ class Federation:
         _, server_model = build_network(c, spec.name, self.base)
         norm_stats = c.strategy_model(spec.name)["norm_stats"]
         initial = exchange_tensors(server_model, spec.name, norm_stats)
-        trainers = self.trainers(spec.name)
+        slots = adapter_pairs(server_model)
         if spec.name == "fedsmooth":
-            next(iter(trainers.values())).check_fedsmooth()
-        strategy = FederatedStrategy(spec.name, next(iter(trainers.values())).pairs,
+            check_fedsmooth(slots)
+        strategy = FederatedStrategy(spec.name, [s.pair for s in slots],
                                      base_fingerprint=base_fingerprint_of(server_model, spec.name),
                                      global_tensors=initial, options=options, fraction=c.fraction, seed=c.seed)
-        contexts = site_contexts([s.name for s in c.sites], {"strategy": spec.name})
-        grid = LocalGrid(make_client_app(trainers, options), contexts)
-        app = ServerApp()
         state: dict[str, Any] = {}
+        if grid is not None:
+            state["arrays"] = self._rounds(spec, grid, strategy, initial, {}, stop_after)
+        else:
+            trainers = self.trainers(spec.name)
+            contexts = site_contexts([s.name for s in c.sites], {"strategy": spec.name})
+            app = ServerApp()
 
-        @app.main()
-        def main(grid: Grid, context: Context) -> None:
-            done, arrays = self._resume(folder, strategy, contexts)
-            if done == 0:
-                arrays = to_record(initial)
-                self._evaluate(strategy, grid, 0, arrays)
-            train_config = ConfigRecord({f"local-{k}": v for k, v in c.budget().items()})
-            for rnd in range(done + 1, c.rounds + 1):
-                replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid))
-                arrays, _ = strategy.aggregate_train(rnd, replies)
-                self._evaluate(strategy, grid, rnd, arrays)
-                self._checkpoint(folder, rnd, arrays, strategy, contexts)
-                line = "  ".join(f"{n} {v['dice']:.3f}" for n, v in strategy.evaluations[rnd].items())
-                print(f"  {spec.name} round {rnd}/{c.rounds}: held-out Dice {line}", flush=True)
-                if stop_after is not None and rnd >= stop_after and rnd < c.rounds:
-                    return
-            state["arrays"] = arrays
+            @app.main()
+            def main(grid: Grid, context: Context) -> None:
+                state["arrays"] = self._rounds(spec, grid, strategy, initial, contexts, stop_after)
 
-        app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-        if "arrays" not in state:
+            app(LocalGrid(make_client_app(trainers, options), contexts),
+                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        if state.get("arrays") is None:
             return {}
         self._write_global(folder, spec.name, server_model, from_record(state["arrays"]), strategy)
         history = {"strategy": spec.name, "options": options, "rounds": c.rounds,
@@ -172,6 +172,33 @@ class Federation:
                    "train_metrics": {str(k): v for k, v in strategy.train_metrics.items()}}
         write_json_atomic(history, history_path)
         return history
+
+    def _rounds(self, spec: StrategySpec, grid: Grid, strategy: FederatedStrategy, initial: dict[str, np.ndarray],
+                contexts: dict[int, Context], stop_after: int | None) -> ArrayRecord | None:
+        """The ServerApp's round loop, written out (as ``Strategy.start`` does) to checkpoint every round; the
+        final global arrays, or None when stopped early. ``contexts``: the in-process sites' contexts, whose
+        carried state is checkpointed with the global state."""
+        c = self.config
+        folder = self.out / spec.name
+        done, arrays = self._resume(folder, strategy, contexts)
+        if done and not contexts and (spec.name == "fedsmooth" or c.dp is not None):
+            raise FederatedConfigError(f"{folder}: {spec.name}{' with DP-SGD' if c.dp else ''} carries site state "
+                                       "between rounds, which the deployment engine keeps on the SuperNodes and a "
+                                       "restart loses; rerun it with another out (or resume with medlora federate)")
+        if done == 0:
+            arrays = to_record(initial)
+            self._evaluate(strategy, grid, 0, arrays)
+        train_config = ConfigRecord({f"local-{k}": v for k, v in c.budget().items()})
+        for rnd in range(done + 1, c.rounds + 1):
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid))
+            arrays, _ = strategy.aggregate_train(rnd, replies)
+            self._evaluate(strategy, grid, rnd, arrays)
+            self._checkpoint(folder, rnd, arrays, strategy, contexts)
+            line = "  ".join(f"{n} {v['dice']:.3f}" for n, v in strategy.evaluations[rnd].items())
+            print(f"  {spec.name} round {rnd}/{c.rounds}: held-out Dice {line}", flush=True)
+            if stop_after is not None and rnd >= stop_after and rnd < c.rounds:
+                return None
+        return arrays
 
     @staticmethod
     def _evaluate(strategy: FederatedStrategy, grid: Grid, rnd: int, arrays: ArrayRecord) -> None:
@@ -220,27 +247,39 @@ class Federation:
 
     def _write_global(self, folder: Path, strategy: str, model: torch.nn.Module, arrays: dict[str, np.ndarray],
                       fed: FederatedStrategy) -> Path:
-        """The final global model: an adapter file ``medlora infer`` runs on the base (full_fedavg: the model)."""
-        if strategy == "full_fedavg":
-            load_exchange_tensors(model, arrays)
-            return atomic_save_safetensors(model.state_dict(), folder / "model.safetensors")
+        """The final global model as a file ``medlora infer`` runs, with its provenance (``federated``: strategy,
+        rounds, sites, exactness and the config's digest): the adapter strategies' global adapter (an adapter
+        file for the base, as training writes one), full_fedavg's model as a checkpoint in the shape
+        ``medlora fit`` writes (``state_dict`` with Lightning's ``model.`` prefix, ``hyper_parameters``: the
+        model section, ``medlora_preprocessing``)."""
         model_section = self.config.strategy_model(strategy)
+        info = {"strategy": strategy, "rounds": self.config.rounds, "sites": [s.name for s in self.config.sites],
+                "exact": fed.last.exact if fed.last else True, "notes": fed.last.notes if fed.last else [],
+                "config_sha256": self.digest}
+        d = self.config.data_args()
+        preprocessing = {"hu_window": list(d["hu_window"]), "target_spacing": d["target_spacing"],
+                         "roi_size": list(model_section["roi_size"] or d["patch_size"]),
+                         "threshold": model_section["threshold"]}
+        spec = {**self.config.model_spec(strategy).to_dict(), "pretrained": self.base}
+        if strategy == "full_fedavg":
+            import io
+
+            load_exchange_tensors(model, arrays)
+            hyper = json.loads(json.dumps({**model_section, **spec}))
+            checkpoint = {"state_dict": {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()},
+                          "hyper_parameters": hyper, "medlora_preprocessing": preprocessing, "medlora_federated": info}
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            return atomic_write_bytes(folder / FULL_MODEL_FILE, buffer.getvalue())
         extra_tensors = norm_buffers(model, strategy, model_section["norm_stats"])  # none for fedsmooth
         if strategy == "fedsmooth":
             model = self._merged_as_lora(model, arrays)
         else:
             load_exchange_tensors(model, arrays)
-        info = {"strategy": strategy, "rounds": self.config.rounds, "sites": [s.name for s in self.config.sites],
-                "exact": fed.last.exact if fed.last else True, "notes": fed.last.notes if fed.last else []}
         # the record `medlora infer` reads (as training's adapter files): model keys, preprocessing
-        record = {k: v for k, v in self.config.model_spec(strategy).to_dict().items() if k != "adapter"}
-        d = self.config.data_args()
-        preprocessing = {"hu_window": list(d["hu_window"]), "target_spacing": d["target_spacing"],
-                         "roi_size": list(model_section["roi_size"] or d["patch_size"]),
-                         "threshold": model_section["threshold"]}
-        return save_adapter(model, folder / "global_adapter.safetensors", extra_tensors=extra_tensors,
-                            extra_metadata={**record, "pretrained": self.base, "preprocessing": preprocessing,
-                                            "federated": info})
+        record = {k: v for k, v in spec.items() if k != "adapter"}
+        return save_adapter(model, folder / ADAPTER_FILE, extra_tensors=extra_tensors,
+                            extra_metadata={**record, "preprocessing": preprocessing, "federated": info})
 
     def _merged_as_lora(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """FedSmoothLoRA's final global model as a plain LoRA adapter on the untouched base.
