@@ -286,6 +286,10 @@ def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(
     assert run_federate(str(config), str(killed)) == 0
     adapter = whole / "fedsmooth" / "global_adapter.safetensors"
     assert same_adapter(killed / "fedsmooth" / "global_adapter.safetensors", adapter)
+    # the official cosine over 2 rounds from model.lr 0.05: 0.05, then 0.05 (1 + cos(pi / 2)) / 2 = 0.025
+    history = json.loads((whole / "fedsmooth" / "history.json").read_text(encoding="utf-8"))
+    lrs = {r: sorted({m["lr"] for m in per_site.values()}) for r, per_site in history["train_metrics"].items()}
+    assert lrs == {"1": [pytest.approx(0.05)], "2": [pytest.approx(0.025)]}
     # the merged global model loads onto the base it was trained on, and differs from it
     base = build_model(ModelSpec("mv_unet", {"level": 1, "width": 4}))
     load_weights(base, sites["base"])

@@ -17,6 +17,7 @@ OUT=$(realpath -m "$2")
 STRATEGY=${3:-}
 PORT=${PORT:-9100}
 APP=$(dirname "$(realpath "$0")")
+export PATH="$BIN:$PATH"  # the SuperLink and SuperNodes start flower-superexec and the apps from PATH
 export FLWR_HOME="$OUT/.flwr"
 mkdir -p "$FLWR_HOME"
 
@@ -26,8 +27,20 @@ from medlora.federated.config import load_federated_config
 print(" ".join(s.name for s in load_federated_config(sys.argv[1]).sites))' "$CONFIG")
 
 PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  # the SuperLink and SuperNodes stop their SuperExec; the ServerApp/ClientApp processes Flower detached are
+  # this deployment's own (their runtime API is on our ports), stopped by process id if still there
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  sleep 2
+  ps -eo pid=,args= | while read -r pid args; do
+    for p in $(seq "$PORT" $((PORT + ${#PIDS[@]}))); do
+      case "$args" in *"-api-address 127.0.0.1:$p "*) kill "$pid" 2>/dev/null || true ;; esac
+    done
+  done
+}
 trap cleanup EXIT
+trap 'exit 143' INT TERM
 
 "$BIN/flower-superlink" --insecure --host 127.0.0.1 --port "$PORT" --disable-runtime-dependency-installation \
   >"$FLWR_HOME/superlink.log" 2>&1 &
@@ -39,6 +52,18 @@ for site in $SITES; do
     --node-config "site=\"$site\"" >"$FLWR_HOME/supernode-$site.log" 2>&1 &
   PIDS+=($!)
 done
+
+# wait until the SuperLink answers (importing torch and Flower takes a while on a loaded machine)
+"$PYTHON" -c 'import socket, sys, time
+deadline = time.monotonic() + 180
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("the SuperLink did not start within 180 s: see " + sys.argv[2])
+        time.sleep(0.5)' "$PORT" "$FLWR_HOME/superlink.log"
 
 cat >"$FLWR_HOME/config.toml" <<TOML
 [superlink]
