@@ -1,10 +1,11 @@
 """A site of the federation: its network, data and local training, and the Flower ClientApp around it.
 
-:class:`SiteTrainer` holds one site's network (:func:`medlora.assembly.build_model`, seeded with the
-federation's shared seed, so every site starts from the same adapter and FFA's frozen ``A`` is the same
-everywhere), its data (:class:`~medlora.data.datamodule.CTSegDataModule` on the site's training cases, with its
-held-out cases as validation) and a :class:`~medlora.training.module.SegmentationModule` that supplies the loss
-and the per-case metrics of ``medlora crossval`` (Dice, soft Dice, HD95, volume error).
+:class:`SiteTrainer` holds one site's :class:`~medlora.training.module.SegmentationModule`, built by fit's
+factory ``segmentation_module`` from the config's ``model:`` section and seeded with the federation's shared
+seed (so every site starts from the same adapter and FFA's frozen ``A`` is the same everywhere), which supplies
+the network, the loss, the optimiser and the per-case metrics of ``medlora crossval`` (Dice, soft Dice, HD95,
+volume error); and its data (:class:`~medlora.data.datamodule.CTSegDataModule` from the ``data:`` section, on
+the site's training cases, with its held-out cases as validation).
 
 Local training is a plain loop over the module's loss rather than a Lightning ``Trainer``: a federation runs
 ``rounds x sites`` short fits, where a Trainer's set-up costs more than the training on small sites, and DP-SGD
