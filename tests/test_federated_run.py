@@ -269,6 +269,16 @@ def test_site_trainer_takes_fit_s_model_and_data_settings_and_a_step_budget(site
     assert site.train(1, epochs=1)["steps"] == 2
     assert site.train(1, steps=3)["steps"] == 3  # the loader restarts for the third step
     assert site.train(1, steps=1, lr=0.125)["lr"] == 0.125
+    # trainer.gradient_clip_val clips as Lightning does: by value at 1e-30, Adam's step is ~lr * 1e-30 / eps
+    # (without weight decay, which Adam adds after clipping)
+    clipped = SiteTrainer(config, "fedit", "A", fed.data["A"], fed.splits["A"], base=fed.base,
+                          model={**config.strategy_model("fedit"), "weight_decay": 0.0},
+                          trainer={"gradient_clip_val": 1e-30, "gradient_clip_algorithm": "value"})
+    for trainer, moves in ((site, True), (clipped, False)):
+        before = {k: v.copy() for k, v in trainer.get_tensors().items()}
+        trainer.train(2, steps=1)
+        change = max(float(np.abs(v - before[k]).max()) for k, v in trainer.get_tensors().items())
+        assert (change > 1e-4) if moves else (change < 1e-12)
 
 
 def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(sites, tmp_path):
