@@ -325,7 +325,8 @@ class Federation:
 
     def run_baselines(self) -> dict[str, Any]:
         """Each site alone (``local``) and all sites pooled (``centralised``), for the federation's budget:
-        ``rounds x local_epochs`` epochs, the first strategy's network, evaluated on every site's held-out cases."""
+        ``rounds x`` the local budget (epochs or steps), the first strategy's network, evaluated on every site's
+        held-out cases."""
         results: dict[str, Any] = {}
         strategy = next((s.name for s in self.config.strategies if s.name != "full_fedavg"), "full_fedavg")
         kind = "fedit" if strategy != "full_fedavg" else strategy
