@@ -65,8 +65,19 @@ def test_deployment_on_localhost_equals_the_in_process_federation(tmp_path):
     deployed = json.loads((tmp_path / "deployed" / "fedit" / "history.json").read_text(encoding="utf-8"))
     assert run_federate(str(path), str(tmp_path / "local")) == 0
     local = json.loads((tmp_path / "local" / "fedit" / "history.json").read_text(encoding="utf-8"))
-    # the same sites, seeds and aggregation: every round's per-case rows and training losses are equal
+    # the same sites, seeds and aggregation: every round's per-case rows and training losses are equal, to float
+    # precision (Flower's processes may sum in another order: 1e-7 relative differences were seen in soft Dice)
     assert set(deployed["evaluations"]["1"]) == {"A", "B"}
-    assert deployed["evaluations"] == local["evaluations"]
-    assert deployed["train_metrics"] == local["train_metrics"]
+    assert deployed["evaluations"].keys() == local["evaluations"].keys()
+    for rnd, per_site in local["evaluations"].items():
+        assert deployed["evaluations"][rnd].keys() == per_site.keys()
+        for site, result in per_site.items():
+            for got, want in zip(deployed["evaluations"][rnd][site]["rows"], result["rows"], strict=True):
+                assert got["case_id"] == want["case_id"]
+                for key in ("TP", "FP", "FN", "n_pred"):
+                    assert got[key] == want[key]
+                assert got["soft_Dice"] == pytest.approx(want["soft_Dice"], rel=1e-5)
+    losses = {r: {s: m["train_loss"] for s, m in v.items()} for r, v in deployed["train_metrics"].items()}
+    assert losses == {r: {s: pytest.approx(m["train_loss"], rel=1e-5) for s, m in v.items()}
+                      for r, v in local["train_metrics"].items()}
     assert (tmp_path / "deployed" / "fedit" / "global_adapter.safetensors").is_file()
