@@ -76,7 +76,7 @@ def test_dp_config_refuses_batch_coupled_losses(sites, tmp_path):  # noqa: F811
     dp = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 0.001}
     for train, message in (({"loss": "soft_dice"}, "couples the samples of a batch"),
                            ({"norm_stats": "update"}, "BatchNorm statistics updated in training")):
-        path = write_config(tmp_path / "dp.yaml", sites, dp=dp, train={"local_epochs": 1, **train})
+        path = write_config(tmp_path / "dp.yaml", sites, dp=dp, model=train)
         with pytest.raises(FederatedConfigError, match=message):
             load_federated_config(path)
     data = yaml.safe_load(write_config(tmp_path / "dp.yaml", sites, dp=dp).read_text(encoding="utf-8"))

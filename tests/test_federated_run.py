@@ -42,14 +42,14 @@ def sites(tmp_path_factory):
     return {"A": a, "B": b, "base": base, "root": root}
 
 
-def write_config(path: Path, sites, strategies=("ffa",), **changes) -> Path:
+def write_config(path: Path, sites, strategies=("ffa",), model=None, **changes) -> Path:
+    """A two-site federation in the run/study schema; ``model`` updates the model section."""
     config = {
-        "name": "tiny", "seed": 0, "rounds": 2,
-        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4}, "spatial_dims": 3,
-                  "pretrained": str(sites["base"]),
-                  "adapter": {"method": "lora", "rank": 2, "target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}},
-        "data": {"patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1, "inference_roi": [48, 48, 16]},
-        "train": {"local_epochs": 1, "lr": 0.05},
+        "name": "tiny", "seed": 0, "rounds": 2, "local_epochs": 1,
+        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4}, "pretrained": str(sites["base"]),
+                  "adapter": {"method": "lora", "rank": 2, "target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]},
+                  "lr": 0.05, "norm_stats": "freeze", "roi_size": [48, 48, 16], **(model or {})},
+        "data": {"spatial_dims": 3, "patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1},
         "sites": [{"name": "A", "data_dir": str(sites["A"]), "heldout": 1},
                   {"name": "B", "data_dir": str(sites["B"]), "heldout": 1}],
         "strategies": [{"name": s} for s in strategies],
@@ -94,12 +94,11 @@ def test_end_to_end_resume_and_infer(sites, tmp_path, capsys):
     assert same_adapter(killed / "ffa" / "global_adapter.safetensors", adapter)
     assert json.loads((killed / "ffa" / "history.json").read_text(encoding="utf-8")) == history
 
-    # the global adapter is a normal adapter file: `medlora infer` runs it on the base
-    image = next((sites["A"] / "imagesTr").glob("*.nii.gz"))
-    out = tmp_path / "pred"
-    assert main(["infer", str(image), "--model", str(sites["base"]), "--adapter", str(adapter), "--out",
-                 str(out)]) == 0
-    assert list(out.glob("*.nii.gz"))
+    # the global adapter is a normal adapter file: `medlora infer` runs it on the base, as the federation
+    # evaluated the global model on the site's held-out case
+    assert meta["extra"]["federated"]["config_sha256"] and meta["extra"]["pretrained"] == str(sites["base"])
+    infer_matches_evaluation(history, "A", sites["A"], ["--model", str(sites["base"]), "--adapter", str(adapter)],
+                             tmp_path / "pred")
 
     # a different config in the same folder is refused, nothing overwritten
     mtime = adapter.stat().st_mtime_ns
@@ -108,6 +107,33 @@ def test_end_to_end_resume_and_infer(sites, tmp_path, capsys):
     assert "holds a different federation" in capsys.readouterr().err
     assert same_adapter(adapter, killed / "ffa" / "global_adapter.safetensors")
     assert adapter.stat().st_mtime_ns == mtime
+
+
+def infer_matches_evaluation(history, site: str, data_dir: Path, model_args: list[str], out: Path) -> None:
+    """`medlora infer` on the site's held-out case predicts the voxels the federation's last evaluation counted:
+    TP/FP/FN of the written mask against the label file equal the history's row."""
+    import nibabel as nib
+
+    (row,) = history["evaluations"][str(history["rounds"])][site]["rows"]
+    image = data_dir / "imagesTr" / f"{row['case_id']}_0000.nii.gz"
+    assert main(["infer", str(image), *model_args, "--out", str(out)]) == 0
+    pred = np.asarray(nib.load(out / f"{row['case_id']}.nii.gz").dataobj) > 0
+    ref = np.asarray(nib.load(data_dir / "labelsTr" / f"{row['case_id']}.nii.gz").dataobj) > 0
+    counts = {"TP": int((pred & ref).sum()), "FP": int((pred & ~ref).sum()), "FN": int((~pred & ref).sum())}
+    assert row["n_pred"] > 0  # the comparison means something: the model predicts hemorrhage there
+    assert counts == {k: row[k] for k in counts}
+    assert json.loads((out / "provenance.json").read_text(encoding="utf-8"))
+
+
+def test_full_fedavg_model_runs_in_medlora_infer(sites, tmp_path):
+    config = write_config(tmp_path / "fed.yaml", sites, strategies=("full_fedavg",), rounds=1)
+    assert run_federate(str(config), str(tmp_path / "run")) == 0
+    history = json.loads((tmp_path / "run" / "full_fedavg" / "history.json").read_text(encoding="utf-8"))
+    model = tmp_path / "run" / "full_fedavg" / "model.ckpt"
+    checkpoint = torch.load(model, weights_only=True)
+    assert checkpoint["medlora_federated"]["strategy"] == "full_fedavg"
+    assert checkpoint["hyper_parameters"]["lr"] == 0.05 and checkpoint["hyper_parameters"]["adapter"] is None
+    infer_matches_evaluation(history, "B", sites["B"], ["--model", str(model)], tmp_path / "pred")
 
 
 def _train_message(node: int) -> Message:
@@ -185,6 +211,76 @@ def test_config_errors_name_the_file_and_key(sites, tmp_path):
         load_federated_config(path)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    # the sections of `medlora fit`, checked as fit and a study check them
+    ({"model": {"lr": -1.0}}, r"federation\.model\.lr: must be greater than 0"),
+    ({"model": {"dropout": 0.1}}, r"federation\.model: unknown key 'dropout' \(valid: backbone, "),
+    ({"model": {"adapter": {"method": "lora", "rank": 2, "targets": ["nowhere"]}}}, r"federation\.model\.adapter: "),
+    ({"data": {"patch_size": [32, 32]}}, r"federation\.data\.patch_size: must be 3 positive numbers"),
+    ({"data": {"data_dir": "x"}}, r"federation\.data\.data_dir: set per site"),
+    ({"trainer": {"max_epochs": 3}}, r"federation\.trainer\.max_epochs: the local budget is local_epochs"),
+    ({"trainer": {"precision": "bf16-mixed"}}, r"federation\.trainer\.precision: the federated local loop runs"),
+    # the federation's own keys
+    ({"strategies": [{"name": "full_fedavg", "lr": 0.0}]}, r"federation\.strategies\[0\]\.lr: must be greater"),
+    ({"strategies": [{"name": "ffa", "backbone": "x"}]}, r"federation\.strategies\[0\]\.backbone: the same for"),
+    ({"local_steps": 3}, r"federation\.local_steps: give local_epochs or local_steps, not both"),
+    ({"pretrain": {"trainer": {"max_epochs": 2}}}, r"federation\.pretrain: give source"),
+    ({"source": {"phantoms": {"domain": "tbi", "cases": 3}}, "pretrain": {"model": {"lr": 0.01}}},
+     r"federation\.source: the federation starts from model\.pretrained"),
+])
+def test_model_data_trainer_sections_are_those_of_fit(sites, tmp_path, change, message):
+    data = yaml.safe_load(write_config(tmp_path / "c.yaml", sites).read_text(encoding="utf-8"))
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if key in ("model", "data") else value
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(FederatedConfigError, match=r"c\.yaml: " + message) as err:
+        load_federated_config(tmp_path / "c.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_old_federation_keys_fail_with_one_line_naming_the_new_ones(sites, tmp_path):
+    data = yaml.safe_load(write_config(tmp_path / "old.yaml", sites).read_text(encoding="utf-8"))
+    data["train"] = {"local_epochs": 1, "lr": 0.05, "full_lr": 0.001}
+    data["data"]["inference_roi"] = [48, 48, 16]
+    data["model"]["spatial_dims"] = 3
+    data["pretrain"] = {"phantoms": {"domain": "tbi"}, "epochs": 2}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(FederatedConfigError) as err:
+        load_federated_config(tmp_path / "old.yaml")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{tmp_path / 'old.yaml'}: old federation format: ")
+    for old, new in (("train.local_epochs", "local_epochs"), ("train.lr", "model.lr"), ("train.full_lr", "strategies"),
+                     ("data.inference_roi", "model.roi_size"), ("model.spatial_dims", "data.spatial_dims"),
+                     ("pretrain.phantoms", "source.phantoms"), ("pretrain.epochs", "pretrain.trainer.max_epochs")):
+        assert f"federation.{old}: renamed to {new}" in text
+
+
+def test_site_trainer_takes_fit_s_model_and_data_settings_and_a_step_budget(sites, tmp_path):
+    config = load_federated_config(write_config(tmp_path / "fed.yaml", sites, model={"weight_decay": 0.01},
+                                                data={"spatial_dims": 3, "patch_size": [32, 32, 16], "batch_size": 1,
+                                                      "samples_per_volume": 1, "pos_fraction": 1.0}))
+    fed = Federation(config, tmp_path / "run")
+    fed.claim()
+    fed.prepare()
+    site = SiteTrainer(config, "fedit", "A", fed.data["A"], fed.splits["A"], base=fed.base)
+    assert site.module.configure_optimizers().param_groups[0]["weight_decay"] == 0.01
+    assert site.dm.hparams.pos_fraction == 1.0 and site.module.hparams.roi_size == [48, 48, 16]
+    assert len(site.dm.train_ids) == 2  # one case per batch: an epoch is 2 steps
+    assert site.train(1, epochs=1)["steps"] == 2
+    assert site.train(1, steps=3)["steps"] == 3  # the loader restarts for the third step
+    assert site.train(1, steps=1, lr=0.125)["lr"] == 0.125
+    # trainer.gradient_clip_val clips as Lightning does: by value at 1e-30, Adam's step is ~lr * 1e-30 / eps
+    # (without weight decay, which Adam adds after clipping)
+    clipped = SiteTrainer(config, "fedit", "A", fed.data["A"], fed.splits["A"], base=fed.base,
+                          model={**config.strategy_model("fedit"), "weight_decay": 0.0},
+                          trainer={"gradient_clip_val": 1e-30, "gradient_clip_algorithm": "value"})
+    for trainer, moves in ((site, True), (clipped, False)):
+        before = {k: v.copy() for k, v in trainer.get_tensors().items()}
+        trainer.train(2, steps=1)
+        change = max(float(np.abs(v - before[k]).max()) for k, v in trainer.get_tensors().items())
+        assert (change > 1e-4) if moves else (change < 1e-12)
+
+
 def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(sites, tmp_path):
     from medlora.assembly import load_adapter_onto
     from medlora.models.weights import load_weights
@@ -200,6 +296,10 @@ def test_fedsmooth_resumes_with_its_carried_state_and_writes_a_loadable_adapter(
     assert run_federate(str(config), str(killed)) == 0
     adapter = whole / "fedsmooth" / "global_adapter.safetensors"
     assert same_adapter(killed / "fedsmooth" / "global_adapter.safetensors", adapter)
+    # the official cosine over 2 rounds from model.lr 0.05: 0.05, then 0.05 (1 + cos(pi / 2)) / 2 = 0.025
+    history = json.loads((whole / "fedsmooth" / "history.json").read_text(encoding="utf-8"))
+    lrs = {r: sorted({m["lr"] for m in per_site.values()}) for r, per_site in history["train_metrics"].items()}
+    assert lrs == {"1": [pytest.approx(0.05)], "2": [pytest.approx(0.025)]}
     # the merged global model loads onto the base it was trained on, and differs from it
     base = build_model(ModelSpec("mv_unet", {"level": 1, "width": 4}))
     load_weights(base, sites["base"])

@@ -241,3 +241,17 @@ def test_fedsmooth_projects_each_pair_to_its_own_rank():
         mean = sum(u.weight * u.tensors[pair.b] @ u.tensors[pair.a] for u in ups) / 6.0
         u, sv, vt = np.linalg.svd(mean)
         np.testing.assert_allclose(merged[pair.b] @ merged[pair.a], (u[:, :r] * sv[:r]) @ vt[:r], atol=1e-12)
+
+
+def test_fedsmooth_lr_is_the_official_cosine_over_rounds():
+    from medlora.federated.strategies import fedsmooth_lr
+
+    # by hand: 0.005 (1 + cos(pi t / 5)) for t = 0..4 (official cosine_learning_rate, min_lr 0)
+    want = [0.01, 0.009045085, 0.006545085, 0.003454915, 0.000954915]
+    assert [fedsmooth_lr(t, 5, 0.01) for t in range(5)] == pytest.approx(want, abs=1e-9)
+    # with a floor of 0.001: 0.001 + 0.0045 (1 + cos(pi t / 5))
+    assert [fedsmooth_lr(t, 5, 0.01, 0.001) for t in range(5)] == pytest.approx(
+        [0.01, 0.009140576, 0.006890576, 0.004109424, 0.001859424], abs=1e-9)
+    assert fedsmooth_lr(3, 5, 0.01, schedule="constant") == 0.01
+    with pytest.raises(ValueError, match="lr_schedule must be 'cosine' or 'constant'"):
+        fedsmooth_lr(0, 5, 0.01, schedule="step")

@@ -1,10 +1,11 @@
 """A site of the federation: its network, data and local training, and the Flower ClientApp around it.
 
-:class:`SiteTrainer` holds one site's network (:func:`medlora.assembly.build_model`, seeded with the
-federation's shared seed, so every site starts from the same adapter and FFA's frozen ``A`` is the same
-everywhere), its data (:class:`~medlora.data.datamodule.CTSegDataModule` on the site's training cases, with its
-held-out cases as validation) and a :class:`~medlora.training.module.SegmentationModule` that supplies the loss
-and the per-case metrics of ``medlora crossval`` (Dice, soft Dice, HD95, volume error).
+:class:`SiteTrainer` holds one site's :class:`~medlora.training.module.SegmentationModule`, built by fit's
+factory ``segmentation_module`` from the config's ``model:`` section and seeded with the federation's shared
+seed (so every site starts from the same adapter and FFA's frozen ``A`` is the same everywhere), which supplies
+the network, the loss, the optimiser and the per-case metrics of ``medlora crossval`` (Dice, soft Dice, HD95,
+volume error); and its data (:class:`~medlora.data.datamodule.CTSegDataModule` from the ``data:`` section, on
+the site's training cases, with its held-out cases as validation).
 
 Local training is a plain loop over the module's loss rather than a Lightning ``Trainer``: a federation runs
 ``rounds x sites`` short fits, where a Trainer's set-up costs more than the training on small sites, and DP-SGD
@@ -35,7 +36,7 @@ from ..adapters import iter_adapters
 from ..adapters.base import AdditiveReparam
 from ..adapters.io import EXTRA_PREFIX, base_record
 from ..adapters.shared import own_parameters
-from ..assembly import ModelSpec, build_model
+from ..assembly import ModelSpec
 from .config import FederatedConfig
 from .strategies import Pair, fedsmooth_start, fedsmooth_upload, fingerprint, ga_factors, zeta_schedule
 
@@ -126,44 +127,73 @@ def base_fingerprint_of(model: nn.Module, strategy: str) -> str:
     return base_record(model)["sha256"]
 
 
-def build_network(config: FederatedConfig, strategy: str, base: str | None) -> tuple[ModelSpec, nn.Module]:
-    """The network of ``strategy`` built with the federation's shared seed (the server's and every site's start)."""
-    spec = config.model_spec(strategy)
+def build_module(config: FederatedConfig, strategy: str, base: str | None,
+                 model: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None) -> Any:
+    """The :class:`~medlora.training.module.SegmentationModule` of ``strategy`` from the fit factory
+    ``segmentation_module`` and the strategy's ``model:`` section (``model``: another section, e.g.
+    pretraining's), built with the federation's shared seed: the server's and every site's start."""
+    from ..training.module import segmentation_module
+
+    section = dict(model if model is not None else config.strategy_model(strategy))
     if base is not None:
-        spec = ModelSpec.from_dict({**spec.to_dict(), "pretrained": base})
+        section["pretrained"] = base
+    if section.get("roi_size") is None:  # fit's default, which a Trainer's data module would supply
+        section["roi_size"] = list((data if data is not None else config.data_args())["patch_size"])
     torch.manual_seed(config.seed)
-    return spec, build_model(spec)
+    return segmentation_module(**section)
+
+
+def build_network(config: FederatedConfig, strategy: str, base: str | None) -> tuple[ModelSpec, nn.Module]:
+    """The network of ``strategy`` and its record, as :func:`build_module` builds it."""
+    module = build_module(config, strategy, base)
+    return module.model_spec, module.model
+
+
+def check_fedsmooth(slots: list[PairSlot]) -> None:
+    """FedSmoothLoRA works on ``B A`` as the layer's matricised weight: refuse a method whose ``unfold`` is
+    not a plain reshape (it would merge updates in the wrong places)."""
+    from ..errors import MedloraError
+
+    for slot in slots:
+        a, b = slot.reparam.get_parameter(slot.a_name), slot.reparam.get_parameter(slot.b_name)
+        w0 = slot.canonical()
+        probe = torch.randn(b.shape, dtype=b.dtype, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            kept = b.clone()
+            b.copy_(probe)
+            delta = slot.reparam.delta(w0)
+            b.copy_(kept)
+        if delta.numel() != (probe @ a).numel() or not torch.allclose(
+                delta, slot.pair.scaling * (probe @ a).reshape(w0.shape), atol=1e-5):
+            raise MedloraError(f"fedsmooth: method {slot.reparam.config.method!r} does not apply its pair as a "
+                               "reshaped B @ A (use lora or conv_lora)")
 
 
 class SiteTrainer:
-    """One site's network, data and training for one strategy (see the module docstring)."""
+    """One site's network, data and training for one strategy (see the module docstring).
+
+    ``model``, ``data`` and ``trainer`` replace the strategy's sections (pretraining uses its own)."""
 
     def __init__(self, config: FederatedConfig, strategy: str, name: str, data_dir: Path, splits_file: Path, *,
-                 base: str | None = None, datasets: list[Any] | None = None, lr: float | None = None) -> None:
+                 base: str | None = None, datasets: list[Any] | None = None, model: Mapping[str, Any] | None = None,
+                 data: Mapping[str, Any] | None = None, trainer: Mapping[str, Any] | None = None) -> None:
         from ..data.datamodule import CTSegDataModule
-        from ..training.module import SegmentationModule
 
         self.config, self.strategy, self.name = config, strategy, name
-        spec, network = build_network(config, strategy, base)
-        train = config.train
-        lr = lr if lr is not None else train.full_lr if strategy == "full_fedavg" else train.lr
-        roi = list(config.data.inference_roi or config.data.patch_size)
-        self.module = SegmentationModule(network, spec, loss=train.loss, lr=lr, norm_stats=train.norm_stats,
-                                         roi_size=roi)
-        self.model = network
-        d = config.data
-        self.dm = CTSegDataModule(str(data_dir), fold=0, splits_file=str(splits_file), spatial_dims=spec.spatial_dims,
-                                  patch_size=list(d.patch_size), batch_size=d.batch_size,
-                                  samples_per_volume=d.samples_per_volume, pos_fraction=d.pos_fraction,
-                                  hu_window=list(d.hu_window), target_spacing=d.target_spacing, validate=False,
-                                  seed=config.seed)
+        self.module = build_module(config, strategy, base, model, data)
+        self.model = self.module.model
+        self.norm_stats = self.module.hparams.norm_stats
+        self.trainer_args = dict(trainer if trainer is not None else config.trainer)
+        self.data_args = dict(data if data is not None else config.data_args())
+        self.dm = CTSegDataModule(str(data_dir), fold=0, splits_file=str(splits_file), validate=False,
+                                  seed=config.seed, **self.data_args)
         self.dm.setup("fit")
         if datasets is not None:  # the centralised baseline: every site's training cases pooled
             self.dm._train = torch.utils.data.ConcatDataset(datasets)
         self.cases = len(self.dm.train_ids) if datasets is None else sum(len(ds) for ds in datasets)
-        self.slots = adapter_pairs(network)
+        self.slots = adapter_pairs(self.model)
         self.pairs = [s.pair for s in self.slots]
-        self.base_fingerprint = base_fingerprint_of(network, strategy)
+        self.base_fingerprint = base_fingerprint_of(self.model, strategy)
         self.originals = {s.pair.b: s.canonical().clone() for s in self.slots}  # W0, for FedSmoothLoRA's merges
         self.fed_state: dict[str, np.ndarray] = {}  # carried between rounds (FedSmoothLoRA's last upload)
         self._shift: dict[str, np.ndarray] = {}
@@ -174,7 +204,7 @@ class SiteTrainer:
     def get_tensors(self) -> dict[str, np.ndarray]:
         """What the site sends: its adapter tensors (plus BatchNorm statistics under ``norm_stats: update``), or
         the whole model (full_fedavg)."""
-        return exchange_tensors(self.model, self.strategy, self.config.train.norm_stats)
+        return exchange_tensors(self.model, self.strategy, self.norm_stats)
 
     def set_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
         load_exchange_tensors(self.model, tensors)
@@ -201,47 +231,77 @@ class SiteTrainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def train(self, round_index: int, epochs: int) -> dict[str, float]:
-        """Local training from the current tensors: ``epochs`` passes, a fresh optimiser (as FedAvg's clients)."""
+    def train(self, round_index: int, epochs: int | None = None, steps: int | None = None,
+              lr: float | None = None) -> dict[str, float]:
+        """Local training from the current tensors, a fresh optimiser (as FedAvg's clients): ``epochs`` passes
+        over the training cases or ``steps`` optimiser steps (the loader restarts as often as needed), at the
+        module's learning rate or ``lr`` (FedSmoothLoRA's schedule over rounds)."""
         seed = round_seed(self.config.seed, self.name, round_index)
         torch.manual_seed(seed)
         if self.strategy == "ffa":
             for slot in self.slots:
                 slot.reparam.get_parameter(slot.a_name).requires_grad_(False)
         optimizer = self.module.configure_optimizers()
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         loader = self._loader(seed)
         self._train_mode()
-        losses = []
         if self.config.dp is not None:
-            losses = self._train_dp(optimizer, seed, epochs)
-        for _ in range(epochs if self.config.dp is None else 0):
-            for batch in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.module.batch_loss(batch)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+            losses = self._train_dp(optimizer, seed, epochs, steps)
+        else:
+            losses = self._train_plain(optimizer, loader, epochs, steps)
         if not all(math.isfinite(v) for v in losses):
             from ..errors import MedloraError
 
             raise MedloraError(f"site {self.name}: the training loss became non-finite in round {round_index}; "
-                               "lower train.lr")
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses))}
+                               "lower model.lr")
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "steps": float(len(losses)),
+                   "lr": float(optimizer.param_groups[0]["lr"])}
         if self.config.dp is not None:
             metrics["epsilon"] = self.epsilon()
         return metrics
 
-    def _train_dp(self, optimizer: torch.optim.Optimizer, seed: int, epochs: int) -> list[float]:
-        """DP-SGD steps (:mod:`medlora.federated.privacy`): Poisson-sampled cases, per-case clipping, noise."""
+    def _train_plain(self, optimizer: torch.optim.Optimizer, loader: Any, epochs: int | None,
+                     steps: int | None) -> list[float]:
+        clip = self.trainer_args.get("gradient_clip_val")
+        by_value = self.trainer_args.get("gradient_clip_algorithm") == "value"
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses: list[float] = []
+        passes = 0
+        while (passes < (epochs or 0)) if steps is None else (len(losses) < steps):
+            before = len(losses)
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.module.batch_loss(batch)
+                loss.backward()
+                if clip:  # as Lightning's Trainer clips (gradient_clip_val / gradient_clip_algorithm)
+                    if by_value:
+                        torch.nn.utils.clip_grad_value_(params, clip)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if steps is not None and len(losses) >= steps:
+                    break
+            passes += 1
+            if len(losses) == before:  # an empty loader: no step would ever come
+                break
+        return losses
+
+    def _train_dp(self, optimizer: torch.optim.Optimizer, seed: int, epochs: int | None,
+                  steps: int | None) -> list[float]:
+        """DP-SGD steps (:mod:`medlora.federated.privacy`): Poisson-sampled cases, per-case clipping, noise; an
+        epoch is ``1 / q`` steps."""
         from .privacy import case_losses, dp_step, poisson_batch
 
         dp, dataset = self.config.dp, self.dm._train
         n = len(dataset)
-        rate = min(1.0, self.config.data.batch_size / n)
+        rate = min(1.0, self.data_args["batch_size"] / n)
         generator = torch.Generator().manual_seed(seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         losses = []
-        for _ in range(epochs * max(1, round(1 / rate))):
+        for _ in range(steps if steps is not None else (epochs or 0) * max(1, round(1 / rate))):
             chosen = poisson_batch(n, rate, generator)
             optimizer.zero_grad(set_to_none=True)
             losses += dp_step(params, case_losses(self.module, dataset, chosen), dp.max_grad_norm,
@@ -255,7 +315,7 @@ class SiteTrainer:
         from .privacy import epsilon
 
         dp = self.config.dp
-        return epsilon(self.dp_steps, dp.noise_multiplier, min(1.0, self.config.data.batch_size / self.cases),
+        return epsilon(self.dp_steps, dp.noise_multiplier, min(1.0, self.data_args["batch_size"] / self.cases),
                        dp.delta)
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -275,23 +335,7 @@ class SiteTrainer:
     # ------------------------------------------------------------------------------------ FedSmoothLoRA
 
     def check_fedsmooth(self) -> None:
-        """FedSmoothLoRA works on ``B A`` as the layer's matricised weight: refuse a method whose ``unfold`` is
-        not a plain reshape (it would merge updates in the wrong places)."""
-        from ..errors import MedloraError
-
-        for slot in self.slots:
-            a, b = slot.reparam.get_parameter(slot.a_name), slot.reparam.get_parameter(slot.b_name)
-            w0 = slot.canonical()
-            probe = torch.randn(b.shape, dtype=b.dtype, generator=torch.Generator().manual_seed(1))
-            with torch.no_grad():
-                kept = b.clone()
-                b.copy_(probe)
-                delta = slot.reparam.delta(w0)
-                b.copy_(kept)
-            if delta.numel() != (probe @ a).numel() or not torch.allclose(
-                    delta, slot.pair.scaling * (probe @ a).reshape(w0.shape), atol=1e-5):
-                raise MedloraError(f"fedsmooth: method {slot.reparam.config.method!r} does not apply its pair as a "
-                                   "reshaped B @ A (use lora or conv_lora)")
+        check_fedsmooth(self.slots)
 
     def _merged_base(self, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """``W0 + s B_stack A_stack`` per pair (canonical), the global base after the merged rounds."""

@@ -7,7 +7,8 @@ Run folder::
     RUN/pretrain/base.safetensors       the base, when the config pretrains one
     RUN/<strategy>/checkpoints/round_NNN.safetensors   global state + every site's carried state, per round
     RUN/<strategy>/history.json         per round: every site's held-out Dice (final round: per case)
-    RUN/<strategy>/global_adapter.safetensors          the final global adapter (full_fedavg: model.safetensors)
+    RUN/<strategy>/global_adapter.safetensors          the final global adapter, for medlora infer on the base
+    RUN/full_fedavg/model.ckpt                         full_fedavg's final model, for medlora infer alone
     RUN/baselines/{local,centralised}.json
     RUN/report.md, results.csv, dice_per_round.png
 
@@ -19,7 +20,6 @@ from (seed, round), ends with the same global adapter as an uninterrupted run. A
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,21 +33,32 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..adapters import save_adapter
 from ..errors import MedloraError
-from ..evaluation.predict import DEFAULT_THRESHOLD
 from ..evaluation.summary import write_json_atomic
-from ..fileio import atomic_save_safetensors, read_safetensors
+from ..fileio import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from .client import (
     STACK,
     SiteTrainer,
+    adapter_pairs,
     base_fingerprint_of,
     build_network,
+    check_fedsmooth,
     exchange_tensors,
     load_exchange_tensors,
     norm_buffers,
 )
-from .config import FederatedConfig, FederatedConfigError, StrategySpec, _dataclass, load_federated_config
+from .config import (
+    FederatedConfig,
+    FederatedConfigError,
+    StrategySpec,
+    federation_from_mapping,
+    load_federated_config,
+    source_site,
+)
 from .server import FederatedStrategy, LocalGrid, from_record, make_client_app, site_contexts, to_record
-from .sites import SiteSpec, prepare_site, write_site_splits
+from .sites import prepare_site, write_site_splits
+
+ADAPTER_FILE = "global_adapter.safetensors"
+FULL_MODEL_FILE = "model.ckpt"
 
 
 class Federation:
@@ -67,7 +78,7 @@ class Federation:
         if path.exists():
             stored = json.loads(path.read_text(encoding="utf-8"))
             try:  # read through today's schema: a key added since, at its default, is the same federation
-                same = _normal(_dataclass(FederatedConfig, stored, "federation")) == self.record
+                same = _normal(federation_from_mapping(stored)) == self.record
             except FederatedConfigError:
                 same = False
             if not same:
@@ -82,22 +93,28 @@ class Federation:
         self.data = {s.name: prepare_site(s, self.out / "data") for s in self.config.sites}
         self.splits = {s.name: write_site_splits(s, self.data[s.name], self.out / "splits" / f"{s.name}.json")
                        for s in self.config.sites}
-        self.base = self.config.model.pretrained
-        if self.base is None and self.config.pretrain is not None:
+        self.base = self.config.base_given
+        if self.base is None and self.config.source is not None:
             self.base = str(self.pretrain())
 
     def pretrain(self) -> Path:
         path = self.out / "pretrain" / "base.safetensors"
         if path.exists():
             return path
-        spec = self.config.pretrain
-        site = SiteSpec("source", phantoms=spec.phantoms, heldout=1)
+        c = self.config
+        site = source_site(c)
         data = prepare_site(site, self.out / "pretrain" / "data")
         splits = write_site_splits(site, data, self.out / "pretrain" / "splits.json")
-        print(f"pretraining the base on {spec.phantoms.cases} {spec.phantoms.domain} phantoms "
-              f"({spec.epochs} epochs) ...", flush=True)
-        trainer = SiteTrainer(self.config, "full_fedavg", "source", data, splits, lr=spec.lr)
-        trainer.train(0, spec.epochs)
+        budget = c.pretrain_trainer()
+        steps = budget.get("max_steps", -1) not in (-1, None)
+        what = f"{budget['max_steps']} steps" if steps else f"{budget['max_epochs']} epochs"
+        print(f"pretraining the base on {data.name} ({what}; its last case held out) ...", flush=True)
+        trainer = SiteTrainer(c, "full_fedavg", "source", data, splits, model=c.pretrain_model(),
+                              data=c.data_args(c.pretrain.data), trainer=budget)
+        if steps:
+            trainer.train(0, steps=int(budget["max_steps"]))
+        else:
+            trainer.train(0, epochs=int(budget["max_epochs"]))
         atomic_save_safetensors(trainer.model.state_dict(), path)
         return path
 
@@ -108,9 +125,14 @@ class Federation:
 
     # ------------------------------------------------------------------------------------ one strategy
 
-    def run_strategy(self, spec: StrategySpec, stop_after: int | None = None) -> dict[str, Any]:
-        """Rounds of ``spec`` through Flower's ServerApp/ClientApp on a :class:`LocalGrid`; resumes from the last
-        checkpoint. ``stop_after`` ends the run after that round's checkpoint (as a kill would, for tests)."""
+    def run_strategy(self, spec: StrategySpec, stop_after: int | None = None, grid: Grid | None = None
+                     ) -> dict[str, Any]:
+        """Rounds of ``spec`` through Flower's ServerApp/ClientApp; resumes from the last checkpoint.
+
+        Without ``grid``: on a :class:`LocalGrid` in this process (``medlora federate``). With ``grid``: Flower's
+        own (the deployment engine, :mod:`medlora.federated.app`, from inside its ServerApp), whose sites keep
+        their carried state on their SuperNodes. ``stop_after`` ends the run after that round's checkpoint (as a
+        kill would, for tests)."""
         folder = self.out / spec.name
         history_path = folder / "history.json"
         if history_path.exists():
@@ -118,38 +140,29 @@ class Federation:
         c = self.config
         options = spec.resolved_options()
         _, server_model = build_network(c, spec.name, self.base)
-        initial = exchange_tensors(server_model, spec.name, c.train.norm_stats)
-        trainers = self.trainers(spec.name)
+        norm_stats = c.strategy_model(spec.name)["norm_stats"]
+        initial = exchange_tensors(server_model, spec.name, norm_stats)
+        slots = adapter_pairs(server_model)
         if spec.name == "fedsmooth":
-            next(iter(trainers.values())).check_fedsmooth()
-        strategy = FederatedStrategy(spec.name, next(iter(trainers.values())).pairs,
+            check_fedsmooth(slots)
+        strategy = FederatedStrategy(spec.name, [s.pair for s in slots],
                                      base_fingerprint=base_fingerprint_of(server_model, spec.name),
                                      global_tensors=initial, options=options, fraction=c.fraction, seed=c.seed)
-        contexts = site_contexts([s.name for s in c.sites], {"strategy": spec.name})
-        grid = LocalGrid(make_client_app(trainers, options), contexts)
-        app = ServerApp()
         state: dict[str, Any] = {}
+        if grid is not None:
+            state["arrays"] = self._rounds(spec, grid, strategy, initial, {}, stop_after)
+        else:
+            trainers = self.trainers(spec.name)
+            contexts = site_contexts([s.name for s in c.sites], {"strategy": spec.name})
+            app = ServerApp()
 
-        @app.main()
-        def main(grid: Grid, context: Context) -> None:
-            done, arrays = self._resume(folder, strategy, contexts)
-            if done == 0:
-                arrays = to_record(initial)
-                self._evaluate(strategy, grid, 0, arrays)
-            train_config = ConfigRecord({"local-epochs": c.train.local_epochs})
-            for rnd in range(done + 1, c.rounds + 1):
-                replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid))
-                arrays, _ = strategy.aggregate_train(rnd, replies)
-                self._evaluate(strategy, grid, rnd, arrays)
-                self._checkpoint(folder, rnd, arrays, strategy, contexts)
-                line = "  ".join(f"{n} {v['dice']:.3f}" for n, v in strategy.evaluations[rnd].items())
-                print(f"  {spec.name} round {rnd}/{c.rounds}: held-out Dice {line}", flush=True)
-                if stop_after is not None and rnd >= stop_after and rnd < c.rounds:
-                    return
-            state["arrays"] = arrays
+            @app.main()
+            def main(grid: Grid, context: Context) -> None:
+                state["arrays"] = self._rounds(spec, grid, strategy, initial, contexts, stop_after)
 
-        app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-        if "arrays" not in state:
+            app(LocalGrid(make_client_app(trainers, options), contexts),
+                Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        if state.get("arrays") is None:
             return {}
         self._write_global(folder, spec.name, server_model, from_record(state["arrays"]), strategy)
         history = {"strategy": spec.name, "options": options, "rounds": c.rounds,
@@ -159,6 +172,33 @@ class Federation:
                    "train_metrics": {str(k): v for k, v in strategy.train_metrics.items()}}
         write_json_atomic(history, history_path)
         return history
+
+    def _rounds(self, spec: StrategySpec, grid: Grid, strategy: FederatedStrategy, initial: dict[str, np.ndarray],
+                contexts: dict[int, Context], stop_after: int | None) -> ArrayRecord | None:
+        """The ServerApp's round loop, written out (as ``Strategy.start`` does) to checkpoint every round; the
+        final global arrays, or None when stopped early. ``contexts``: the in-process sites' contexts, whose
+        carried state is checkpointed with the global state."""
+        c = self.config
+        folder = self.out / spec.name
+        done, arrays = self._resume(folder, strategy, contexts)
+        if done and not contexts and (spec.name == "fedsmooth" or c.dp is not None):
+            raise FederatedConfigError(f"{folder}: {spec.name}{' with DP-SGD' if c.dp else ''} carries site state "
+                                       "between rounds, which the deployment engine keeps on the SuperNodes and a "
+                                       "restart loses; rerun it with another out (or resume with medlora federate)")
+        if done == 0:
+            arrays = to_record(initial)
+            self._evaluate(strategy, grid, 0, arrays)
+        train_config = ConfigRecord({f"local-{k}": v for k, v in c.budget().items()})
+        for rnd in range(done + 1, c.rounds + 1):
+            replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, train_config, grid))
+            arrays, _ = strategy.aggregate_train(rnd, replies)
+            self._evaluate(strategy, grid, rnd, arrays)
+            self._checkpoint(folder, rnd, arrays, strategy, contexts)
+            line = "  ".join(f"{n} {v['dice']:.3f}" for n, v in strategy.evaluations[rnd].items())
+            print(f"  {spec.name} round {rnd}/{c.rounds}: held-out Dice {line}", flush=True)
+            if stop_after is not None and rnd >= stop_after and rnd < c.rounds:
+                return None
+        return arrays
 
     @staticmethod
     def _evaluate(strategy: FederatedStrategy, grid: Grid, rnd: int, arrays: ArrayRecord) -> None:
@@ -207,25 +247,39 @@ class Federation:
 
     def _write_global(self, folder: Path, strategy: str, model: torch.nn.Module, arrays: dict[str, np.ndarray],
                       fed: FederatedStrategy) -> Path:
-        """The final global model: an adapter file ``medlora infer`` runs on the base (full_fedavg: the model)."""
+        """The final global model as a file ``medlora infer`` runs, with its provenance (``federated``: strategy,
+        rounds, sites, exactness and the config's digest): the adapter strategies' global adapter (an adapter
+        file for the base, as training writes one), full_fedavg's model as a checkpoint in the shape
+        ``medlora fit`` writes (``state_dict`` with Lightning's ``model.`` prefix, ``hyper_parameters``: the
+        model section, ``medlora_preprocessing``)."""
+        model_section = self.config.strategy_model(strategy)
+        info = {"strategy": strategy, "rounds": self.config.rounds, "sites": [s.name for s in self.config.sites],
+                "exact": fed.last.exact if fed.last else True, "notes": fed.last.notes if fed.last else [],
+                "config_sha256": self.digest}
+        d = self.config.data_args()
+        preprocessing = {"hu_window": list(d["hu_window"]), "target_spacing": d["target_spacing"],
+                         "roi_size": list(model_section["roi_size"] or d["patch_size"]),
+                         "threshold": model_section["threshold"]}
+        spec = {**self.config.model_spec(strategy).to_dict(), "pretrained": self.base}
         if strategy == "full_fedavg":
+            import io
+
             load_exchange_tensors(model, arrays)
-            return atomic_save_safetensors(model.state_dict(), folder / "model.safetensors")
-        extra_tensors = norm_buffers(model, strategy, self.config.train.norm_stats)  # none for fedsmooth
+            hyper = json.loads(json.dumps({**model_section, **spec}))
+            checkpoint = {"state_dict": {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()},
+                          "hyper_parameters": hyper, "medlora_preprocessing": preprocessing, "medlora_federated": info}
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            return atomic_write_bytes(folder / FULL_MODEL_FILE, buffer.getvalue())
+        extra_tensors = norm_buffers(model, strategy, model_section["norm_stats"])  # none for fedsmooth
         if strategy == "fedsmooth":
             model = self._merged_as_lora(model, arrays)
         else:
             load_exchange_tensors(model, arrays)
-        info = {"strategy": strategy, "rounds": self.config.rounds, "sites": [s.name for s in self.config.sites],
-                "exact": fed.last.exact if fed.last else True, "notes": fed.last.notes if fed.last else []}
         # the record `medlora infer` reads (as training's adapter files): model keys, preprocessing
-        record = {k: v for k, v in self.config.model_spec(strategy).to_dict().items() if k != "adapter"}
-        d = self.config.data
-        preprocessing = {"hu_window": list(d.hu_window), "target_spacing": d.target_spacing,
-                         "roi_size": list(d.inference_roi or d.patch_size), "threshold": DEFAULT_THRESHOLD}
-        return save_adapter(model, folder / "global_adapter.safetensors", extra_tensors=extra_tensors,
-                            extra_metadata={**record, "pretrained": self.base, "preprocessing": preprocessing,
-                                            "federated": info})
+        record = {k: v for k, v in spec.items() if k != "adapter"}
+        return save_adapter(model, folder / ADAPTER_FILE, extra_tensors=extra_tensors,
+                            extra_metadata={**record, "preprocessing": preprocessing, "federated": info})
 
     def _merged_as_lora(self, model: torch.nn.Module, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """FedSmoothLoRA's final global model as a plain LoRA adapter on the untouched base.
@@ -271,39 +325,41 @@ class Federation:
 
     def run_baselines(self) -> dict[str, Any]:
         """Each site alone (``local``) and all sites pooled (``centralised``), for the federation's budget:
-        ``rounds x local_epochs`` epochs, the first strategy's network, evaluated on every site's held-out cases."""
+        ``rounds x`` the local budget (epochs or steps), the first strategy's network, evaluated on every site's
+        held-out cases."""
         results: dict[str, Any] = {}
         strategy = next((s.name for s in self.config.strategies if s.name != "full_fedavg"), "full_fedavg")
         kind = "fedit" if strategy != "full_fedavg" else strategy
-        epochs = self.config.rounds * self.config.train.local_epochs
+        budget = self.config.budget(self.config.rounds)
+        what = f"{budget.get('epochs', budget.get('steps'))} {'epochs' if 'epochs' in budget else 'steps'}"
         for name in self.config.baselines:
             path = self.out / "baselines" / f"{name}.json"
             if path.exists():
                 results[name] = json.loads(path.read_text(encoding="utf-8"))
                 continue
-            print(f"baseline {name}: {epochs} epochs ...", flush=True)
+            print(f"baseline {name}: {what} ...", flush=True)
             trainers = self.trainers(kind)
             per_site: dict[str, Any] = {}
             if name == "local":
                 for t in trainers.values():
-                    t.train(0, epochs)
+                    t.train(0, **budget)
                     per_site[t.name] = _site_result(t.evaluate())
             else:
                 first = next(iter(trainers.values()))
                 pooled = SiteTrainer(self.config, kind, "pooled", self.data[first.name], self.splits[first.name],
                                      base=self.base, datasets=[t.dm._train for t in trainers.values()])
-                pooled.train(0, epochs)
+                pooled.train(0, **budget)
                 tensors = pooled.get_tensors()
                 for t in trainers.values():
                     t.set_tensors(tensors)
                     per_site[t.name] = _site_result(t.evaluate())
-            results[name] = {"baseline": name, "epochs": epochs, "sites": per_site}
+            results[name] = {"baseline": name, **budget, "sites": per_site}
             write_json_atomic(results[name], path)
         return results
 
 
 def _normal(config: FederatedConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return config.to_record()
 
 
 def _digest(record: dict[str, Any]) -> str:

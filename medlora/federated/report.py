@@ -79,11 +79,13 @@ def build_report(run: str | Path) -> Path:
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow(["entry", *sites, "all_sites"])
+    local = (f"{record['local_steps']} local step(s)" if record.get("local_steps") is not None
+             else f"{record.get('local_epochs') or 1} local epoch(s)")
     lines = [f"# {record['name']}", "",
-             f"{len(sites)} sites, {record['rounds']} rounds x {record['train']['local_epochs']} local epoch(s), "
+             f"{len(sites)} sites, {record['rounds']} rounds x {local}, "
              f"fraction {record['fraction']}, adapter {(record['model'].get('adapter') or {}).get('method')} "
              f"r{(record['model'].get('adapter') or {}).get('rank')}. Held-out Dice (mean over each site's held-out "
-             "cases; the last column pools every site's cases); baselines train for the same number of epochs.", "",
+             "cases; the last column pools every site's cases); baselines train for the same budget.", "",
              "| | " + " | ".join(sites) + " | all sites |", "|---" * (len(sites) + 2) + "|"]
     for name, entry in entries.items():
         values = [entry["sites"].get(s, {}).get("dice", float("nan")) for s in sites] + [_pooled(entry["sites"])]

@@ -14,10 +14,10 @@ under Flower's deployment engine, where the grid is Flower's own.
 
 Messages. Train and evaluate instructions carry ``arrays`` (the global tensors; FedSmoothLoRA adds the stacked
 global factors of all merged rounds under ``stack::`` and the last round's under ``global::``) and ``config``
-(``server-round``, ``local-epochs``). A train reply carries ``arrays`` (the site's tensors), ``metrics``
-(``num-examples`` = training cases, ``train_loss``) and ``site`` (name, base fingerprint, A fingerprint); an
-evaluate reply carries ``metrics`` (``num-examples`` = held-out cases, ``dice``) and ``site`` (name, per-case
-rows as JSON).
+(``server-round``, ``local-epochs`` or ``local-steps``). A train reply carries ``arrays`` (the site's tensors),
+``metrics`` (``num-examples`` = training cases, ``train_loss``, ``lr``) and ``site`` (name, base fingerprint, A
+fingerprint); an evaluate reply carries ``metrics`` (``num-examples`` = held-out cases, ``dice``) and ``site``
+(name, per-case rows as JSON).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from ..errors import MedloraError
 from .client import GLOBAL, STACK, SiteTrainer
-from .strategies import Aggregate, Pair, SiteUpdate, aggregate
+from .strategies import Aggregate, Pair, SiteUpdate, aggregate, fedsmooth_lr
 
 DP_STEPS = "dp::steps"
 
@@ -84,12 +84,14 @@ class FederatedStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         config["server-round"] = server_round
+        config["strategy"] = self.name  # a deployed site builds its trainer for it
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, self.sample(server_round, grid.get_node_ids()), MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
         config["server-round"] = server_round
+        config["strategy"] = self.name
         record = RecordDict({"arrays": arrays, "config": config})
         return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
@@ -102,6 +104,11 @@ class FederatedStrategy(FedAvg):
                 raise FederationError(f"{what}: node {msg.metadata.src_node_id} failed: {reason}")
         if not replies:
             raise FederationError(f"{what}: no site replied")
+        names = [str(msg.content["site"]["name"]) for msg in replies]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # two nodes serving one site (a deployment's node config) would overwrite each other's reply
+            raise FederationError(f"{what}: site {twice[0]} replied from {names.count(twice[0])} nodes; give every "
+                                  "SuperNode its own site")
         return replies
 
     def updates(self, replies: Iterable[Message]) -> list[SiteUpdate]:
@@ -151,24 +158,42 @@ class FederatedStrategy(FedAvg):
 # ------------------------------------------------------------------------------------------- client
 
 
-def make_client_app(trainers: Mapping[int, SiteTrainer], options: Mapping[str, Any]) -> ClientApp:
-    """The ClientApp of a federation: ``trainers`` by node id (in-process; a deployment builds one per node)."""
+SiteLookup = Callable[[Context, Message], tuple[SiteTrainer, Mapping[str, Any]]]
+
+
+def make_client_app(sites: Mapping[int, SiteTrainer] | SiteLookup, options: Mapping[str, Any] | None = None
+                    ) -> ClientApp:
+    """The ClientApp of a federation. ``sites``: the in-process trainers by node id (with the strategy's
+    ``options``), or a function of (context, message) giving the node's trainer and options (Flower's deployment
+    engine, :mod:`medlora.federated.app`)."""
     app = ClientApp()
+    if isinstance(sites, Mapping):
+        trainers, fixed = sites, dict(options or {})
+
+        def lookup(context: Context, msg: Message) -> tuple[SiteTrainer, Mapping[str, Any]]:
+            return trainers[context.node_id], fixed
+    else:
+        lookup = sites
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = trainers[context.node_id]
+        site, options = lookup(context, msg)
         arrays = from_record(msg.content["arrays"])
         rnd = int(msg.content["config"]["server-round"])
         if "carried" in context.state:
             carried = from_record(context.state["carried"])
             site.dp_steps = int(carried.pop(DP_STEPS, np.zeros(1))[0])
             site.fed_state = {k: v.astype(np.float64) for k, v in carried.items()}
+        lr = None
         if site.strategy == "fedsmooth":
             site.fedsmooth_round(rnd, arrays, options)
+            lr = fedsmooth_lr(rnd - 1, site.config.rounds, float(site.module.hparams.lr),
+                              float(options.get("lr_min", 0.0)), str(options.get("lr_schedule", "cosine")))
         else:
             site.set_tensors(arrays)
-        metrics = site.train(rnd, int(msg.content["config"]["local-epochs"]))
+        config = msg.content["config"]
+        budget = {k: int(config[f"local-{k}"]) for k in ("epochs", "steps") if f"local-{k}" in config}
+        metrics = site.train(rnd, lr=lr, **budget)
         tensors = site.fedsmooth_upload() if site.strategy == "fedsmooth" else site.get_tensors()
         carried = dict(tensors) if site.strategy == "fedsmooth" else {}
         if site.config.dp is not None:
@@ -185,7 +210,7 @@ def make_client_app(trainers: Mapping[int, SiteTrainer], options: Mapping[str, A
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site = trainers[context.node_id]
+        site, _ = lookup(context, msg)
         arrays = from_record(msg.content["arrays"])
         if site.strategy == "fedsmooth":
             site.set_global_fedsmooth(arrays)

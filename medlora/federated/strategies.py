@@ -63,6 +63,7 @@ __all__ = [
     "fingerprint",
     "full_fedavg",
     "fedsmooth",
+    "fedsmooth_lr",
     "fedsmooth_start",
     "fedsmooth_upload",
     "ga_factors",
@@ -380,6 +381,20 @@ def zeta_schedule(round_index: int, total_rounds: int, mode: str = "decay", zeta
     if mode != "decay":
         raise AggregationError(f"fedsmooth: zeta_mode must be 'constant' or 'decay', got {mode!r}")
     return zeta_min + 0.5 * (zeta0 - zeta_min) * (1.0 + math.cos(math.pi * round_index / total_rounds))
+
+
+def fedsmooth_lr(round_index: int, total_rounds: int, lr0: float, lr_min: float = 0.0,
+                 schedule: str = "cosine") -> float:
+    """The sites' learning rate in round ``round_index`` (0-based), as the official FedSmoothLoRA code
+    (``IC_exp/utils.py::cosine_learning_rate``, called once per round with the round index and ``args.epochs``
+    rounds): ``lr_min + (lr0 - lr_min)(1 + cos(pi t / T)) / 2``, constant within a round; the official code
+    never passes ``min_lr``, so its floor is 0 (our default). The last round (``t = T - 1``) keeps a small
+    positive rate. ``constant`` gives ``lr0`` every round."""
+    if schedule == "constant":
+        return float(lr0)
+    if schedule != "cosine":
+        raise AggregationError(f"fedsmooth: lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
+    return lr_min + 0.5 * (lr0 - lr_min) * (1.0 + math.cos(math.pi * round_index / total_rounds))
 
 
 def fedsmooth_start(ga: tuple[np.ndarray, np.ndarray], rank: int, round_matching: np.ndarray | None = None

@@ -125,18 +125,27 @@ RENAMED_METHOD_KEYS: dict[str, str] = {
 }
 
 
-def old_keys(data: Any) -> list[str]:
-    """``"<old key>: renamed to <new key>"`` for every key of the old study format in ``data``."""
+def renamed_keys(data: Any, renamed: dict[str, str]) -> list[str]:
+    """``"<old key>: renamed to <new key>"`` for every key of ``renamed`` (``<root>.<path>``: what replaced it)
+    present in ``data``; the federation config reports its own old keys with it."""
     if not isinstance(data, dict):
         return []
     found = []
-    for old, new in RENAMED.items():
+    for old, new in renamed.items():
         node: Any = data
         parts = old.split(".")[1:]
         for part in parts[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and parts[-1] in node:
             found.append(f"{old}: renamed to {new}")
+    return found
+
+
+def old_keys(data: Any) -> list[str]:
+    """``"<old key>: renamed to <new key>"`` for every key of the old study format in ``data``."""
+    if not isinstance(data, dict):
+        return []
+    found = renamed_keys(data, RENAMED)
     if "finetune" in data and not any(f.startswith("study.finetune.") for f in found):
         found.append("study.finetune: split into trainer.max_epochs, model.lr/loss/norm_stats and adapter_methods.lr")
     for i, entry in enumerate(data.get("methods") or []):
@@ -240,10 +249,12 @@ def _adapter_override(data: Any, where: str) -> dict[str, Any]:
     return _section(data, where, hints, allowed, refused)
 
 
-def _data_section(data: Any, where: str) -> dict[str, Any]:
+def _data_section(data: Any, where: str, why: str = "set by the study for every job (datasets, folds and seeds)"
+                  ) -> dict[str, Any]:
+    """The ``data:`` section without the per-job keys (``why`` says who sets them)."""
     from ..data.datamodule import CTSegDataModule
 
-    refused = {k: "set by the study for every job (datasets, folds and seeds)" for k in PER_JOB_DATA_KEYS}
+    refused = {k: why for k in PER_JOB_DATA_KEYS}
     allowed = [k for k in data_parameters() if k not in refused]
     return _section(data, where, _hints(CTSegDataModule.__init__), allowed, refused)
 
@@ -692,4 +703,5 @@ def check_study_inputs(config: StudyConfig, path: str | Path) -> None:
 
 
 __all__ = ["BASELINES", "DatasetSpec", "MethodEntry", "PhantomSpec", "PretrainSpec", "StudyConfig",
-           "StudyConfigError", "check_study_inputs", "load_study_config", "old_keys", "study_from_mapping"]
+           "StudyConfigError", "check_study_inputs", "load_study_config", "old_keys", "renamed_keys",
+           "study_from_mapping"]
