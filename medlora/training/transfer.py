@@ -13,8 +13,8 @@ them from synthetic ones. The paper works on LLMs, which synthesise their own in
   mode. **Student**: the new base (any width or backbone: only outputs are matched) with a fresh adapter of any
   method of the core, also run in evaluation mode, so its BatchNorm statistics stay those of the new base (our
   choice: re-estimating them on synthetic inputs would fit them to the generator, not to patients).
-* **Loss** (:func:`distillation_loss`), per voxel, on the two-class distribution of a single-logit head
-  (``[0, z]``; softmax heads as they are):
+* **Loss** (:func:`distillation_loss`), per voxel, on the Bernoulli distribution ``σ(z/T)`` of a single-logit
+  head (the class distribution of a softmax head):
   ``L = T² · Σ_v w_v KL(softmax(z_T/T) ‖ softmax(z_S/T)) / Σ_v w_v + β · (D(σ(z_S), y_T) − D(σ(z_T), y_T))``
   with temperature ``T = 2`` (Hinton, Vinyals, Dean 2015, arXiv 1503.02531: the ``T²`` keeps the gradient scale
   independent of ``T``), ``y_T`` the teacher's hard labels at the model's probability threshold, ``w_v = 5`` on
@@ -86,12 +86,6 @@ class TransferError(MedloraError, ValueError):
 # ------------------------------------------------------------------------------------------ the loss
 
 
-def _class_logits(z: torch.Tensor) -> torch.Tensor:
-    """Logits over classes along dim 1: a single-logit (sigmoid) head becomes ``[0, z]``, whose softmax is
-    ``[1 - σ(z), σ(z)]``; softmax heads are returned as they are."""
-    return torch.cat((torch.zeros_like(z), z), dim=1) if z.shape[1] == 1 else z
-
-
 def _soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Batch soft Dice loss over the foreground classes (dim 1), averaged over classes."""
     dims = [0, *range(2, prob.ndim)]
@@ -119,9 +113,17 @@ def distillation_loss(
                          f"{tuple(teacher_logits.shape)} differ in shape")
     teacher_logits = teacher_logits.detach()
     t = float(temperature)
-    log_s = F.log_softmax(_class_logits(student_logits) / t, dim=1)
-    log_t = F.log_softmax(_class_logits(teacher_logits) / t, dim=1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(1)  # per voxel
+    if teacher_logits.shape[1] == 1:
+        # KL(Bernoulli(p_T) ‖ Bernoulli(p_S)) = BCE(z_S/T; p_T) − BCE(z_T/T; p_T); in this form the gradient
+        # σ(z_S/T) − p_T is exactly 0 when the student computes the teacher's logits (the softmax form leaves
+        # rounding residues that Adam would blow up to full steps)
+        p_t = torch.sigmoid(teacher_logits / t)
+        kl = (F.binary_cross_entropy_with_logits(student_logits / t, p_t, reduction="none")
+              - F.binary_cross_entropy_with_logits(teacher_logits / t, p_t, reduction="none"))[:, 0]
+    else:
+        log_s = F.log_softmax(student_logits / t, dim=1)
+        log_t = F.log_softmax(teacher_logits / t, dim=1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(1)  # per voxel
     if teacher_logits.shape[1] == 1:
         fg = (torch.sigmoid(teacher_logits) >= threshold).to(student_logits.dtype)  # (N, 1, ...)
         prob_s, prob_t = torch.sigmoid(student_logits), torch.sigmoid(teacher_logits)
@@ -288,7 +290,7 @@ def pooled_features(network: nn.Module, samples: torch.Tensor, batch_size: int =
 
 def discriminator_filter(
     network: nn.Module, real: torch.Tensor, synthetic: torch.Tensor, *, threshold: float = 0.5,
-    l2: float = 1e-2, steps: int = 200, min_keep: float = MIN_KEEP_FRACTION,
+    l2: float = 1.0, steps: int = 200, min_keep: float = MIN_KEEP_FRACTION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which synthetic samples look real: ``(keep mask, p_real)`` over ``synthetic``.
 
