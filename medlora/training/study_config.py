@@ -639,6 +639,8 @@ def _check_method(config: StudyConfig, entry: MethodEntry, where: str, meta: dic
             return f"study.{key}"
         if top == "adapter":  # the adapter as a whole (method, rank and layers together)
             return f"{where}: rank {rank}" if len(ranks) > 1 else where
+        if top == "finetune" and entry.family == "transplant":
+            return f"{where}.stage"
         if top in entry.model:
             return f"{where}.{leaf}"
         if top in overrides and top in adapter_defaults:
