@@ -65,7 +65,10 @@ def _transfer_command(args: argparse.Namespace) -> int:
     run_transfer(teacher_model=args.teacher_model, teacher_adapter=args.teacher_adapter, model=args.model,
                  out=args.out, method=args.method, rank=args.rank, alpha=args.alpha, backbone=args.backbone,
                  backbone_args=backbone_args, seed_cases=args.seed_cases, steps=args.steps,
-                 batch_size=args.batch_size, lr=args.lr, synthetic=SyntheticSpec(volumes=args.synthetic_volumes),
+                 batch_size=args.batch_size, lr=args.lr, synthetic=SyntheticSpec(
+                     volumes=args.synthetic_volumes, shape=None if args.synthetic_shape is None else
+                     tuple(args.synthetic_shape), spacing=None if args.synthetic_spacing is None else
+                     tuple(args.synthetic_spacing)),
                  temperature=args.temperature, lesion_weight=args.lesion_weight, dice_weight=args.dice_weight,
                  seed=args.seed, overwrite=args.overwrite)
     return 0
@@ -172,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
     p.add_argument("--synthetic-volumes", type=int, default=24, help="phantom volumes generated (default 24)")
+    p.add_argument("--synthetic-shape", type=int, nargs=3, metavar="N",
+                   help="phantom grid in voxels (default: the seed cases' grid, else 96 96 32)")
+    p.add_argument("--synthetic-spacing", type=float, nargs=3, metavar="MM",
+                   help="phantom voxel size in mm (default: the seed cases', else 2 2 5)")
     p.add_argument("--temperature", type=float, default=2.0, help="KL temperature T (default 2)")
     p.add_argument("--lesion-weight", type=float, default=5.0, help="KL weight of teacher-lesion voxels (default 5)")
     p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term (default 1)")

@@ -28,7 +28,7 @@ def _adapted(width: int, seed: int) -> torch.nn.Module:
     net = _net(width, seed)
     inject(net, AdapterConfig("lora", rank=2, target_types=["Conv2d"]))
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             if p.requires_grad:
                 p.normal_(0.0, 0.3)
     return net
@@ -152,17 +152,14 @@ def files(tmp_path):
 
 
 def _transfer_args(d, out="new_adapter.safetensors", teacher_model="old.safetensors"):
-    return ["transfer", "--teacher-model", str(d / teacher_model), "--teacher-adapter", str(d / "old_adapter.safetensors"),
-            "--model", str(d / "new.safetensors"), "--backbone-args", '{"level": 1, "width": 8}', "--method", "dora",
-            "--rank", "2", "--out", str(d / out), "--steps", "2", "--batch-size", "2", "--synthetic-volumes", "1"]
+    return ["transfer", "--teacher-model", str(d / teacher_model), "--teacher-adapter",
+            str(d / "old_adapter.safetensors"), "--model", str(d / "new.safetensors"), "--backbone-args",
+            '{"level": 1, "width": 8}', "--method", "dora", "--rank", "2", "--out", str(d / out), "--steps", "2",
+            "--batch-size", "2", "--synthetic-volumes", "1", "--synthetic-shape", "48", "48", "16",
+            "--synthetic-spacing", "4", "4", "10"]
 
 
-def test_transfer_command_writes_an_adapter_for_the_new_base_and_never_overwrites(files, capsys, monkeypatch):
-    from medlora.training import transfer as tr
-
-    small = {"shape": (48, 48, 16), "spacing": (4.0, 4.0, 10.0)}
-    original = tr.SyntheticSpec
-    monkeypatch.setattr(tr, "SyntheticSpec", lambda **kw: original(**{**kw, **small}))
+def test_transfer_command_writes_an_adapter_for_the_new_base_and_never_overwrites(files, capsys):
     assert main(_transfer_args(files)) == 0
     meta, _ = read_adapter_file(files / "new_adapter.safetensors")
     assert meta["configs"][0]["method"] == "dora" and meta["extra"]["backbone_args"] == {"level": 1, "width": 8}

@@ -200,9 +200,13 @@ def volume_samples(volume: torch.Tensor, spatial_dims: int, roi_size: Sequence[i
 
 def synthetic_samples(spec: SyntheticSpec, spatial_dims: int, roi_size: Sequence[int], hu_window: Sequence[float],
                       *, patches: int = 4, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Samples of ``spec.volumes`` phantom volumes (:func:`volume_samples`), in one tensor."""
+    """Samples of ``spec.volumes`` phantom volumes (:func:`volume_samples`), in one tensor (the last pool is kept
+    in memory: several transfers in one process reuse it)."""
     from ..data.phantoms import DEFAULT_SHAPE, DEFAULT_SPACING, generate_case
 
+    key = repr((asdict(spec), spatial_dims, list(roi_size), list(hu_window), patches))
+    if key in _LAST_POOL:
+        return _LAST_POOL[key]
     shape = spec.shape or DEFAULT_SHAPE
     spacing = spec.spacing or DEFAULT_SPACING
     out = []
@@ -218,7 +222,12 @@ def synthetic_samples(spec: SyntheticSpec, spatial_dims: int, roi_size: Sequence
                                   patches=patches, generator=generator))
         if progress is not None:
             progress(i + 1, spec.volumes)
-    return torch.cat(out)
+    _LAST_POOL.clear()
+    _LAST_POOL[key] = torch.cat(out)
+    return _LAST_POOL[key]
+
+
+_LAST_POOL: dict[str, torch.Tensor] = {}
 
 
 def _seed_files(folder: Path) -> list[Path]:
