@@ -31,9 +31,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medlora.adapters import load_adapter  # noqa: E402
+from medlora.adapters import load_adapter, read_adapter_file  # noqa: E402
 from medlora.data.dataset import load_splits, read_dataset  # noqa: E402
 from medlora.data.phantoms import write_dataset  # noqa: E402
+from medlora.evaluation.statistics import bootstrap_ci  # noqa: E402
 from medlora.training.crossval import Study, run_crossval  # noqa: E402
 from medlora.training.transfer import SyntheticSpec, run_transfer  # noqa: E402
 
@@ -58,14 +59,21 @@ def study_config(out: Path, data: dict[str, Path], width: int, methods: list[dic
     return path
 
 
-def case_dice(summary_path: Path) -> list[float]:
+def case_dice(summary_path: Path) -> dict[str, float]:
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    return [c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]]
+    return {c["case_id"]: c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]}
 
 
-def nanmean(values: list[float]) -> float:
+def nanmean(values) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> str:
+    """Mean per-case Dice difference a − b over the cases where both are defined, with its 95% bootstrap CI."""
+    d = [a[c] - b[c] for c in a if c in b and not (math.isnan(a[c]) or math.isnan(b[c]))]
+    low, high = bootstrap_ci(d)
+    return f"{sum(d) / len(d):+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def main() -> int:
@@ -74,6 +82,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps of every study job")
     parser.add_argument("--transfer-steps", type=int, default=300, help="distillation steps")
     parser.add_argument("--synthetic-volumes", type=int, default=16)
+    parser.add_argument("--reuse", action="store_true", help="keep transferred adapters already in --out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,12 +102,12 @@ def main() -> int:
     study_new.prepare_data()
     splits = load_splits(out / "new_w16" / "splits_final.json")
     dataset = read_dataset(data["target"])
-    rows: dict[str, list[float]] = {}
+    rows: dict[str, dict[str, float]] = {}
     trainable: dict[str, int] = {}
     for study, tag in ((study_old, "w8"), (study_new, "w16")):
         for job in study.jobs:
             key = f"{job.name} ({tag})"
-            rows.setdefault(key, []).extend(case_dice(study.job_dir(job) / "summary.json"))
+            rows.setdefault(key, {}).update(case_dice(study.job_dir(job) / "summary.json"))
             trainable[key] = json.loads((study.job_dir(job) / "summary.json").read_text())["medlora"][
                 "trainable_params"]
     transfer_seconds = []
@@ -113,27 +122,39 @@ def main() -> int:
         for variant, seed_cases in (("transfer", None), ("transfer+filter", seeds)):
             adapter = out / "transferred" / f"fold_{k}_{variant}.safetensors"
             start = time.perf_counter()
-            record = run_transfer(
-                teacher_model=study_old.base_path(), teacher_adapter=teacher / "adapter.safetensors",
-                model=study_new.base_path(), backbone_args={"level": 2, "width": 16}, method="lora", rank=4,
-                out=adapter, seed_cases=seed_cases, steps=args.transfer_steps,
-                synthetic=SyntheticSpec(volumes=args.synthetic_volumes, shape=tuple(GRID["shape"]),
-                                        spacing=tuple(GRID["spacing"])), overwrite=True)
-            transfer_seconds.append(time.perf_counter() - start)
+            if args.reuse and adapter.exists():
+                record = read_adapter_file(adapter)[0]["extra"]["transfer"]
+            else:
+                record = run_transfer(
+                    teacher_model=study_old.base_path(), teacher_adapter=teacher / "adapter.safetensors",
+                    model=study_new.base_path(), backbone_args={"level": 2, "width": 16}, method="lora", rank=4,
+                    out=adapter, seed_cases=seed_cases, steps=args.transfer_steps,
+                    synthetic=SyntheticSpec(volumes=args.synthetic_volumes, shape=tuple(GRID["shape"]),
+                                            spacing=tuple(GRID["spacing"])), overwrite=True)
+                transfer_seconds.append(time.perf_counter() - start)
             module = study_new._module(study_new.config.job_model(study_new.config.methods[0], None,
                                                                   str(study_new.base_path())))
             load_adapter(module.model, adapter)
             dm = study_new._datamodule(study_new.target_dir, k, 0)
             case_rows, _ = study_new._evaluate(module, dm)
             label = "no filter" if seed_cases is None else "filter, 3 seed cases"
-            rows.setdefault(f"lora_r4 transferred w8 -> w16 ({label})", []).extend(r["Dice"] for r in case_rows)
+            rows.setdefault(f"lora_r4 transferred w8 -> w16 ({label})", {}).update(
+                {r["case_id"]: r["Dice"] for r in case_rows})
             if seed_cases is not None:
                 print(f"fold {k}: filter kept {record['filter']['kept']} of {record['filter']['pool']}")
     print(f"\nstudies: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; transfer runs: "
           f"{', '.join(f'{s:.0f}' for s in transfer_seconds)} s\n")
     print("| model | held-out SAH Dice (15 cases) | trainable parameters |\n|---|---|---|")
     for name, values in rows.items():
-        print(f"| {name} | {nanmean(values):.3f} | {trainable.get(name, '')} |")
+        print(f"| {name} | {nanmean(values.values()):.3f} | {trainable.get(name, '')} |")
+    references = ["no_finetune (w16)", "lora_r4 (w8)", "lora_r4 (w16)"]
+    print("\n| transferred adapter | Δ Dice vs " + " | vs ".join(references) + " |\n|---|---|---|---|")
+    for name in [n for n in rows if "transferred" in n]:
+        print(f"| {name} | " + " | ".join(paired(rows[name], rows[r]) for r in references) + " |")
+    print("| filter − no filter | " + paired(rows["lora_r4 transferred w8 -> w16 (filter, 3 seed cases)"],
+                                           rows["lora_r4 transferred w8 -> w16 (no filter)"]) + " | | |")
+    print("| transplant_down_list.1 − lora_r4 (w16) | " + paired(rows["transplant_down_list.1 (w16)"],
+                                                              rows["lora_r4 (w16)"]) + " | | |")
     return 0
 
 
