@@ -181,3 +181,8 @@ def test_transfer_command_refuses_a_teacher_adapter_on_another_base(files, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "old_adapter.safetensors" in err and "base weights differ" in err
     assert not (files / "new_adapter.safetensors").exists()
+    args = _transfer_args(files)
+    args[args.index("--synthetic-shape") + 1:args.index("--synthetic-shape") + 4] = ["8", "8", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--synthetic-shape" in err and "field of view" in err

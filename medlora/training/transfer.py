@@ -22,7 +22,8 @@ them from synthetic ones. The paper works on LLMs, which synthesise their own in
   Dice loss (smoothing 1e-5) and ``β = 1``. Deviations from the paper, which distils next-token distributions with
   plain KL: the Dice term, the lesion weights and the tempered binary KL are ours (the issue's and the
   literature note's segmentation mapping). The teacher's own Dice loss is subtracted (a constant, so gradients
-  are unchanged), so the loss is exactly 0 when the student computes the teacher's logits.
+  are unchanged), so the loss is exactly 0 when the student computes the teacher's logits (and below 0 when the
+  student's probabilities fit the teacher's labels better than the teacher's own: a sharper student).
 * **Batches** hold one half of samples in which the teacher sees a lesion and one half without (where both
   exist), as the seed authors' slice sampler (``PosNegSliceBatchSampler``).
 * **Discriminator filter** (:func:`discriminator_filter`): with seed cases (0 to about 5 real volumes), a
@@ -472,7 +473,11 @@ def run_transfer(
         real = torch.cat([volume_samples(v, spatial_dims, roi, patches=patches, generator=generator)
                           for v in volumes])
     say(f"generating {spec.volumes} synthetic phantom volumes ...")
-    pool = synthetic_samples(spec, spatial_dims, roi, hu_window, patches=patches)
+    try:
+        pool = synthetic_samples(spec, spatial_dims, roi, hu_window, patches=patches)
+    except ValueError as exc:  # the generator's own check of the grid (field of view, shape)
+        source = "the seed cases' grid" if seed_cases is not None else "--synthetic-shape/--synthetic-spacing"
+        raise TransferError(f"synthetic phantoms on {source}: {exc}") from None
     record: dict[str, Any] = {
         "paper": "Trans-LoRA, arXiv 2405.17258", "teacher_model": str(teacher_model),
         "teacher_adapter": str(teacher_adapter), "teacher_method": meta["configs"][0]["method"],
