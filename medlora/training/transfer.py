@@ -445,6 +445,7 @@ def run_transfer(
     if not roi or len(roi) != spatial_dims:
         raise TransferError(f"{teacher_adapter}: no {spatial_dims}D sliding-window size (roi_size) recorded")
     threshold = float(prep.get("threshold") or 0.5)
+    torch.manual_seed(seed)  # before the new adapter is drawn: a seeded transfer is reproducible
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
         old_base = build_model(ModelSpec(t_backbone, t_args, spatial_dims, pretrained=str(teacher_model)))
@@ -462,7 +463,6 @@ def run_transfer(
             started_from_teacher = True
         except AdapterFileError:
             pass
-    torch.manual_seed(seed)
     spec = copy.deepcopy(synthetic or SyntheticSpec())
     real = None
     if seed_cases is not None:
