@@ -67,6 +67,29 @@ def _federate_command(args: argparse.Namespace) -> int:
     return run_federate(args.config, args.out, only=args.only)
 
 
+def _transfer_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.transfer import SyntheticSpec, TransferError, run_transfer
+
+    try:
+        backbone_args = None if args.backbone_args is None else json.loads(args.backbone_args)
+    except json.JSONDecodeError as exc:
+        raise TransferError(f"--backbone-args: not JSON ({exc})") from None
+    if backbone_args is not None and not isinstance(backbone_args, dict):
+        raise TransferError(f"--backbone-args: expected a JSON object, got {args.backbone_args}")
+    run_transfer(teacher_model=args.teacher_model, teacher_adapter=args.teacher_adapter, model=args.model,
+                 out=args.out, method=args.method, rank=args.rank, alpha=args.alpha, backbone=args.backbone,
+                 backbone_args=backbone_args, seed_cases=args.seed_cases, steps=args.steps,
+                 batch_size=args.batch_size, lr=args.lr, synthetic=SyntheticSpec(
+                     volumes=args.synthetic_volumes, shape=None if args.synthetic_shape is None else
+                     tuple(args.synthetic_shape), spacing=None if args.synthetic_spacing is None else
+                     tuple(args.synthetic_spacing)),
+                 temperature=args.temperature, lesion_weight=args.lesion_weight, dice_weight=args.dice_weight,
+                 seed=args.seed, overwrite=args.overwrite)
+    return 0
+
+
 def _report_command(args: argparse.Namespace) -> int:
     from .evaluation.report import build_report
 
@@ -204,6 +227,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (created; re-running resumes)")
     p.add_argument("--only", help="run only this strategy, or 'baselines' (the report needs a full run)")
     p.set_defaults(func=_federate_command)
+
+    p = sub.add_parser("transfer", help="move an adapter to a new base by distillation on synthetic phantoms "
+                       "(Trans-LoRA; no patient data)")
+    p.add_argument("--teacher-model", required=True, help="the old base weights the teacher adapter was trained on")
+    p.add_argument("--teacher-adapter", required=True, help="the old adapter file (written by fit/crossval)")
+    p.add_argument("--model", required=True, help="the new base weights")
+    p.add_argument("--backbone", help="the new base's backbone (default: the teacher's)")
+    p.add_argument("--backbone-args", metavar="JSON",
+                   help='the new base\'s backbone arguments, e.g. \'{"level": 2, "width": 16}\' '
+                   "(default: the teacher's)")
+    p.add_argument("--method", required=True, help="adapter method of the new adapter (medlora adapters)")
+    p.add_argument("--rank", type=int, default=4, help="its rank (default 4)")
+    p.add_argument("--alpha", type=float, help="its alpha (default: the method's)")
+    p.add_argument("--out", required=True, help="the new adapter file (refused if it exists, unless --overwrite)")
+    p.add_argument("--seed-cases", metavar="DIR",
+                   help="a few real cases (NIfTI or an nnU-Net dataset): train the discriminator filter")
+    p.add_argument("--steps", type=int, default=200, help="distillation steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per step (default 8)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    p.add_argument("--synthetic-volumes", type=int, default=24, help="phantom volumes generated (default 24)")
+    p.add_argument("--synthetic-shape", type=int, nargs=3, metavar="N",
+                   help="phantom grid in voxels (default: the seed cases' grid, else 96 96 32)")
+    p.add_argument("--synthetic-spacing", type=float, nargs=3, metavar="MM",
+                   help="phantom voxel size in mm (default: the seed cases', else 2 2 5)")
+    p.add_argument("--temperature", type=float, default=2.0, help="KL temperature T (default 2)")
+    p.add_argument("--lesion-weight", type=float, default=5.0, help="KL weight of teacher-lesion voxels (default 5)")
+    p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the Dice term (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_transfer_command)
 
     p = sub.add_parser("report", help="rebuild report.md, results.csv and plots of a crossval run folder")
     p.add_argument("run_dir", help="the --out folder of medlora crossval")

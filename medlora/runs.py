@@ -13,13 +13,15 @@ A run folder (the ``--out`` of ``medlora crossval``) holds::
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary.json         a job finished (written last, nnU-Net shape)
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary_source.json  the same model on held-out source cases
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/adapter.safetensors  adapter jobs: the trained adapter
-    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/model.safetensors    full and module-wise jobs: the fine-tuned network
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/model.safetensors    full, module-wise and transplant jobs: the network
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/donor.safetensors    transplant jobs: the trained stage (NOT donor)
     locks/                             lock files of the processes sharing the folder
 
 A job is one (method entry, rank) of the study, repeated for every fine-tuning seed ``s`` of ``seeds``, every
 training-set size ``n`` of ``train_cases`` (``all``: the whole training part of the fold) and every fold ``k``.
 Its name is ``<method>[_<training rule>][_fw<forgetting weight>][_r<rank>]`` for adapter methods that take a
-rank, ``module_<group>`` for module-wise fine-tuning (``finetune: <group>``), and the method's name otherwise
+rank, ``module_<group>`` for module-wise fine-tuning (``finetune: <group>``), ``transplant_<stage>`` for a NOT
+stage (``stage: <stage>``, its ``:`` written ``-``), and the method's name otherwise
 (``no_finetune``, ``full``). Jobs are planned seed by seed, then training-set size, fold, and the study's
 method order.
 
@@ -48,11 +50,13 @@ __all__ = [
     "JOBS_DIR",
     "LOCKS_DIR",
     "MODEL_FILE",
+    "DONOR_FILE",
     "PRETRAIN_DIR",
     "SOURCE_EVAL_SPLITS",
     "SOURCE_SUMMARY_FILE",
     "SPLITS_DIR",
     "SPLITS_FILE",
+    "STAGE_PREFIX",
     "STUDY_FILE",
     "SUMMARY_FILE",
     "RunFolder",
@@ -81,10 +85,12 @@ JOBS_DIR = "jobs"
 LOCKS_DIR = "locks"
 ADAPTER_FILE = "adapter.safetensors"
 MODEL_FILE = "model.safetensors"
+DONOR_FILE = "donor.safetensors"
 ALL_CASES = "all"
 
 # Baseline method names and their family; every other method name is an adapter method.
-FAMILIES: dict[str, str] = {"no_finetune": "none", "full": "full", "module": "module"}
+FAMILIES: dict[str, str] = {"no_finetune": "none", "full": "full", "module": "module", "transplant": "transplant"}
+STAGE_PREFIX = "stage:"  # model.finetune of a transplant job: stage:<stage>
 BASELINE_LABELS: dict[str, str] = {"no_finetune": "no fine-tuning", "full": "full fine-tuning"}
 
 
@@ -106,6 +112,8 @@ def job_name(method: str, rank: int | None, finetune: str | None = None, trainin
     """A job's folder name (see the module docstring); ``finetune`` is the module group of ``module`` jobs."""
     if method == "module":
         base = f"module_{finetune}"
+    elif method == "transplant":
+        base = f"transplant_{str(finetune).removeprefix(STAGE_PREFIX).replace(':', '-')}"
     else:
         base = f"{method}_{training_rule}" if training_rule else method
     if forgetting_weight:
@@ -125,6 +133,8 @@ def job_label(method: str, rank: int | None, finetune: str | None = None, traini
     as the report's tables expect (:func:`medlora.evaluation.statistics.display_name`)."""
     if method == "module":
         label = f"module-wise ({finetune})"
+    elif method == "transplant":
+        label = f"transplant ({str(finetune).removeprefix(STAGE_PREFIX)})"
     elif method in BASELINE_LABELS:
         label = BASELINE_LABELS[method]
     else:
@@ -347,5 +357,6 @@ class RunFolder:
     def weights_path(self, job: RunJob) -> Path | None:
         """The file a finished job's model is made of besides the base: its adapter or its fine-tuned network
         (None for ``no_finetune``, which is the base itself)."""
-        return {"adapter": self.adapter_path, "full": self.model_path, "module": self.model_path}.get(
+        return {"adapter": self.adapter_path, "full": self.model_path, "module": self.model_path,
+                "transplant": self.model_path}.get(
             job.family, lambda _: None)(job)

@@ -38,7 +38,7 @@ TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "n_train_cases", "forgetting_weig
                                  "total_params", "percent_trainable", "train_seconds")
 TARGET, SOURCE = "target", "source"  # the rows' domains
 
-_FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "adapter": 3}
+_FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "transplant": 3, "adapter": 4}
 # Used only when the study does not tell its own method order (``study_info["job_names"]``).
 _ADAPTER_ORDER = ("lora", "dora", "lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "svd")
 _FAMILY_BY_JOB = {"no_finetune": "none", "full": "full"}
@@ -109,6 +109,8 @@ class RunScan:
 def _infer_family(job: str) -> str:
     if job in _FAMILY_BY_JOB:
         return _FAMILY_BY_JOB[job]
+    if job.startswith("transplant_"):
+        return "transplant"
     return "module" if job.startswith("module_") else "adapter"
 
 

@@ -374,10 +374,17 @@ def module_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _prefixes(model: nn.Module, group: str) -> list[str]:
-    """Prefixes of ``group``; ``"a+b"`` is the union of groups ``a`` and ``b`` (e.g. ``mask_decoder+norms``)."""
+    """Prefixes of ``group``; ``"a+b"`` is the union of groups ``a`` and ``b`` (e.g. ``mask_decoder+norms``);
+    ``stage:<stage>`` is a NOT stage (a module name or ``<container>.<i>:<j>``, see
+    :func:`medlora.adapters.transplant.stage_modules`)."""
+    from ..adapters.transplant import stage_modules
+
     groups = module_groups(model)
     prefixes: list[str] = []
     for part in (p.strip() for p in group.split("+")):
+        if part.startswith("stage:"):
+            prefixes += stage_modules(model, part[len("stage:"):])
+            continue
         name = GROUP_ALIASES.get(part, part) if "shallow" in groups else part
         if name not in groups:
             raise ValueError(f"{type(model).__name__} has no module group {part!r}; it has: {', '.join(groups)}")

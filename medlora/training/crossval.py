@@ -54,6 +54,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ..adapters.transplant import save_donor
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
 from ..evaluation.calibration import calibration_histogram, empty_histogram
@@ -66,6 +67,7 @@ from ..runs import (
     ALL_CASES,
     BASE_FILE,
     DATA_DIR,
+    DONOR_FILE,
     JOBS_DIR,
     LOCKS_DIR,
     MODEL_FILE,
@@ -74,6 +76,7 @@ from ..runs import (
     SOURCE_SUMMARY_FILE,
     SPLITS_DIR,
     SPLITS_FILE,
+    STAGE_PREFIX,
     STUDY_FILE,
     SUMMARY_FILE,
     RunJob,
@@ -451,8 +454,11 @@ class Study:
         start = time.perf_counter()
         rows, histogram = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start
-        if job.family in ("full", "module"):
+        if job.family in ("full", "module", "transplant"):
             atomic_save_safetensors(module.model.state_dict(), folder / MODEL_FILE)
+        if job.family == "transplant":  # the trained stage alone, with where it fits (NOT)
+            save_donor(module.model, model["finetune"][len(STAGE_PREFIX):], folder / DONOR_FILE,
+                       extra_metadata={"job": job.name, "fold": job.fold, "base": str(base)})
         info = {"job": job.name, "method": job.method, "label": job.label, "rank": job.rank, "fold": job.fold,
                 "family": job.family, "seed": job.seed, "train_cases": job.train_cases,
                 "n_train_cases": len(dm.train_ids), "domain": "target", "trainable_params": trainable,

@@ -26,10 +26,12 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
 from ..adapters import AdapterConfig, iter_adapters
+from ..adapters.transplant import hold_norms_outside
 from ..assembly import ModelSpec, build_model
 from ..evaluation.metrics import case_metrics
 from ..evaluation.predict import DEFAULT_SW_BATCH_SIZE, DEFAULT_SW_OVERLAP, DEFAULT_THRESHOLD, predict_volume
 from ..evaluation.statistics import nanmean_std
+from ..runs import STAGE_PREFIX
 from .checks import SettingError, input_window_problem, positive
 from .losses import forgetting_kl
 
@@ -129,6 +131,11 @@ class SegmentationModule(pl.LightningModule):
             for m in self.model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+        finetune = self.model_spec.finetune or ""
+        if finetune.startswith(STAGE_PREFIX) and "+" not in finetune and self.model_spec.adapter is None:
+            # a NOT stage trains inside a frozen host: the host's normalisation statistics must not move either,
+            # or the donor would not reproduce this network when inserted into the base
+            hold_norms_outside(self.model, finetune[len(STAGE_PREFIX):])
 
     def model_inputs(self, batch: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
         """The network's positional and keyword arguments for a training batch: the image, and for promptable

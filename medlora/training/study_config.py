@@ -7,7 +7,8 @@ Lightning's ``Trainer``) and the same value checks (:func:`medlora.training.chec
 sets per job is left out of them: the datasets, folds and seeds of the data module (``data_dir``, ``fold``,
 ``splits_file``, ...), and the model's adapter or module group, which come from the method entries.
 
-A method entry names a method (``name``: ``no_finetune``, ``full``, ``module`` or an adapter method), the
+A method entry names a method (``name``: ``no_finetune``, ``full``, ``module``, ``transplant`` or an adapter
+method; ``transplant`` takes ``stage``, the NOT stage it trains, :mod:`medlora.adapters.transplant`), the
 ``ranks`` to sweep for adapter methods, and an override of the ``model:`` section, flat: ``finetune`` (the module
 group of ``module``; for adapters a group trained as well), ``training_rule`` (and ``_options``),
 ``forgetting_weight``, ``lr``, ... and ``adapter:`` (a partial ``model.adapter`` section: ``options``, ``targets``,
@@ -40,7 +41,7 @@ import yaml
 
 from ..adapters import AdapterConfig, get_method, list_methods
 from ..errors import MedloraError
-from ..runs import ALL_CASES, FAMILIES, job_name
+from ..runs import ALL_CASES, FAMILIES, STAGE_PREFIX, job_name
 from . import checks
 
 BASELINES = tuple(FAMILIES)
@@ -421,7 +422,17 @@ def _method_entry(data: Any, where: str) -> MethodEntry:
     if not isinstance(name, str):
         raise StudyConfigError(f"{where}.name: expected str, got {name!r}")
     ranks = _convert(list[int], ranks, f"{where}.ranks")
-    overrides = {k: v for k, v in data.items() if k not in ("name", "ranks")}
+    overrides = {k: v for k, v in data.items() if k not in ("name", "ranks", "stage")}
+    if name == "transplant":  # NOT: the stage trains, as model.finetune stage:<stage>
+        if "finetune" in data:
+            raise StudyConfigError(f"{where}.finetune: a transplant trains its stage; name it with stage: <stage>")
+        stage = data.get("stage")
+        if not isinstance(stage, str) or not stage.strip():
+            raise StudyConfigError(f"{where}.stage: a transplant needs a stage (a module name such as down_list.1, "
+                                   f"or <container>.<i>:<j>), got {stage!r}")
+        overrides["finetune"] = f"{STAGE_PREFIX}{stage}"
+    elif "stage" in data:
+        raise StudyConfigError(f"{where}.stage: only the transplant method takes a stage")
     return MethodEntry(name, ranks, _model_section(overrides, where, _METHOD_REFUSED))
 
 
@@ -639,6 +650,8 @@ def _check_method(config: StudyConfig, entry: MethodEntry, where: str, meta: dic
             return f"study.{key}"
         if top == "adapter":  # the adapter as a whole (method, rank and layers together)
             return f"{where}: rank {rank}" if len(ranks) > 1 else where
+        if top == "finetune" and entry.family == "transplant":
+            return f"{where}.stage"
         if top in entry.model:
             return f"{where}.{leaf}"
         if top in overrides and top in adapter_defaults:
