@@ -457,8 +457,8 @@ class Study:
         if job.family in ("full", "module", "transplant"):
             atomic_save_safetensors(module.model.state_dict(), folder / MODEL_FILE)
         if job.family == "transplant":  # the trained stage alone, with where it fits (NOT)
-            save_donor(module.model, model["finetune"][len(STAGE_PREFIX):], folder / DONOR_FILE,
-                       extra_metadata={"job": job.name, "fold": job.fold, "base": str(base)})
+            save_donor(module.model, run.model["finetune"][len(STAGE_PREFIX):], folder / DONOR_FILE,
+                       extra_metadata={"job": job.name, "fold": job.fold, "base": str(run.base)})
         info = {"job": job.name, "method": job.method, "label": job.label, "rank": job.rank, "fold": job.fold,
                 "family": job.family, "seed": job.seed, "train_cases": job.train_cases,
                 "n_train_cases": len(dm.train_ids), "domain": "target", "trainable_params": trainable,
