@@ -388,6 +388,10 @@ def test_check_findings_on_job_statistics():
     assert verdict.line().startswith("- (4) ✘ contradicts — highest vs lowest rank")
     (verdict,) = check_findings(stats[:3], rows, [rank])
     assert verdict.status == "agrees" and "better in 1, worse in 0 of 1" in verdict.text
+    # a variant of LoRA at rank 16 (the forgetting term) is no point of LoRA's rank curve, even when it scores best
+    variant = _stats("lora_fw1_r16", "lora", 16, "adapter", 0.72, 3200)
+    (verdict,) = check_findings([*stats[:3], variant], rows + _job_rows("lora_fw1_r16", 0.72), [rank])
+    assert "r4 0.600 → r8 0.700 → r16 0.650; r16 vs r4 Δ +0.050" in verdict.text and "0.720" not in verdict.text
     # without per-case rows nothing can be tested: inconclusive, never a verdict from the means
     (verdict,) = check_findings(stats[:3], [], [rank])
     assert verdict.status == "inconclusive" and "no paired cases" in verdict.text

@@ -232,9 +232,11 @@ def _cp_lora_efficient(ev: Evidence) -> Verdict:
 
 
 def _ranked(ev: Evidence) -> dict[str, list[JobStats]]:
+    """Per adapter method its plain jobs by rank: a variant at the same rank (a training rule, the forgetting term;
+    job ``lora_fw1_r4`` beside ``lora_r4``) is another treatment, not another point of the rank curve."""
     by_method: dict[str, list[JobStats]] = {}
     for s in ev.adapters:
-        if s.rank is not None:
+        if s.rank is not None and s.job == f"{s.method}_r{s.rank}":
             by_method.setdefault(s.method, []).append(s)
     return {m: sorted(v, key=lambda s: s.rank or 0) for m, v in by_method.items() if len({s.rank for s in v}) >= 2}
 
