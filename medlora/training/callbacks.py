@@ -75,7 +75,7 @@ def write_adapter_file(trainer: pl.Trainer | None, pl_module: pl.LightningModule
     record = pl_module.model_spec.to_dict()
     record.pop("adapter")  # the file holds the adapter's own config
     meta = {**record, "preprocessing": preprocessing_record(trainer, pl_module)}
-    for callback in trainer.callbacks if trainer is not None else ():  # e.g. LoRAPrune's importance and masks
+    for callback in getattr(trainer, "callbacks", ()):  # e.g. LoRAPrune's importance and masks
         meta.update(getattr(callback, "adapter_file_records", lambda: {})())
     norm_stats = pl_module.hparams.get("norm_stats", "update")
     return save_adapter(pl_module.model, path, extra_metadata=meta,
