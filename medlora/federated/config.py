@@ -42,6 +42,7 @@ from ..training.study_config import (
     PER_JOB_DATA_KEYS,
     DatasetSpec,
     PretrainSpec,
+    RunSections,
     StudyConfigError,
     _checked,
     _convert,
@@ -129,7 +130,7 @@ class DPSpec:
 
 
 @dataclass
-class FederatedConfig:
+class FederatedConfig(RunSections):
     """A federated fine-tuning of one base with one adapter method across sites, for one or more strategies."""
 
     sites: list[SiteSpec]
@@ -149,15 +150,6 @@ class FederatedConfig:
     dp: DPSpec | None = None
 
     # ---- the sections of one run
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.data.get("spatial_dims", data_parameters()["spatial_dims"].default))
-
-    @property
-    def base_given(self) -> str | None:
-        """The pretrained base the config names (``model.pretrained``)."""
-        return self.model.get("pretrained")
 
     def budget(self, rounds: int = 1) -> dict[str, int]:
         """``{"epochs": n}`` or ``{"steps": n}``: a site's local budget over ``rounds`` rounds."""

@@ -324,8 +324,24 @@ class PretrainSpec:
     trainer: dict[str, Any] = field(default_factory=dict)
 
 
+class RunSections:
+    """What a config with a run's ``model:`` and ``data:`` sections (a study, a federation) derives from them."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.data.get("spatial_dims", data_parameters()["spatial_dims"].default))
+
+    @property
+    def base_given(self) -> str | None:
+        """The pretrained base the config names (``model.pretrained``); None: pretrain on ``source``."""
+        return self.model.get("pretrained")
+
+
 @dataclass
-class StudyConfig:
+class StudyConfig(RunSections):
     """A k-fold cross-validated comparison of fine-tuning methods on a target dataset."""
 
     target: DatasetSpec
@@ -347,15 +363,6 @@ class StudyConfig:
     comparisons: list[list[str]] | None = None
 
     # ---- the run config of one job
-
-    @property
-    def spatial_dims(self) -> int:
-        return int(self.data.get("spatial_dims", data_parameters()["spatial_dims"].default))
-
-    @property
-    def base_given(self) -> str | None:
-        """The pretrained base the study names (``model.pretrained``); None: pretrain on ``source``."""
-        return self.model.get("pretrained")
 
     def method_overrides(self, entry: MethodEntry) -> dict[str, Any]:
         """The model-section override of ``entry``: ``adapter_methods`` (adapter methods) then its own."""
