@@ -341,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
+            sys.stdout.flush()
             return 0
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a block-buffered pipe is written here, inside the handler below, not at interpreter exit
+        return code
     except (MedloraError, FileExistsError) as exc:
         print(f"medlora: error: {exc}", file=sys.stderr)
         return 2

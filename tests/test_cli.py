@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,13 +19,15 @@ def test_help_lists_the_commands():
 
 
 def test_output_into_a_closed_pipe_ends_quietly():
-    """`medlora adapters | head -1`: the reader leaves early; no traceback, exit 141 (128 + SIGPIPE)."""
-    proc = subprocess.Popen([sys.executable, "-m", "medlora.cli", "adapters"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, bufsize=0)
-    assert proc.stdout.read(10)
-    proc.stdout.close()
-    err = proc.stderr.read().decode("utf-8", "replace")
-    assert proc.wait(timeout=60) == 141 and err == ""
+    """`medlora adapters | head -1`: the reader has left; no traceback, exit 141 (128 + SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the child writes, so every write meets a broken pipe whatever the buffer size
+    try:
+        proc = subprocess.run([sys.executable, "-m", "medlora.cli", "adapters"], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr.decode("utf-8", "replace") == ""
 
 
 def test_adapters_lists_every_method_with_its_options(capsys):
