@@ -492,3 +492,31 @@ def test_seeds_sizes_and_source_cases_are_resumable_selectable_jobs(small, tmp_p
     info = json.loads((run / "study_info.json").read_text(encoding="utf-8"))
     assert info["findings"] == ["fine_tuning_helps"] and info["comparisons"] == [["lora_fw1_r2", "lora_r2"]]
     assert info["seeds"] == [0, 1] and info["train_cases"] == [2, "all"]
+
+
+def test_progress_counts_steps_when_a_step_budget_binds():
+    """A pretraining with `max_steps` and no `max_epochs` shows steps done of max_steps, not epochs of 1."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from medlora.training.crossval import _EpochProgress, _progress_budget
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+    trainer = pl.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[_EpochProgress(lambda d, t: seen.append((d, t)))])
+    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2))  # 2 steps per epoch
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert _progress_budget({"max_steps": 400}) == 400 and _progress_budget({"max_epochs": 3}) == 3
+    assert _progress_budget({}) == 1000

@@ -144,7 +144,11 @@ class _EpochProgress(pl.Callback):
         self.report = report
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.report(trainer.current_epoch + 1, trainer.max_epochs)
+        # a step budget ends training before the epoch budget does, so progress counts in the budget that binds
+        if trainer.max_steps and trainer.max_steps > 0:
+            self.report(trainer.global_step, trainer.max_steps)
+        else:
+            self.report(trainer.current_epoch + 1, trainer.max_epochs)
 
 
 def fit_or_interrupt(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> None:
@@ -657,6 +661,14 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int, pack
         running.release()
 
 
+def _progress_budget(trainer_section: dict[str, Any]) -> int:
+    """What a training run's progress counts to: its steps when ``max_steps`` is set (it binds first), else epochs."""
+    steps = trainer_section.get("max_steps")
+    if steps and steps > 0:
+        return int(steps)
+    return int(trainer_section.get("max_epochs") or 1000)  # Lightning's default when neither is set
+
+
 def _pretrain(study: Study, seed: int, may_pretrain: bool, bar: Any, say: Any) -> None:
     """Pretraining with ``seed`` unless done; waits for another process that runs it."""
     if study.pretrain_done(seed):
@@ -668,9 +680,9 @@ def _pretrain(study: Study, seed: int, may_pretrain: bool, bar: Any, say: Any) -
         if not may_pretrain:
             raise MedloraError(f"{base}: the pretrained base does not exist yet; run `medlora crossval --config "
                                f"{study.config_path} --out {study.out} --only pretrain` first")
-        epochs = study.config.pretrain_trainer().get("max_epochs") or 1
-        task = bar.add_task("pretraining on the source domain", total=epochs)
-        summary = study.run_pretraining(seed, lambda e, n: bar.update(task, completed=e))
+        budget = _progress_budget(study.config.pretrain_trainer())
+        task = bar.add_task("pretraining on the source domain", total=budget)
+        summary = study.run_pretraining(seed, lambda done, total: bar.update(task, completed=done, total=total))
         say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "
             f"({summary['train_seconds']:.0f} s) -> {base}")
 
