@@ -8,7 +8,7 @@ routers train, on batches with both domains), once without and once with the spe
 per domain: held-out loss and perplexity of the base, each expert alone, the uniform average of the experts, each
 router soft and as ReMix's top-1 equal weights, and the effective number of experts per token and over all tokens.
 
-    python scripts/mixer_study.py                       # the table in docs/composition.md, about 2 min on 1 core
+    python scripts/mixer_study.py --seeds 0,1,2         # the table in docs/composition.md, about 5 min on 1 core
     python scripts/mixer_study.py --router-steps 50 --expert-steps 100 --base-steps 100   # quicker
 """
 
@@ -143,17 +143,33 @@ def table(rows: list[dict], domains_: list[str]) -> str:
         cells = []
         for d in domains_:
             c = r[d]
-            cells.append(f"{c['loss']:.3f} ({c['ppl']:.2f})")
+            sd = f" ± {c['loss_sd']:.3f}" if r.get("seeds", 1) > 1 else ""
+            cells.append(f"{c['loss']:.3f}{sd} ({c['ppl']:.2f})")
             cells.append(f"{c['effective']:.2f} / {c['usage_effective']:.2f}" if "effective" in c else "")
             cells.append(f"{c['usage_reports']:.2f}" if "usage_reports" in c else "")
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """Rows with every number averaged over the runs (seeds) and ``<key>_sd`` the sample standard deviation."""
+    out = []
+    for rows in zip(*runs, strict=True):
+        row = {"model": rows[0]["model"], "seeds": len(rows)}
+        for d in ("harbour", "reports"):
+            row[d] = {}
+            for key in rows[0][d]:
+                values = torch.tensor([r[d][key] for r in rows], dtype=torch.float64)
+                row[d][key] = float(values.mean())
+                row[d][f"{key}_sd"] = float(values.std()) if len(rows) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-steps", type=int, default=200, help="TinyLM pretraining steps on both domains")
-    parser.add_argument("--expert-steps", type=int, default=300, help="training steps of each domain expert")
+    parser.add_argument("--base-steps", type=int, default=100, help="TinyLM pretraining steps on both domains")
+    parser.add_argument("--expert-steps", type=int, default=400, help="training steps of each domain expert")
     parser.add_argument("--router-steps", type=int, default=200, help="router training steps (experts frozen)")
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--expert-lr", type=float, default=3e-3)
@@ -163,18 +179,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16, help="held-out window stride")
     parser.add_argument("--test-share", type=float, default=0.25, help="held-out share of each domain")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows their mean")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = run(args)
+        runs = []
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            print(f"-- seed {seed}", flush=True)
+            args.seed = seed
+            runs.append(run(args))
+    rows = mean_rows(runs)
     print()
+    if len(runs) > 1:
+        print(f"mean over seeds {args.seeds} (loss sd over seeds: at most "
+              f"{max(r[d]['loss_sd'] for r in rows for d in ('harbour', 'reports')):.3f})")
     print(table(rows, ["harbour", "reports"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"mean": rows, "runs": runs}, indent=2), encoding="utf-8")
     return rows
 
 
