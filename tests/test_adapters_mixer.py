@@ -202,3 +202,27 @@ def test_adapter_files_as_experts_and_refusals(tmp_path):
         attach_mixer(copy.deepcopy(base), [expert], targets=["fc1"])
     with pytest.warns(UserWarning, match="outside the targets are dropped"):
         attach_mixer(copy.deepcopy(base), [expert], targets=["q"])
+
+
+def test_mixer_model_copies_after_a_training_forward_and_trains_experts_from_their_values():
+    base = _tiny_lm()
+    expert = _expert(base, "lora", 2)
+    model = attach_mixer(copy.deepcopy(base), [expert], targets=TARGETS, train_experts=True).train()
+    tokens = torch.randint(0, 256, (2, 8))
+    with pytest.raises(MultiAdapterError, match="no mixer layer has run a forward"):
+        mixer_balance_loss(model)
+    model(tokens).sum().backward()  # the layers now hold probabilities with an autograd graph
+    twin = copy.deepcopy(model)
+    fix_gates(twin, [1.0])
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(tokens), merge(copy.deepcopy(expert))(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_default_targets_route_linear_layers_and_leave_convolutions():
+    base = SamSegmenter("tiny", image_size=32).eval()
+    expert = _expert(base, "lora", 2, targets=["image_encoder.patch_embed.proj", "image_encoder.blocks.0.attn.qkv"])
+    with pytest.warns(UserWarning, match=r"patch_embed\.proj"):
+        model = attach_mixer(copy.deepcopy(base), [expert])
+    assert [n for n, m in model.named_modules() if isinstance(m, MixerLinear)] == ["image_encoder.blocks.0.attn.qkv"]
+    with pytest.raises(MultiAdapterError, match="nn.Linear layers only; 'image_encoder.patch_embed.proj' is a Conv2d"):
+        attach_mixer(copy.deepcopy(base), [expert], targets=["patch_embed.proj"])

@@ -54,7 +54,6 @@ from torch import nn
 
 from ..base import AdditiveReparam, Reparam
 from ..inject import _matches, adapters_of, base_weight, iter_adapters
-from ..methods.lora import LoRA
 from .bank import lora_terms
 from .router import effective_experts, topk_equal_weights
 from .routing import MultiAdapterError
@@ -85,22 +84,13 @@ def specialisation_balance_loss(probs: torch.Tensor, balance: float = 1.0, speci
     return balance * global_term + specialisation * _entropy(p).mean()
 
 
-def _fused_lora_factors(reparam: LoRA, w0: torch.Tensor) -> Factor:
-    """SAMed's fused-block LoRA (``adapt_outputs``) as one pair: B is block-diagonal over the adapted blocks."""
-    n, blocks, rank = reparam.fused_outputs, reparam.adapt_outputs, reparam.lora_B.shape[1]
-    k = len(blocks)
-    diagonal = torch.block_diag(*reparam.lora_B.detach().view(k, -1, rank))
-    index = torch.tensor(blocks, device=w0.device)
-    b = diagonal.new_zeros(n, w0.shape[0] // n, k * rank).index_copy(0, index, diagonal.view(k, -1, k * rank))
-    return reparam.lora_A.detach(), b.view(w0.shape[0], k * rank), reparam.scaling
-
-
 def expert_factors(reparam: Reparam, module: nn.Module, where: str) -> Factor:
     """One ``(A, B, s)`` with ``W_eff = W0 + s B A`` for an adapted ``nn.Linear`` (copies, detached).
 
-    Plain LoRA and PiSSA's offset LoRA (two terms, stacked along the rank), SAMed's fused-block LoRA, and any
-    additive method whose training factors (``Reparam.factored``) describe its whole update. The pair is checked
-    against the layer's effective weight; a method whose update is not such a product is refused.
+    Plain LoRA and PiSSA's offset LoRA (two terms, stacked along the rank; ``s`` is the adapter's scaling), and any
+    additive method whose training factors (``Reparam.factored``) describe its whole update, such as SAMed's
+    fused-block LoRA (a block-diagonal B; the scaling folded into B, ``s = 1``). The pair is checked against the
+    layer's effective weight; a method whose update is not such a product is refused.
     """
     w0 = base_weight(module).detach()
     terms = lora_terms(reparam)
@@ -109,8 +99,6 @@ def expert_factors(reparam: Reparam, module: nn.Module, where: str) -> Factor:
         a = torch.cat([t[0].detach() for t in terms])
         b = torch.cat([t[1].detach() * (t[2] / s) for t in terms], dim=1)
         pair: Factor = (a, b, s)
-    elif getattr(type(reparam), "delta", None) is LoRA.delta and getattr(reparam, "adapt_outputs", None) is not None:
-        pair = _fused_lora_factors(reparam, w0)
     else:
         factors = reparam.factored(w0) if isinstance(reparam, AdditiveReparam) else None
         if factors is None or factors.magnitude is not None or factors.a.dim() != 2:
@@ -173,6 +161,10 @@ class MixerLinear(nn.Module):
         self.last_probs: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The last forward's probabilities carry an autograd graph, which deepcopy and pickle refuse.
+        return {**self.__dict__, "last_probs": None, "last_gates": None}
+
     @property
     def n_experts(self) -> int:
         return self.lora_A.shape[0]
@@ -190,7 +182,7 @@ class MixerLinear(nn.Module):
         """(softmax probabilities, the weights applied) of router logits ``(..., E)``."""
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.fixed is not None:
-            return probs, self.fixed.to(probs.dtype).expand_as(probs)
+            return probs, self.fixed.to(probs).expand_as(probs)
         if self.routing == "soft":
             return probs, probs
         flat = logits.reshape(-1, logits.shape[-1])
@@ -233,9 +225,10 @@ def attach_mixer(model: nn.Module, experts: Sequence[Any], targets: Sequence[str
     ``experts``: adapted copies of ``model`` (from :func:`~medlora.adapters.inject`), adapter files (loaded onto
     a copy of ``model``; the base is checked), or mappings ``{layer name: (A, B, s)}`` of raw LoRA factors.
     ``targets``: layer-name patterns as in ``AdapterConfig.targets`` (``q``, ``attn.qkv``, ``re:...``); default,
-    every ``nn.Linear`` that some expert adapts. A routed layer that an expert does not adapt gets a zero update
-    from that expert. Every model parameter is frozen; the routers train, and the experts too with
-    ``train_experts``. An expert's updates on layers that are not routed are dropped, with a warning.
+    every ``nn.Linear`` that some expert adapts (a targeted layer of another type is refused). A routed layer that an
+    expert does not adapt gets a zero update from that expert. Every model parameter is frozen; the routers train,
+    and the experts too with ``train_experts``. An expert's updates on layers that are not routed are dropped, with
+    a warning.
     """
     if len(experts) < 1:
         raise MultiAdapterError("attach_mixer needs at least one expert")
@@ -268,6 +261,8 @@ def attach_mixer(model: nn.Module, experts: Sequence[Any], targets: Sequence[str
     layers = sorted({n for found in per_expert for n in found}, key=list(modules).index)
     if targets is not None:
         layers = [n for n in layers if any(_matches(n, p) for p in targets)]
+    else:
+        layers = [n for n in layers if isinstance(modules[n], nn.Linear)]
     if not layers:
         adapted = sorted({n for found in per_expert for n in found})
         raise MultiAdapterError(f"attach_mixer: no layer adapted by the experts matches targets={list(targets or [])}"
