@@ -226,3 +226,30 @@ def test_default_targets_route_linear_layers_and_leave_convolutions():
     assert [n for n, m in model.named_modules() if isinstance(m, MixerLinear)] == ["image_encoder.blocks.0.attn.qkv"]
     with pytest.raises(MultiAdapterError, match="nn.Linear layers only; 'image_encoder.patch_embed.proj' is a Conv2d"):
         attach_mixer(copy.deepcopy(base), [expert], targets=["patch_embed.proj"])
+
+
+def test_mixer_study_script_rows(tmp_path):
+    """scripts/mixer_study.py at toy size: the rows the docs table shows, with the routing each row claims."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "mixer_study.py"
+    spec = importlib.util.spec_from_file_location("mixer_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    threads = torch.get_num_threads()
+    try:
+        study.main(["--base-steps", "2", "--expert-steps", "2", "--router-steps", "2", "--context", "16",
+                    "--batch-size", "4", "--json", str(tmp_path / "rows.json")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["model"]: r for r in json.loads((tmp_path / "rows.json").read_text())["mean"]}
+    assert list(rows)[:4] == ["base", "expert harbour", "expert reports", "uniform average"]
+    for d in ("harbour", "reports"):
+        assert rows["uniform average"][d]["effective"] == pytest.approx(2.0)
+        assert rows["uniform average"][d]["usage_reports"] == pytest.approx(0.5)
+        assert rows["router top-1 equal (balance 0.1)"][d]["effective"] == pytest.approx(1.0)
+        assert 1.0 < rows["router soft (balance 0)"][d]["effective"] < 2.0
+        own = rows[f"expert {d}"][d]
+        assert own["ppl"] == pytest.approx(math.exp(own["loss"]))
