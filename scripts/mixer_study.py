@@ -6,7 +6,9 @@ then one LoRA expert per domain is trained on its domain alone (q/k/v/o, rank ``
 and put into every attention projection with :func:`medlora.adapters.multi.attach_mixer` (plug-and-play: only the
 routers train, on batches with both domains), once without and once with the specialisation-balance loss. Printed
 per domain: held-out loss and perplexity of the base, each expert alone, the uniform average of the experts, each
-router soft and as ReMix's top-1 equal weights, and the effective number of experts per token and over all tokens.
+router soft and as ReMix's top-1 equal weights, a router trained as ReMix does (sampled top-1 routings, RLOO with
+each sequence's negative loss as reward) and run with top-1 equal weights, and the effective number of experts per
+token and over all tokens.
 
     python scripts/mixer_study.py --seeds 0,1,2         # the table in docs/composition.md, about 5 min on 1 core
     python scripts/mixer_study.py --router-steps 50 --expert-steps 100 --base-steps 100   # quicker
@@ -24,11 +26,19 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medlora.adapters import AdapterConfig, inject  # noqa: E402
-from medlora.adapters.multi import attach_mixer, fix_gates, mixer_balance_loss, mixer_stats  # noqa: E402
+from medlora.adapters.multi import (  # noqa: E402
+    attach_mixer,
+    fix_gates,
+    mixer_balance_loss,
+    mixer_log_prob,
+    mixer_stats,
+    rloo_surrogate,
+)
 from medlora.adapters.multi.mixer import mixer_layers  # noqa: E402
 from medlora.llm import ByteTokenizer, TinyLM, TinyLMConfig, corpus_text, lm_loss, make_batches, pretrain  # noqa: E402
 
@@ -74,6 +84,25 @@ def train(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, balanc
         loss = lm_loss(model, batch)
         if balance:
             loss = loss + balance * mixer_balance_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def train_rloo(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, draws: int) -> float:
+    """ReMix: each step runs ``draws`` sampled routings (``sample_equal``) of the batch and follows the RLOO
+    estimate with each sequence's negative loss as its reward. Returns seconds."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    start = time.perf_counter()
+    for batch in batches:
+        log_probs, rewards = [], []
+        for _ in range(draws):
+            logits = model(batch[:, :-1])
+            per_sequence = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(dim=1)
+            rewards.append(-per_sequence.detach())
+            log_probs.append(mixer_log_prob(model, batch.shape[0]))
+        loss = rloo_surrogate(torch.stack(log_probs), torch.stack(rewards))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,6 +161,15 @@ def run(args) -> list[dict]:
         for _, layer in mixer_layers(model):
             layer.set_routing("topk_equal", k=1)
         record(f"router top-1 equal ({tag})", model)
+    if args.rloo_draws:
+        torch.manual_seed(args.seed + 30)
+        model = attach_mixer(copy.deepcopy(base), experts, targets=TARGETS, names=names, routing="sample_equal")
+        seconds = train_rloo(model.train(), mixed_batches(data, args.router_steps, args.batch_size, args.context,
+                                                          args.seed + 40), args.router_lr, args.rloo_draws)
+        model.eval()
+        for _, layer in mixer_layers(model):
+            layer.set_routing("topk_equal", k=1)  # ReMix's inference: the deterministic top-k
+        record("router top-1 equal (ReMix, RLOO)", model, seconds=seconds)
     return rows
 
 
@@ -175,6 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--expert-lr", type=float, default=3e-3)
     parser.add_argument("--router-lr", type=float, default=1e-2)
     parser.add_argument("--balance", type=float, default=0.1, help="weight of the specialisation-balance loss")
+    parser.add_argument("--rloo-draws", type=int, default=4,
+                        help="sampled routings per step of the ReMix router trained by RLOO (0: skip it)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16, help="held-out window stride")

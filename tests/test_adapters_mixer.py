@@ -15,6 +15,7 @@ from medlora.adapters.multi import (
     attach_mixer,
     fix_gates,
     mixer_balance_loss,
+    mixer_log_prob,
     mixer_stats,
     specialisation_balance_loss,
 )
@@ -253,3 +254,32 @@ def test_mixer_study_script_rows(tmp_path):
         assert 1.0 < rows["router soft (balance 0)"][d]["effective"] < 2.0
         own = rows[f"expert {d}"][d]
         assert own["ppl"] == pytest.approx(math.exp(own["loss"]))
+
+
+def test_sampled_equal_routing_and_its_log_probability_per_sample():
+    base = _tiny_lm()
+    model = attach_mixer(copy.deepcopy(base), [_expert(base, "lora", 2, targets=["q", "v"]) for _ in range(3)],
+                         targets=["q", "v"], routing="sample_equal", k=1)
+    inputs = {}
+    for name, layer in [("q", model.blocks[0].attn.q), ("v", model.blocks[0].attn.v)]:
+        with torch.no_grad():
+            layer.router.weight.normal_(std=1.0)
+        layer.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+    tokens = torch.randint(0, 256, (3, 8))
+    model(tokens)
+    want = np.zeros(3)
+    for name, layer in [("q", model.blocks[0].attn.q), ("v", model.blocks[0].attn.v)]:
+        gates = layer.last_gates.numpy()
+        assert set(np.unique(gates)) == {0.0, 1.0} and np.all(gates.sum(-1) == 1)  # one expert per token
+        logits = _router_logits(layer, inputs[name])
+        log_soft = logits - logits.max(-1, keepdims=True)
+        log_soft -= np.log(np.exp(log_soft).sum(-1, keepdims=True))
+        want += (log_soft * gates).sum(axis=(1, 2))
+    got = mixer_log_prob(model, 3)
+    np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5)
+    got.sum().backward()
+    assert model.blocks[0].attn.q.router.weight.grad.abs().sum() > 0
+    model.blocks[0].attn.q.set_routing("sample_equal", k=2)
+    model(tokens)
+    gates = model.blocks[0].attn.q.last_gates.numpy()
+    assert np.all(np.sort(gates, axis=-1)[..., 1:] == 0.5)  # two distinct experts, 1/2 each

@@ -23,6 +23,7 @@ from .mixer import (
     detach_mixer,
     fix_gates,
     mixer_balance_loss,
+    mixer_log_prob,
     mixer_stats,
     specialisation_balance_loss,
 )
@@ -34,5 +35,5 @@ from .routing import MultiAdapterError
 __all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "MultiAdapterError", "PackedJobs",
            "compose_outputs", "effective_experts", "fuse_class_maps", "lora_terms", "pooled_features", "random_like",
            "rloo_surrogate", "sample_subsets", "search_coefficients", "topk_equal_weights"]
-__all__ += ["MixerLinear", "attach_mixer", "detach_mixer", "fix_gates", "mixer_balance_loss", "mixer_stats",
-            "specialisation_balance_loss"]
+__all__ += ["MixerLinear", "attach_mixer", "detach_mixer", "fix_gates", "mixer_balance_loss", "mixer_log_prob",
+            "mixer_stats", "specialisation_balance_loss"]

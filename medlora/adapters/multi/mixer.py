@@ -16,7 +16,11 @@ with the router a linear gate on the layer's own input. Routing (``routing=``):
 * ``"topk_equal"``: ReMix (Qiu et al., arXiv 2603.10160): weight ``1/k`` on each of the k chosen experts
   (:func:`~medlora.adapters.multi.router.topk_equal_weights`), because learned softmax weights collapse onto one
   expert. The task loss gives the router no gradient here (ReMix trains it by RLOO,
-  :func:`~medlora.adapters.multi.router.rloo_surrogate`); a router trained soft can be evaluated with it.
+  :func:`~medlora.adapters.multi.router.rloo_surrogate`); a router trained soft can be evaluated with it;
+* ``"sample_equal"``: ReMix in training: each token draws k experts from the softmax (k draws without
+  replacement, :func:`~medlora.adapters.multi.router.sample_subsets`) and weights them ``1/k``; the draw's
+  log-probability is kept for the RLOO estimator (:func:`mixer_log_prob`: one policy over all layers and tokens of
+  a sample, rewarded by that sample's loss; ReMix's exact granularity of the reward is not in what we could read).
 
 Two regimes, as in the paper: plug-and-play (default, ``train_experts=False``): the experts are frozen copies of
 existing adapters and only the routers train; or experts and routers trained together (``train_experts=True``).
@@ -55,13 +59,13 @@ from torch import nn
 from ..base import AdditiveReparam, Reparam
 from ..inject import _matches, adapters_of, base_weight, iter_adapters
 from .bank import lora_terms
-from .router import effective_experts, topk_equal_weights
+from .router import effective_experts, sample_subsets, topk_equal_weights
 from .routing import MultiAdapterError
 
 __all__ = ["ROUTINGS", "MixerLinear", "attach_mixer", "detach_mixer", "expert_factors", "fix_gates",
-           "mixer_balance_loss", "mixer_layers", "mixer_stats", "specialisation_balance_loss"]
+           "mixer_balance_loss", "mixer_layers", "mixer_log_prob", "mixer_stats", "specialisation_balance_loss"]
 
-ROUTINGS = ("soft", "topk", "topk_equal")
+ROUTINGS = ("soft", "topk", "topk_equal", "sample_equal")
 
 # A factor pair (A: r x I, B: O x r, s) with the layer update s * B @ A.
 Factor = tuple[torch.Tensor, torch.Tensor, float]
@@ -160,10 +164,11 @@ class MixerLinear(nn.Module):
         self.fixed: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
         self.last_gates: torch.Tensor | None = None
+        self.last_log_prob: torch.Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The last forward's probabilities carry an autograd graph, which deepcopy and pickle refuse.
-        return {**self.__dict__, "last_probs": None, "last_gates": None}
+        return {**self.__dict__, "last_probs": None, "last_gates": None, "last_log_prob": None}
 
     @property
     def n_experts(self) -> int:
@@ -186,6 +191,11 @@ class MixerLinear(nn.Module):
         if self.routing == "soft":
             return probs, probs
         flat = logits.reshape(-1, logits.shape[-1])
+        if self.routing == "sample_equal":
+            chosen, log_prob = sample_subsets(flat / self.temperature, self.k, 1)
+            self.last_log_prob = log_prob[0].view(logits.shape[:-1])
+            weights = torch.zeros_like(flat).scatter_(1, chosen[0], 1.0 / self.k)
+            return probs, weights.view_as(probs)
         if self.routing == "topk_equal":
             return probs, topk_equal_weights(flat, self.k).to(probs.dtype).view_as(probs)
         keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, torch.topk(flat, self.k, dim=1).indices, True)
@@ -319,6 +329,18 @@ def mixer_balance_loss(model: nn.Module, balance: float = 1.0, specialisation: f
     if not probs:
         raise MultiAdapterError("mixer_balance_loss: no mixer layer has run a forward yet")
     return torch.stack([specialisation_balance_loss(p, balance, specialisation) for p in probs]).mean()
+
+
+def mixer_log_prob(model: nn.Module, samples: int) -> torch.Tensor:
+    """``log pi`` of the last forward's sampled routing per sample ``(samples,)``: the sum over every mixer layer in
+    ``sample_equal`` routing and every token of the sample (a layer's leading rows hold each sample's tokens
+    contiguously, as a ViT's window partition does). With one reward per sample this is what
+    :func:`~medlora.adapters.multi.router.rloo_surrogate` takes, one row per draw."""
+    parts = [m.last_log_prob.reshape(samples, -1).sum(dim=1) for _, m in mixer_layers(model)
+             if m.routing == "sample_equal" and m.last_log_prob is not None]
+    if not parts:
+        raise MultiAdapterError("mixer_log_prob: no mixer layer has run a forward in sample_equal routing")
+    return torch.stack(parts).sum(dim=0)
 
 
 def mixer_stats(model: nn.Module) -> dict[str, dict[str, Any]]:
