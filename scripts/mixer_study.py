@@ -10,7 +10,7 @@ router soft and as ReMix's top-1 equal weights, a router trained as ReMix does (
 each sequence's negative loss as reward) and run with top-1 equal weights, and the effective number of experts per
 token and over all tokens.
 
-    python scripts/mixer_study.py --seeds 0,1,2         # the table in docs/composition.md, about 5 min on 1 core
+    python scripts/mixer_study.py --seeds 0,1,2         # the table in docs/composition.md, about 7 min on 1 core
     python scripts/mixer_study.py --router-steps 50 --expert-steps 100 --base-steps 100   # quicker
 """
 
