@@ -42,6 +42,7 @@ token: the second term is ``log E``).
 Limits (refused with one line): an expert whose update on a routed layer is not a low-rank product ``B A`` (DoRA's
 magnitude, input-dependent methods); experts of another base; a target that is not a plain ``nn.Linear``. Every
 expert runs on every token (dense mixture: E small low-rank products per layer; the gate only weights them).
+``sample_equal`` draws through ``router.sample_subsets``, which builds its masks on the CPU: CPU tensors only.
 """
 
 from __future__ import annotations
