@@ -283,3 +283,13 @@ def test_sampled_equal_routing_and_its_log_probability_per_sample():
     model(tokens)
     gates = model.blocks[0].attn.q.last_gates.numpy()
     assert np.all(np.sort(gates, axis=-1)[..., 1:] == 0.5)  # two distinct experts, 1/2 each
+
+
+def test_expert_with_trained_tensors_outside_its_adapters_is_reported():
+    base = _tiny_lm()
+    expert = _expert(base, "lora", 2)
+    with torch.no_grad():
+        expert.norm.weight.add_(1.0)  # a recipe that also unfroze the final norm
+    with pytest.warns(UserWarning, match=r"expert 0 also differs from the model outside its adapters \(norm.weight"):
+        model = attach_mixer(copy.deepcopy(base), [expert], targets=TARGETS)
+    torch.testing.assert_close(model.norm.weight, base.norm.weight)  # the model keeps its own values

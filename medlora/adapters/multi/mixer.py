@@ -228,6 +228,18 @@ def _expert_model(model: nn.Module, source: Any, e: int) -> nn.Module | Mapping[
                             f"{{layer: (A, B, s)}}, got {type(source).__name__}")
 
 
+def _warn_other_tensors(model: nn.Module, expert: nn.Module, e: int) -> None:
+    """Warn when an expert differs from the model outside its adapters (an unfrozen norm or head, statistics
+    re-estimated on its data): the mixer routes only the adapters' updates and keeps the model's own tensors."""
+    mine = model.state_dict()
+    differ = [k for k, v in expert.state_dict().items()
+              if k in mine and (v.shape != mine[k].shape or not torch.equal(v, mine[k]))]
+    if differ:
+        warnings.warn(f"attach_mixer: expert {e} also differs from the model outside its adapters "
+                      f"({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); only its adapters' updates "
+                      "are routed, the model keeps its own values there", stacklevel=3)
+
+
 def attach_mixer(model: nn.Module, experts: Sequence[Any], targets: Sequence[str] | None = None, *,
                  routing: str = "soft", k: int = 1, temperature: float = 1.0, train_experts: bool = False,
                  names: Sequence[str] | None = None) -> nn.Module:
@@ -268,6 +280,7 @@ def attach_mixer(model: nn.Module, experts: Sequence[Any], targets: Sequence[str
                     raise MultiAdapterError(f"expert {e}: layer {name!r} has another base weight than the model "
                                             "(an adapter of another base)")
                 found[name] = expert_factors(reparam, module, f"expert {e}, layer {name!r}")
+            _warn_other_tensors(model, expert, e)
         per_expert.append(found)
     layers = sorted({n for found in per_expert for n in found}, key=list(modules).index)
     if targets is not None:
