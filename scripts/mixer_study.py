@@ -76,12 +76,19 @@ def evaluate(model: torch.nn.Module, batch: torch.Tensor) -> dict:
     return row
 
 
-def train(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, balance: float = 0.0) -> float:
-    """Adam on the trainable parameters; ``balance`` weighs the specialisation-balance loss. Returns seconds."""
+def train(model: torch.nn.Module, batches: list[torch.Tensor], lr: float, balance: float = 0.0,
+          trace: list | None = None, every: int = 50) -> float:
+    """Adam on the trainable parameters; ``balance`` weighs the specialisation-balance loss. Returns seconds.
+    ``trace`` receives ``(step, effective per token, effective overall)`` of the training batch every ``every`` steps
+    (means over the mixer layers), to watch collapse happen."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     start = time.perf_counter()
-    for batch in batches:
+    for step, batch in enumerate(batches):
         loss = lm_loss(model, batch)
+        if trace is not None and (step % every == 0 or step == len(batches) - 1):
+            stats = mixer_stats(model).values()
+            trace.append((step, sum(s["effective"] for s in stats) / len(stats),
+                          sum(s["usage_effective"] for s in stats) / len(stats)))
         if balance:
             loss = loss + balance * mixer_balance_loss(model)
         opt.zero_grad()
@@ -153,11 +160,13 @@ def run(args) -> list[dict]:
         torch.manual_seed(args.seed + 30)
         model = attach_mixer(copy.deepcopy(base), experts, targets=TARGETS, names=names)
         router_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trace: list = []
         seconds = train(model.train(), mixed_batches(data, args.router_steps, args.batch_size, args.context,
-                                                     args.seed + 40), args.router_lr, balance)
+                                                     args.seed + 40), args.router_lr, balance, trace)
         model.eval()
         tag = f"balance {balance:g}"
-        record(f"router soft ({tag})", model, router_params=router_params, seconds=seconds)
+        print("  training: " + ", ".join(f"step {i} {a:.2f}/{b:.2f}" for i, a, b in trace), flush=True)
+        record(f"router soft ({tag})", model, router_params=router_params, seconds=seconds, trace=trace)
         for _, layer in mixer_layers(model):
             layer.set_routing("topk_equal", k=1)
         record(f"router top-1 equal ({tag})", model)
