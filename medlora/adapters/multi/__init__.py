@@ -6,6 +6,9 @@
   composition in one mixed batch or by a merge of their updates with searched coefficients (:mod:`.compose`).
 * :class:`CaseRouter`, :func:`topk_equal_weights`, :func:`effective_experts`, :func:`rloo_surrogate`: choosing
   adapters per case (:mod:`.router`).
+* :func:`attach_mixer` / :class:`MixerLinear` / :func:`specialisation_balance_loss`: LoRA-Mixer-style token-level
+  routing of LoRA experts inside attention projections, soft or top-k (ReMix's equal weights as an option)
+  (:mod:`.mixer`).
 * :class:`PackedJobs`: K independent training jobs (adapted models of one base) computed as one batch, one forward
   and one backward per step; each job keeps its own optimiser, learning rate and BatchNorm statistics.
 
@@ -14,6 +17,16 @@
 
 from .bank import AdapterBank, lora_terms
 from .compose import AdapterDeltas, compose_outputs, fuse_class_maps, random_like, search_coefficients
+from .mixer import (
+    MixerLinear,
+    attach_mixer,
+    detach_mixer,
+    fix_gates,
+    mixer_balance_loss,
+    mixer_log_prob,
+    mixer_stats,
+    specialisation_balance_loss,
+)
 from .ops import STRATEGIES
 from .pack import PackedJobs
 from .router import CaseRouter, effective_experts, pooled_features, rloo_surrogate, sample_subsets, topk_equal_weights
@@ -22,3 +35,5 @@ from .routing import MultiAdapterError
 __all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "MultiAdapterError", "PackedJobs",
            "compose_outputs", "effective_experts", "fuse_class_maps", "lora_terms", "pooled_features", "random_like",
            "rloo_surrogate", "sample_subsets", "search_coefficients", "topk_equal_weights"]
+__all__ += ["MixerLinear", "attach_mixer", "detach_mixer", "fix_gates", "mixer_balance_loss", "mixer_log_prob",
+            "mixer_stats", "specialisation_balance_loss"]
