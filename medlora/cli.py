@@ -102,6 +102,7 @@ def _infer_command(args: argparse.Namespace) -> int:
 
     summary = run_inference(
         args.model, args.inputs, args.out, adapters=args.adapter or (), method=args.method,
+        composition=args.composition,
         sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap, device=args.device, threshold=args.threshold,
         roi_size=args.roi_size, save_probabilities=args.save_probabilities, overlay=args.overlay,
         overwrite=args.overwrite,
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", metavar="ADAPTER",
                    help="adapter file (repeat for an ensemble: one model per adapter, probabilities averaged)")
     p.add_argument("--method", metavar="JOB", help="crossval job whose fold models form the ensemble, e.g. cp_dora_r4")
+    p.add_argument("--composition", "--router", metavar="FILE",
+                   help="composition file (medlora compose): its adapters routed and fused into one multi-class "
+                   "label map (adapters found beside it unless given with --adapter)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH_SIZE,
                    help=f"sliding windows per network call (default {DEFAULT_SW_BATCH_SIZE}; model.sw_batch_size)")

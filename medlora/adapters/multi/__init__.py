@@ -6,6 +6,8 @@
   composition in one mixed batch or by a merge of their updates with searched coefficients (:mod:`.compose`).
 * :class:`CaseRouter`, :func:`topk_equal_weights`, :func:`effective_experts`, :func:`rloo_surrogate`: choosing
   adapters per case (:mod:`.router`).
+* :class:`CompositionSpec`, :func:`save_composition`, :func:`read_composition`: a composition or a router saved as
+  one file that ``medlora infer --composition`` runs (:mod:`.files`).
 * :class:`PackedJobs`: K independent training jobs (adapted models of one base) computed as one batch, one forward
   and one backward per step; each job keeps its own optimiser, learning rate and BatchNorm statistics.
 
@@ -14,11 +16,13 @@
 
 from .bank import AdapterBank, lora_terms
 from .compose import AdapterDeltas, compose_outputs, fuse_class_maps, random_like, search_coefficients
+from .files import CompositionFileError, CompositionSpec, read_composition, save_composition
 from .ops import STRATEGIES
 from .pack import PackedJobs
 from .router import CaseRouter, effective_experts, pooled_features, rloo_surrogate, sample_subsets, topk_equal_weights
 from .routing import MultiAdapterError
 
-__all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "MultiAdapterError", "PackedJobs",
+__all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "CompositionFileError", "CompositionSpec",
+           "MultiAdapterError", "PackedJobs", "read_composition", "save_composition",
            "compose_outputs", "effective_experts", "fuse_class_maps", "lora_terms", "pooled_features", "random_like",
            "rloo_surrogate", "sample_subsets", "search_coefficients", "topk_equal_weights"]
