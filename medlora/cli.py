@@ -53,7 +53,7 @@ def _compose_command(args: argparse.Namespace) -> int:
 
     run_composition_study(args.out, types=args.types, train_cases=args.train_cases, test_cases=args.test_cases,
                           few_cases=args.few_cases, seed=args.seed, base_steps=args.base_steps,
-                          adapter_steps=args.adapter_steps, budget=args.budget)
+                          adapter_steps=args.adapter_steps, budget=args.budget, rloo_steps=args.rloo_steps)
     return 0
 
 
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-steps", type=int, default=200)
     p.add_argument("--adapter-steps", type=int, default=100)
     p.add_argument("--budget", type=int, default=40, help="objective evaluations of each coefficient search")
+    p.add_argument("--rloo-steps", type=int, default=200, help="RLOO training steps of each ReMix-style router")
     p.set_defaults(func=_compose_command)
 
     p = sub.add_parser("federate", help="federated adapter fine-tuning across sites on Flower (resumable)")

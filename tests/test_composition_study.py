@@ -15,12 +15,13 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 def test_tiny_study_writes_every_method_and_keeps_the_search_budget(tmp_path):
     r = run_composition_study(tmp_path, types=["sah", "ivh", "sah+ivh"], train_cases=3, test_cases=2, few_cases=1,
-                              base_steps=1, adapter_steps=1, budget=3, width=4, log=lambda msg: None)
+                              base_steps=1, adapter_steps=1, budget=3, width=4, rloo_steps=3, log=lambda msg: None)
     assert r["classes"] == ["intraventricular", "subarachnoid"]
     methods = set(r["dice"])
     assert {"single adapter", "composition (probability)", "composition (priority)", "fresh adapter (same few cases)",
             "merge (other classes' adapters)", "merge (pool incl. own adapter)", "merge (random adapters)",
-            "router top-1 + composition", "router top-2 + composition"} <= methods
+            "router top-1 + composition", "router top-2 + composition", "RLOO router top-1 + composition",
+            "RLOO router top-2 + composition"} <= methods
     assert r["routing"]["chosen"]["router top-1 + composition"]["effective_experts"] == pytest.approx(1.0)
     assert r["routing"]["chosen"]["router top-2 + composition"]["mean_adapters"] == 2
     for c in r["classes"]:
@@ -34,6 +35,13 @@ def test_tiny_study_writes_every_method_and_keeps_the_search_budget(tmp_path):
     assert "| composition (probability) |" in table and "| merge (random adapters) |" in table
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
         "intraventricular.safetensors", "subarachnoid.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "compositions").iterdir()) == [
+        "output_priority.safetensors", "output_probability.safetensors", "rloo_top1.safetensors",
+        "rloo_top2.safetensors", "router_present.safetensors", "router_top1.safetensors", "router_top2.safetensors"]
+    assert (tmp_path / "base.safetensors").is_file()
+    rloo = r["routing"]["rloo"]["top-1"]
+    assert len(rloo["reward"]) == 2 and 0 <= rloo["best_reward"] <= 1 and rloo["effective_experts"][0] <= 2
+    assert "RLOO routers" in table
 
 
 def test_compose_needs_two_classes(tmp_path, capsys):
