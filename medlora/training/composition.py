@@ -60,6 +60,35 @@ DEFAULT_TYPES = ("sah", "ivh", "iph", "sdh", "sah+ivh", "iph+sdh")
 _SHAPE, _SPACING, _HU = (48, 48, 16), (4.0, 4.0, 10.0), (0.0, 140.0)
 
 
+_SETTINGS = ("types", "train_cases", "test_cases", "few_cases", "seed", "base_steps", "adapter_steps", "adapter_lr",
+             "rank", "budget", "width", "rloo_steps")
+
+
+def read_compose_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a ``medlora compose --config`` preset: a YAML mapping of :func:`run_composition_study`'s
+    keyword arguments (``name`` and ``description`` are allowed and ignored). One line naming the file and the
+    key on anything else."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MedloraError(f"{path}: cannot read the compose preset ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise MedloraError(f"{path}: a compose preset is a mapping of settings, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in ("name", "description")}
+    unknown = sorted(set(data) - set(_SETTINGS))
+    if unknown:
+        raise MedloraError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(_SETTINGS)})")
+    for key, value in data.items():
+        want = (list,) if key == "types" else (float, int) if key == "adapter_lr" else (int,)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise MedloraError(f"{path}: {key}: expected {'a list of type groups' if key == 'types' else 'a number'},"
+                               f" got {value!r}")
+    return data
+
+
 def _cohort(n: int, seed: int, offset: int, groups) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for i in range(offset, offset + n):
@@ -147,7 +176,7 @@ def _false_positive_cases(label_slices: torch.Tensor, truth_slices: torch.Tensor
 def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYPES, train_cases: int = 12,
                           test_cases: int = 8, few_cases: int = 3, seed: int = 0, base_steps: int = 200,
                           adapter_steps: int = 100, rank: int = 4, budget: int = 40, width: int = 8,
-                          rloo_steps: int = 200, log=None) -> dict[str, Any]:
+                          rloo_steps: int = 200, adapter_lr: float = 5e-3, log=None) -> dict[str, Any]:
     """Run the study (see the module docstring); writes ``composition.json`` and ``composition.md`` to ``out``."""
     if log is None:
         def log(msg: str) -> None:
@@ -189,7 +218,7 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
 
     def fresh(x, fg, s):
         torch.manual_seed(s)
-        return _train(inject(copy.deepcopy(base), config), x, fg, adapter_steps, 5e-3, s)
+        return _train(inject(copy.deepcopy(base), config), x, fg, adapter_steps, adapter_lr, s)
 
     singles = {c: fresh(xtr, ytr == TYPE_LABELS[c], seed + 10 + i) for i, c in enumerate(classes)}
     (out / "adapters").mkdir(exist_ok=True)
@@ -286,14 +315,17 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
                           else math.nan, "ci": [lo, hi], "p": wilcoxon_p(d) if d.size else math.nan})
     for s, p_adj in zip(stats, holm([s["p"] for s in stats]), strict=True):
         s["p_holm"] = p_adj
+    case_scores, versus = _against_output(preds, yte, depth, test_cases, classes, values)
     n_params = parameter_report(singles[classes[0]]).adapter_params
     result = {"classes": classes, "types": [list(g) for g in groups], "train_cases": train_cases,
               "test_cases": test_cases, "few_cases": few_cases, "seed": seed, "base_steps": base_steps,
               "adapter_steps": adapter_steps, "rank": rank, "budget": budget, "rloo_steps": rloo_steps,
+              "adapter_lr": adapter_lr,
               "priority": [classes[k] for k in priority],
               "dice": dice, "false_positive_cases": false_pos, "stats": stats, "merges": merges,
               "seconds_per_case": timing,
-              "routing": routing, "adapter_parameters": n_params,
+              "routing": routing, "adapter_parameters": n_params, "case_scores": case_scores,
+              "versus_output": versus,
               "base_parameters": sum(p.numel() for p in base.parameters()),
               "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_bytes(out / "composition.json", json.dumps(result, indent=1, default=float) + "\n")
@@ -382,6 +414,31 @@ def _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, 
     return info
 
 
+_OUTPUT = "composition (probability)"
+
+
+def _against_output(preds, yte, depth, n_test, classes, values) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+    """Every method that gives one multi-class segmentation (the compositions and the routers), scored per test
+    case by :func:`composition_reward` (mean Dice over the classes the truth or the prediction holds, so false
+    classes count), paired against the output composition by probability over all test cases (one comparison per
+    method, instead of one per class: every test case counts, which gives the Wilcoxon test its power); bootstrap
+    CI of the mean difference and Holm over these comparisons."""
+    multi = [m for m in preds if m.startswith("composition") or "router" in m]
+    scores = {m: [composition_reward(preds[m][classes[0]][i * depth:(i + 1) * depth], yte[i * depth:(i + 1) * depth],
+                                     values) for i in range(n_test)] for m in multi}
+    versus = []
+    for m in multi:
+        if m == _OUTPUT:
+            continue
+        d = np.array(scores[m]) - np.array(scores[_OUTPUT])
+        lo, hi = bootstrap_ci(d)
+        versus.append({"method": m, "n": int(d.size), "mean": float(np.mean(scores[m])),
+                       "mean_diff": float(np.mean(d)), "ci": [lo, hi], "p": wilcoxon_p(d)})
+    for v, p_adj in zip(versus, holm([v["p"] for v in versus]), strict=True):
+        v["p_holm"] = p_adj
+    return scores, versus
+
+
 def _subsets(n: int, k: int) -> list[tuple[int, ...]]:
     from itertools import combinations
 
@@ -413,6 +470,14 @@ def _markdown(r: dict[str, Any]) -> str:
     for s in r["stats"]:
         lines.append(f"| {s['method']} | {s['class']} | {s['n']} | {s['mean_diff']:+.3f} | "
                      f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] | {s['p_holm']:.3g} |")
+    base_mean = float(np.mean(r["case_scores"][_OUTPUT]))
+    lines += ["", f"One multi-class segmentation per case, scored per case by the mean Dice over the classes the truth "
+              f"or the prediction holds (false classes count), against {_OUTPUT} (mean {base_mean:.3f}; paired over "
+              "all test cases; 95% bootstrap CI; Wilcoxon, Holm):", "",
+              "| method | n | mean | mean diff | CI | p (Holm) |", "|---|---|---|---|---|---|"]
+    for v in r["versus_output"]:
+        lines.append(f"| {v['method']} | {v['n']} | {v['mean']:.3f} | {v['mean_diff']:+.3f} | "
+                     f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] | {v['p_holm']:.3g} |")
     lines += ["", "Inference time per case (s, CPU):", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in r["seconds_per_case"].items()]
     ro = r["routing"]
