@@ -124,24 +124,36 @@ def _by_hand(base, files, hu, chosen):
     return label, margin, x
 
 
-def _hand_choice(base, router, x, k):
+def _hand_features(base, x, foreground):
     got = []
     hook = base.M2.register_forward_hook(lambda m, i, o: got.append(o))
     with torch.no_grad():
-        base(x)
+        prob = torch.sigmoid(base(x)).numpy()[:, 0]
     hook.remove()
-    f = got[0].mean(dim=(2, 3)).mean(0)  # per-slice global average, then over the slices
+    f = got[0].numpy()
+    if foreground:  # the base's probability, block-averaged onto the layer's grid, weights the features
+        s, h, w = prob.shape[0], f.shape[2], f.shape[3]
+        weight = prob.reshape(s, h, prob.shape[1] // h, w, prob.shape[2] // w).mean(axis=(2, 4))
+        f = torch.from_numpy((f * weight[:, None]).sum(axis=(0, 2, 3)) / weight.sum())
+    else:
+        f = torch.from_numpy(f.mean(axis=(2, 3)).mean(0))  # per-slice global average, then over the slices
+    return f
+
+
+def _hand_choice(base, router, x, k, foreground=False):
+    f = _hand_features(base, x, foreground)
     w, b = router.head.weight.detach(), router.head.bias.detach()
     s = ((f - router.mean) / router.std) @ w.T + b
     return sorted(np.argsort(-s.numpy(), kind="stable")[:k].tolist())
 
 
-@pytest.mark.parametrize("select", ["all", "top-k"])
+@pytest.mark.parametrize("select", ["all", "top-k", "foreground"])
 def test_infer_equals_running_the_adapters_and_fusing_by_hand(tmp_path, setup, select):
     base, _, files, router = setup
     hu = _volume(tmp_path)
-    spec = CompositionSpec(NAMES, VALUES, select=select, k=1 if select == "top-k" else None,
-                           router=router if select == "top-k" else None, pooled_layer="M2")
+    spec = CompositionSpec(NAMES, VALUES, select="all" if select == "all" else "top-k", k=None if select == "all"
+                           else 1 if select == "top-k" else 2, router=None if select == "all" else router,
+                           pooled_layer="M2", pooling="foreground" if select == "foreground" else "mean")
     comp = save_composition(tmp_path / "comp.safetensors", spec, base, files, architecture=ARCH,
                             preprocessing=_prep((16, 16)))
     out = tmp_path / "out"
@@ -152,7 +164,7 @@ def test_infer_equals_running_the_adapters_and_fusing_by_hand(tmp_path, setup, s
     assert got.dtype == np.uint8 and got.shape == hu.shape
     np.testing.assert_array_equal(written.affine, np.diag([2.0, 2.0, 5.0, 1.0]))
     x = torch.from_numpy(np.clip((hu - HU[0]) / (HU[1] - HU[0]), 0, 1)).permute(2, 0, 1)[:, None].float()
-    chosen = [0, 1, 2] if select == "all" else _hand_choice(base, router, x, 1)
+    chosen = [0, 1, 2] if select == "all" else _hand_choice(base, router, x, spec.k, select == "foreground")
     want, margin, _ = _by_hand(base, files, hu, chosen)
     sure = margin > 1e-4  # one Gaussian-weighted window reproduces a plain pass up to rounding
     assert sure.mean() > 0.99
@@ -162,7 +174,7 @@ def test_infer_equals_running_the_adapters_and_fusing_by_hand(tmp_path, setup, s
     assert row["adapters"] == [NAMES[i] for i in chosen] and row["voxels"] == int(np.count_nonzero(got))
     run = json.loads((out / "provenance.json").read_text())["runs"][-1]
     assert [m["role"] for m in run["models"]] == ["base", "composition", "adapter", "adapter", "adapter"]
-    assert run["composition"]["select"] == select
+    assert run["composition"]["select"] == spec.select
 
 
 def test_wrong_base_or_adapter_is_refused_in_one_line(tmp_path, setup, capsys):
@@ -192,3 +204,17 @@ def test_wrong_base_or_adapter_is_refused_in_one_line(tmp_path, setup, capsys):
                                                                            str(tmp_path / "base.safetensors"))
     with pytest.raises(CompositionFileError, match="trained on another base"):
         save_composition(tmp_path / "x.safetensors", spec, _base(5), files)
+
+
+def test_foreground_pooling_weights_the_features_by_the_bases_probability(tmp_path, setup):
+    base, _, files, router = setup
+    spec = CompositionSpec(NAMES, VALUES, select="top-k", k=1, router=router, pooled_layer="M2", pooling="foreground")
+    got, _ = read_composition(save_composition(tmp_path / "fg.safetensors", spec, base, files))
+    assert got.pooling == "foreground"
+    x = torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(4))  # 40 slices: two chunks of 32
+    want = _hand_features(base, x, True)
+    torch.testing.assert_close(got.case_features(base, x)[0], want.float(), rtol=1e-5, atol=1e-6)
+    plain = _hand_features(base, x, False)
+    torch.testing.assert_close(CompositionSpec(NAMES, VALUES, pooled_layer="M2").case_features(base, x)[0],
+                               plain.float(), rtol=1e-5, atol=1e-6)
+    assert (want - plain).abs().max() > 1e-3  # the weighting changes the features

@@ -11,8 +11,10 @@ On a multi-class phantom cohort (the ``ich`` domain, labels by hemorrhage type) 
    no adapter for the class exists) and from the pool with its own adapter added (the "highly relevant LoRA in
    the pool" case), against the two controls of the recycling paper (arXiv 2602.12323): a fresh adapter trained on
    the same few cases with the same steps, and the same search over norm-matched random adapters;
-5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's pooled bottleneck, trained on which
-   classes each training case holds) and composes only the chosen adapters (top-1, top-2, or those scored present);
+5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's bottleneck averaged where the base
+   sees blood, trained on which classes each training case holds, or by RLOO on a Dice reward as ReMix) and
+   composes only the chosen adapters (top-1, top-2, or those scored present); every composition and router is
+   saved as a composition file that ``medlora infer --composition`` runs;
 6. reports per-class Dice on held-out cases (3D, per case, over the cases that hold the class, so every method
    has the same denominator; predictions of a class in cases without it are counted as false-positive cases),
    paired bootstrap intervals and Wilcoxon p-values (Holm) of each method against the class's own single adapter,
@@ -345,7 +347,8 @@ _ROUTERS = {  # table row -> (composition file name, training, selection, k)
 
 def _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, seed, rloo_steps,
                  save) -> dict[str, Any]:
-    """Case routers on the base's pooled bottleneck (``M2``) that pick the adapters whose outputs are composed.
+    """Case routers on the base's pooled bottleneck (``M2``, averaged where the base sees blood: ``foreground``
+    pooling of :class:`CompositionSpec`) that pick the adapters whose outputs are composed.
 
     Supervised (:meth:`CaseRouter.fit`: which classes each training case holds): top-1, top-2 or every adapter it
     scores present (score > 0). ReMix-style (:meth:`CaseRouter.fit_rloo`, one router per k): a policy over
@@ -356,7 +359,7 @@ def _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, 
     torch.manual_seed(seed)
     xtr, ytr = _slices(train)
     cases = [xtr[i * depth:(i + 1) * depth] for i in range(len(train))]
-    probe = CompositionSpec(classes, values, select="all", pooled_layer="M2")
+    probe = CompositionSpec(classes, values, select="all", pooled_layer="M2", pooling="foreground")
     ftr = torch.cat([probe.case_features(base, x) for x in cases])
     present = torch.stack([torch.tensor([bool((ytr[i * depth:(i + 1) * depth] == v).any()) for v in values])
                            for i in range(len(train))])
@@ -393,7 +396,8 @@ def _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, 
     n_test = xte.shape[0] // depth
     for row, (file, training, select, k) in _ROUTERS.items():
         router = supervised if training == "supervised" else routers[f"rloo{k}"]
-        spec = CompositionSpec(classes, values, select=select, k=k, router=router, pooled_layer="M2")
+        spec = CompositionSpec(classes, values, select=select, k=k, router=router, pooled_layer="M2",
+                               pooling="foreground")
         save(file, spec)
         t1 = time.perf_counter()
         labels, chosen = [], []

@@ -12,7 +12,8 @@ case-level router, if any (``router.head.weight``, ``router.head.bias``, ``route
 * ``select``: ``all`` (output composition, every adapter runs), ``top-k`` with ``k`` (ReMix's rule: the router's
   k highest scores, each chosen adapter with its whole update, i.e. fixed equal weights; Qiu et al., arXiv
   2603.10160) or ``present`` (every adapter the router scores above 0, the top one when none is);
-  ``pooled_layer``: the base's sub-module whose globally averaged output the router reads;
+  ``pooled_layer``: the base's sub-module whose averaged output the router reads, ``pooling`` how it is averaged
+  (``mean`` or ``foreground``: weighted by the base's own foreground probability);
 * ``fusion``: ``rule`` (``probability`` or ``priority``), ``priority`` (adapter names) and ``threshold``
   (:func:`~.compose.fuse_class_maps`);
 * optional ``architecture`` and ``preprocessing`` records (as adapter files carry them), which ``medlora infer``
@@ -23,9 +24,12 @@ The adapters themselves stay in their own files: :func:`resolve_adapter_files` f
 (or takes the files given) and refuses any whose fingerprint differs; :func:`check_base` refuses a base whose
 fingerprint differs. Both in one line naming the file.
 
-A case's router features are the global average of ``pooled_layer``'s output over the whole case: the base runs
-on every axial slice of the case at once for a 2D network (then the per-slice averages are averaged, which is the
-same because the slices have one size) or on the whole volume for a 3D one (:meth:`CompositionSpec.case_features`).
+A case's router features average ``pooled_layer``'s output over the whole case: the base runs on every axial slice
+of the case for a 2D network or on the whole volume for a 3D one (:meth:`CompositionSpec.case_features`). The
+``foreground`` pooling is ours: the reference's case router (``reference/federated_and_beyond.md`` 4.6) reads the
+pooled bottleneck; averaged over a whole head, those features hardly depend on a small bleed, and on the ich
+phantoms a router on them put one of the case's own classes first in 16 of 36 test cases, against 26 of 36
+when the average is weighted by where the base sees blood.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = ["COMPOSITION_FORMAT", "SELECTIONS", "CompositionFileError", "Composit
 
 COMPOSITION_FORMAT = "medlora.composition/1"
 SELECTIONS = ("all", "top-k", "present")
+POOLINGS = ("mean", "foreground")
 
 
 class CompositionFileError(MedloraError, ValueError):
@@ -76,6 +81,7 @@ class CompositionSpec:
     priority: list[int] | None = None
     threshold: float = 0.5
     channels: list[int] = field(default_factory=list)
+    pooling: str = "mean"
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -90,6 +96,8 @@ class CompositionSpec:
             raise CompositionFileError(f"selection {self.select!r} needs a router and the pooled layer it reads")
         if self.select == "top-k" and not (self.k is not None and 1 <= self.k <= n):
             raise CompositionFileError(f"top-k selection needs 1 <= k <= {n}, got k={self.k}")
+        if self.pooling not in POOLINGS:
+            raise CompositionFileError(f"unknown router pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.rule not in FUSION_RULES:
             raise CompositionFileError(f"unknown fusion rule {self.rule!r}; choose one of {', '.join(FUSION_RULES)}")
         if self.priority is not None and sorted(self.priority) != list(range(n)):
@@ -100,14 +108,39 @@ class CompositionSpec:
 
     def case_features(self, base: nn.Module, x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
         """``(1, C)`` router features of one case: ``x`` is its stack of axial slices ``(S, 1, X, Y)`` (2D base)
-        or the volume ``(1, 1, X, Y, Z)`` (3D base)."""
+        or the volume ``(1, 1, X, Y, Z)`` (3D base). ``pooling="mean"``: the plain average of the pooled layer's
+        output; ``"foreground"``: its average weighted by the base's own foreground probability (output channel 0,
+        area-averaged onto the layer's grid), i.e. the features where the base sees the lesion, and the plain
+        average where it sees none."""
         assert self.pooled_layer is not None
-        total = None
-        for start in range(0, x.shape[0], chunk):  # a long stack of slices need not fit in memory at once
-            part = pooled_features(base, self.pooled_layer, x[start:start + chunk]).sum(0, keepdim=True)
-            total = part if total is None else total + part
-        assert total is not None
-        return total / x.shape[0]
+        if self.pooling == "mean":
+            total = None
+            for start in range(0, x.shape[0], chunk):  # a long stack of slices need not fit in memory at once
+                part = pooled_features(base, self.pooled_layer, x[start:start + chunk]).sum(0, keepdim=True)
+                total = part if total is None else total + part
+            assert total is not None
+            return total / x.shape[0]
+        modules = dict(base.named_modules())
+        if self.pooled_layer not in modules:
+            raise CompositionFileError(f"the base has no sub-module {self.pooled_layer!r} for the router to read")
+        got: list[torch.Tensor] = []
+        handle = modules[self.pooled_layer].register_forward_hook(lambda _m, _i, out: got.append(out))
+        num = den = plain = 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, x.shape[0], chunk):
+                    prob = torch.sigmoid(base(x[start:start + chunk])[:, :1].float())
+                    f = got.pop().float()
+                    w = nn.functional.interpolate(prob, size=f.shape[2:], mode="area")
+                    axes = (0, *range(2, f.dim()))
+                    num = num + (f * w).sum(dim=axes)
+                    den = den + w.sum()
+                    plain = plain + f.mean(dim=tuple(range(2, f.dim()))).sum(0)
+        finally:
+            handle.remove()
+        if float(den) < 1e-6:
+            return (plain / x.shape[0])[None]
+        return (num / den)[None]
 
     def choose(self, features: torch.Tensor | None) -> list[list[int]]:
         """Indices of the adapters that run, per case (ascending), from ``(N, C)`` router features."""
@@ -175,7 +208,7 @@ def save_composition(path: str | os.PathLike[str], spec: CompositionSpec, base: 
 
     meta = {"format": COMPOSITION_FORMAT, "medlora_version": __version__, "adapters": entries,
             "base": {"sha256": record["sha256"]}, "select": spec.select, "k": spec.k,
-            "pooled_layer": spec.pooled_layer,
+            "pooled_layer": spec.pooled_layer, "pooling": spec.pooling,
             "router": None if spec.router is None else {"in_features": spec.router.head.in_features},
             "fusion": {"rule": spec.rule, "threshold": float(spec.threshold),
                        "priority": None if spec.priority is None else [spec.names[i] for i in spec.priority]},
@@ -212,7 +245,8 @@ def read_composition(path: str | os.PathLike[str]) -> tuple[CompositionSpec, dic
         spec = CompositionSpec(names, [int(a["value"]) for a in adapters], select=meta["select"], k=meta.get("k"),
                                router=router, pooled_layer=meta.get("pooled_layer"), rule=fusion["rule"],
                                priority=None if prio is None else [names.index(p) for p in prio],
-                               threshold=float(fusion["threshold"]), channels=[int(a["channel"]) for a in adapters])
+                               threshold=float(fusion["threshold"]), channels=[int(a["channel"]) for a in adapters],
+                               pooling=meta.get("pooling", "mean"))
     except CompositionFileError as exc:
         raise CompositionFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
