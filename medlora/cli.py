@@ -49,11 +49,13 @@ def _crossval_command(args: argparse.Namespace) -> int:
 
 
 def _compose_command(args: argparse.Namespace) -> int:
-    from .training.composition import run_composition_study
+    from .training.composition import read_compose_config, run_composition_study
 
-    run_composition_study(args.out, types=args.types, train_cases=args.train_cases, test_cases=args.test_cases,
-                          few_cases=args.few_cases, seed=args.seed, base_steps=args.base_steps,
-                          adapter_steps=args.adapter_steps, budget=args.budget)
+    settings = read_compose_config(args.config) if args.config else {}
+    given = {k: getattr(args, k) for k in ("types", "train_cases", "test_cases", "few_cases", "seed", "base_steps",
+                                           "adapter_steps", "budget", "rloo_steps")}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    run_composition_study(args.out, **settings)
     return 0
 
 
@@ -102,6 +104,7 @@ def _infer_command(args: argparse.Namespace) -> int:
 
     summary = run_inference(
         args.model, args.inputs, args.out, adapters=args.adapter or (), method=args.method,
+        composition=args.composition,
         sw_batch_size=args.sw_batch_size, overlap=args.sw_overlap, device=args.device, threshold=args.threshold,
         roi_size=args.roi_size, save_probabilities=args.save_probabilities, overlay=args.overlay,
         overwrite=args.overwrite,
@@ -211,15 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compose", help="single-class adapters composed at the output vs merged (LoraHub-style) vs "
                        "their controls, on a multi-class phantom cohort")
     p.add_argument("--out", required=True, help="output folder (composition.md, composition.json, adapters/)")
-    p.add_argument("--types", nargs="+", default=list(_COMPOSE_TYPES), metavar="GROUP",
+    p.add_argument("--config", help="YAML preset of the settings below (e.g. configs/study/ich_composition.yaml); "
+                   "options given here override it")
+    p.add_argument("--types", nargs="+", metavar="GROUP",
                    help=f"type groups of the cohort, as data phantoms --types (default: {' '.join(_COMPOSE_TYPES)})")
-    p.add_argument("--train-cases", type=int, default=12)
-    p.add_argument("--test-cases", type=int, default=8)
-    p.add_argument("--few-cases", type=int, default=3, help="labelled cases per class the merges are fitted on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-steps", type=int, default=200)
-    p.add_argument("--adapter-steps", type=int, default=100)
-    p.add_argument("--budget", type=int, default=40, help="objective evaluations of each coefficient search")
+    p.add_argument("--train-cases", type=int, help="default 12")
+    p.add_argument("--test-cases", type=int, help="default 8")
+    p.add_argument("--few-cases", type=int, help="labelled cases per class the merges are fitted on (default 3)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--base-steps", type=int, help="default 200")
+    p.add_argument("--adapter-steps", type=int, help="default 100")
+    p.add_argument("--budget", type=int, help="objective evaluations of each coefficient search (default 40)")
+    p.add_argument("--rloo-steps", type=int, help="RLOO training steps of each ReMix-style router (default 200)")
     p.set_defaults(func=_compose_command)
 
     p = sub.add_parser("federate", help="federated adapter fine-tuning across sites on Flower (resumable)")
@@ -270,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="append", metavar="ADAPTER",
                    help="adapter file (repeat for an ensemble: one model per adapter, probabilities averaged)")
     p.add_argument("--method", metavar="JOB", help="crossval job whose fold models form the ensemble, e.g. cp_dora_r4")
+    p.add_argument("--composition", "--router", metavar="FILE",
+                   help="composition file (medlora compose): its adapters routed and fused into one multi-class "
+                   "label map (adapters found beside it unless given with --adapter)")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--sw-batch-size", type=int, default=DEFAULT_SW_BATCH_SIZE,
                    help=f"sliding windows per network call (default {DEFAULT_SW_BATCH_SIZE}; model.sw_batch_size)")

@@ -8,7 +8,9 @@ Models come from three kinds of ``--model``:
   each adapter gives one model (base + adapter, merged, so it costs what the base costs); backbone
   and preprocessing come from the adapter's metadata (``extra``). Every adapter's base fingerprint is
   checked before any case runs;
-* a ``medlora crossval`` run folder plus ``--method JOB``: the k fold models of that job.
+* a ``medlora crossval`` run folder plus ``--method JOB``: the k fold models of that job;
+* base weights plus ``--composition FILE``: several single-class adapters, chosen per case by a router or all of
+  them, their class maps fused into one multi-class label map (:mod:`medlora.inference.composed`).
 
 Several models form an ensemble: the mean of their probabilities. The preprocessing is the training
 one (:func:`medlora.data.transforms.preprocessing`: RAS orientation, optional resampling, HU window),
@@ -152,6 +154,8 @@ class InferenceModels:
     architecture: Architecture
     preprocessing: Preprocessing
     files: list[ModelFile] = field(default_factory=list)  # what the models were loaded from (provenance)
+    # --composition: the models are the composition's adapters, routed and fused per case (.composed)
+    composition: Any = None
 
     @property
     def spatial_dims(self) -> int:
@@ -247,19 +251,28 @@ def _load_run_dir(run_dir: Path, method: str | None) -> InferenceModels:
 
 
 def load_models(
-    model: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]] = (), method: str | None = None
+    model: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]] = (), method: str | None = None,
+    composition: str | os.PathLike[str] | None = None,
 ) -> InferenceModels:
     """Build and load every network of an inference run, merged and in evaluation mode.
 
     Everything that can be wrong with the model files (unreadable weights, an adapter for another base,
-    missing metadata, an unfinished crossval job) raises here, before any case is touched.
+    missing metadata, an unfinished crossval job) raises here, before any case is touched. With ``composition``
+    (a composition file, :mod:`medlora.inference.composed`) the ``adapters`` are that composition's, found beside
+    it when none are given.
     """
     path = Path(model)
     adapter_paths = [Path(a) for a in adapters]
     if not path.exists():
         what = "crossval run folder" if method else "weights file"
         raise WeightsError(f"{path}: {what} not found (--model)")
-    if path.is_dir():
+    if composition is not None:
+        if method:
+            raise InferenceError(f"--method {method}: cannot be combined with --composition")
+        from .composed import load_composed_models
+
+        loaded = load_composed_models(path, Path(composition), adapter_paths)
+    elif path.is_dir():
         if adapter_paths:
             raise InferenceError(f"{path}: --adapter cannot be combined with a crossval run folder; use --method")
         loaded = _load_run_dir(path, method)
@@ -333,6 +346,8 @@ class CasePrediction:
 
     probability: np.ndarray   # float32, the input's shape
     label: np.ndarray         # uint8, the input's shape
+    chosen: list[str] | None = None  # a composition: the adapters that ran on this case
+    class_voxels: dict[str, int] | None = None  # a composition: labelled voxels per class
 
 
 class _Float32Output(nn.Module):
@@ -410,7 +425,8 @@ class Predictor:
                            affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
         return self.transform({"image": image})["image"]
 
-    def probabilities(self, image: torch.Tensor, networks: Sequence[nn.Module] | None = None) -> torch.Tensor:
+    def probabilities(self, image: torch.Tensor, networks: Sequence[nn.Module] | None = None,
+                      channel: int = 0) -> torch.Tensor:
         """Mean probability of the ensemble on the preprocessed grid: (X', Y', Z') float32 on the CPU.
 
         ``networks`` replaces the loaded models (``medlora serve`` passes a callable that batches the windows of
@@ -432,7 +448,7 @@ class Predictor:
                 total = p if total is None else total + p
         assert total is not None
         mean = total / len(networks) if len(networks) > 1 else total
-        return mean[0, 0].cpu().clone()  # clone: a normal tensor again, usable outside inference mode
+        return mean[0, channel].cpu().clone()  # clone: a normal tensor again, usable outside inference mode
 
     def to_input_grid(self, values: torch.Tensor, image: torch.Tensor) -> np.ndarray:
         """Invert the preprocessing's spatial transforms (orientation, resampling) for ``values``."""
@@ -447,6 +463,10 @@ class Predictor:
 
     def predict(self, data: np.ndarray, affine: np.ndarray,
                 networks: Sequence[nn.Module] | None = None) -> CasePrediction:
+        if self.models.composition is not None:
+            from .composed import predict_composed
+
+            return predict_composed(self, data, affine)
         image = self.preprocess(data, affine)
         prob_ras = self.probabilities(image, networks)
         prob = self.to_input_grid(prob_ras, image)
@@ -526,10 +546,14 @@ def _run_case(
         write_overlay(outputs["overlay"], volume, result.label, predictor.models.preprocessing.hu_window,
                       title=f"{case.case_id} (threshold {predictor.threshold:g})")
     write_nifti(outputs["label"], result.label, volume.geometry, np.uint8)
-    voxels = int(result.label.sum(dtype=np.int64))
+    voxels = int(np.count_nonzero(result.label))  # a composition's labels are class values, not 0/1
     vox_mm3 = voxel_volume_mm3(volume.affine)
-    return {"case_id": case.case_id, "input": case.label, "output": outputs["label"].name, "voxels": voxels,
-            "voxel_volume_mm3": round(vox_mm3, 6), "volume_ml": voxels * vox_mm3 / 1000.0}
+    row = {"case_id": case.case_id, "input": case.label, "output": outputs["label"].name, "voxels": voxels,
+           "voxel_volume_mm3": round(vox_mm3, 6), "volume_ml": voxels * vox_mm3 / 1000.0}
+    if result.chosen is not None:  # volumes.json only: volumes.csv keeps its columns
+        row["adapters"] = result.chosen
+        row["class_volume_ml"] = {k: v * vox_mm3 / 1000.0 for k, v in (result.class_voxels or {}).items()}
+    return row
 
 
 def run_inference(
@@ -539,6 +563,7 @@ def run_inference(
     adapters: Sequence[str | os.PathLike[str]] = (),
     method: str | None = None,
     *,
+    composition: str | os.PathLike[str] | None = None,
     sw_batch_size: int = DEFAULT_SW_BATCH_SIZE,
     overlap: float = DEFAULT_SW_OVERLAP,
     device: str = "cpu",
@@ -557,7 +582,7 @@ def run_inference(
     start = time.perf_counter()
     if not inputs:
         raise InferenceError("no input given (NIfTI files, folders of them, or DICOM series folders)")
-    loaded = model if isinstance(model, InferenceModels) else load_models(model, adapters, method)
+    loaded = model if isinstance(model, InferenceModels) else load_models(model, adapters, method, composition)
     predictor = Predictor(loaded, device=device, sw_batch_size=sw_batch_size, overlap=overlap, threshold=threshold,
                           roi_size=roi_size)
     cases = find_inputs(inputs)
@@ -571,7 +596,8 @@ def run_inference(
             raise
         rows = {}  # --overwrite: an unreadable table is replaced
     arguments = {"model": str(model) if not isinstance(model, InferenceModels) else None,
-                 "adapters": [str(a) for a in adapters], "method": method, "inputs": [str(i) for i in inputs],
+                 "adapters": [str(a) for a in adapters], "method": method,
+                 "composition": None if composition is None else str(composition), "inputs": [str(i) for i in inputs],
                  "out": str(out), "sw_batch_size": sw_batch_size, "overlap": overlap, "device": device,
                  "threshold": threshold, "roi_size": None if roi_size is None else list(roi_size),
                  "save_probabilities": save_probabilities, "overlay": overlay, "overwrite": overwrite}
@@ -622,6 +648,7 @@ def _run_record(loaded: InferenceModels, predictor: Predictor, arguments: dict[s
         "sliding_window": {"roi_size": list(predictor.roi_size), "overlap": predictor.overlap,
                            "sw_batch_size": predictor.sw_batch_size, "mode": "gaussian"},
         "device": str(predictor.device),
+        **({"composition": loaded.composition.record()} if loaded.composition is not None else {}),
     }
 
 

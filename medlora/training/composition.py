@@ -11,8 +11,10 @@ On a multi-class phantom cohort (the ``ich`` domain, labels by hemorrhage type) 
    no adapter for the class exists) and from the pool with its own adapter added (the "highly relevant LoRA in
    the pool" case), against the two controls of the recycling paper (arXiv 2602.12323): a fresh adapter trained on
    the same few cases with the same steps, and the same search over norm-matched random adapters;
-5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's pooled bottleneck, trained on which
-   classes each training case holds) and composes only the chosen adapters (top-1, top-2, or those scored present);
+5. routes per case (:class:`~medlora.adapters.multi.CaseRouter` on the base's bottleneck averaged where the base
+   sees blood, trained on which classes each training case holds, or by RLOO on a Dice reward as ReMix) and
+   composes only the chosen adapters (top-1, top-2, or those scored present); every composition and router is
+   saved as a composition file that ``medlora infer --composition`` runs;
 6. reports per-class Dice on held-out cases (3D, per case, over the cases that hold the class, so every method
    has the same denominator; predictions of a class in cases without it are counted as false-positive cases),
    paired bootstrap intervals and Wilcoxon p-values (Holm) of each method against the class's own single adapter,
@@ -41,21 +43,52 @@ from ..adapters import AdapterBank, AdapterConfig, inject, parameter_report, sav
 from ..adapters.multi import (
     AdapterDeltas,
     CaseRouter,
+    CompositionSpec,
     compose_outputs,
     effective_experts,
-    pooled_features,
+    fuse_class_maps,
     random_like,
+    save_composition,
     search_coefficients,
 )
 from ..data.phantoms import TYPE_LABELS, generate_case, parse_types
 from ..errors import MedloraError
 from ..evaluation.statistics import bootstrap_ci, holm, wilcoxon_p
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_save_safetensors, atomic_write_bytes
 
-__all__ = ["DEFAULT_TYPES", "run_composition_study"]
+__all__ = ["DEFAULT_TYPES", "composition_reward", "run_composition_study"]
 
 DEFAULT_TYPES = ("sah", "ivh", "iph", "sdh", "sah+ivh", "iph+sdh")
 _SHAPE, _SPACING, _HU = (48, 48, 16), (4.0, 4.0, 10.0), (0.0, 140.0)
+
+
+_SETTINGS = ("types", "train_cases", "test_cases", "few_cases", "seed", "base_steps", "adapter_steps", "adapter_lr",
+             "rank", "budget", "width", "rloo_steps")
+
+
+def read_compose_config(path: str | Path) -> dict[str, Any]:
+    """The settings of a ``medlora compose --config`` preset: a YAML mapping of :func:`run_composition_study`'s
+    keyword arguments (``name`` and ``description`` are allowed and ignored). One line naming the file and the
+    key on anything else."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MedloraError(f"{path}: cannot read the compose preset ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise MedloraError(f"{path}: a compose preset is a mapping of settings, got {type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in ("name", "description")}
+    unknown = sorted(set(data) - set(_SETTINGS))
+    if unknown:
+        raise MedloraError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(_SETTINGS)})")
+    for key, value in data.items():
+        want = (list,) if key == "types" else (float, int) if key == "adapter_lr" else (int,)
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise MedloraError(f"{path}: {key}: expected {'a list of type groups' if key == 'types' else 'a number'},"
+                               f" got {value!r}")
+    return data
 
 
 def _cohort(n: int, seed: int, offset: int, groups) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -114,6 +147,19 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 2.0 * int((pred & truth).sum()) / (int(pred.sum()) + int(truth.sum()))
 
 
+def composition_reward(labels: torch.Tensor, truth: torch.Tensor, values: Sequence[int]) -> float:
+    """The RLOO router's reward for one case: the mean Dice over the classes (label ``values``) that the truth or
+    the prediction holds, so a missed class and a class predicted where there is none both cost; 1 when neither
+    holds any."""
+    scores = []
+    for v in values:
+        p, t = labels == v, truth == v
+        total = int(p.sum()) + int(t.sum())
+        if total:
+            scores.append(2.0 * int((p & t).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
 def _split(label_slices: torch.Tensor, truth_slices: torch.Tensor, depth: int, value: int):
     p = (label_slices == value).numpy().reshape(-1, depth, *label_slices.shape[1:])
     t = (truth_slices == value).numpy().reshape(-1, depth, *truth_slices.shape[1:])
@@ -132,7 +178,7 @@ def _false_positive_cases(label_slices: torch.Tensor, truth_slices: torch.Tensor
 def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYPES, train_cases: int = 12,
                           test_cases: int = 8, few_cases: int = 3, seed: int = 0, base_steps: int = 200,
                           adapter_steps: int = 100, rank: int = 4, budget: int = 40, width: int = 8,
-                          log=None) -> dict[str, Any]:
+                          rloo_steps: int = 200, adapter_lr: float = 5e-3, log=None) -> dict[str, Any]:
     """Run the study (see the module docstring); writes ``composition.json`` and ``composition.md`` to ``out``."""
     if log is None:
         def log(msg: str) -> None:
@@ -164,16 +210,23 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
     for p in base.parameters():
         p.requires_grad_(False)
     log(f"base: {base_steps} steps on the binary view ({time.perf_counter() - t0:.1f} s)")
+    atomic_save_safetensors(base.state_dict(), out / "base.safetensors")
+    # what medlora infer needs to rebuild and feed the base (the records training writes into adapter files)
+    records = {"backbone": "mv_unet", "spatial_dims": 2,
+               "backbone_args": {"in_channels": 1, "out_channels": 1, "width": width, "norm": "instance"},
+               "preprocessing": {"hu_window": list(_HU), "target_spacing": None, "roi_size": list(_SHAPE[:2]),
+                                 "threshold": 0.5}}
     config = AdapterConfig("lora", rank=rank, alpha=2.0 * rank)
 
     def fresh(x, fg, s):
         torch.manual_seed(s)
-        return _train(inject(copy.deepcopy(base), config), x, fg, adapter_steps, 5e-3, s)
+        return _train(inject(copy.deepcopy(base), config), x, fg, adapter_steps, adapter_lr, s)
 
     singles = {c: fresh(xtr, ytr == TYPE_LABELS[c], seed + 10 + i) for i, c in enumerate(classes)}
     (out / "adapters").mkdir(exist_ok=True)
     for c, m in singles.items():
-        save_adapter(m, out / "adapters" / f"{c}.safetensors", extra_metadata={"class": c, "value": TYPE_LABELS[c]})
+        save_adapter(m, out / "adapters" / f"{c}.safetensors",
+                     extra_metadata={"class": c, "value": TYPE_LABELS[c], **records})
     log(f"single adapters: {len(classes)} x {adapter_steps} steps ({time.perf_counter() - t0:.1f} s)")
 
     values = [TYPE_LABELS[c] for c in classes]
@@ -188,12 +241,18 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
     prio_order = ("epidural", "intraventricular", "subdural", "intraparenchymal", "subarachnoid")
     priority = sorted(range(len(classes)), key=lambda k: prio_order.index(classes[k]))
     timing: dict[str, float] = {}
+    files = [out / "adapters" / f"{c}.safetensors" for c in classes]
+    (out / "compositions").mkdir(exist_ok=True)
+    arch = {k: records[k] for k in ("backbone", "backbone_args", "spatial_dims")}
     with torch.no_grad():
         for rule in ("probability", "priority"):
             t1 = time.perf_counter()
             labels, _ = compose_outputs(bank, xte, classes, values=values, rule=rule, priority=priority)
             timing[f"composition ({rule})"] = (time.perf_counter() - t1) / test_cases
             preds[f"composition ({rule})"] = {c: labels for c in classes}
+            save_composition(out / "compositions" / f"output_{rule}.safetensors",
+                             CompositionSpec(classes, values, rule=rule, priority=priority), base, files,
+                             architecture=arch, preprocessing=records["preprocessing"])
         t1 = time.perf_counter()
         for c in classes:
             singles[c](xte)
@@ -202,7 +261,10 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
         base(xte)
         timing["one network (base, a merged adapter)"] = (time.perf_counter() - t1) / test_cases
     log(f"composition done ({time.perf_counter() - t0:.1f} s)")
-    routing = _route_cases(base, bank, classes, values, train, xte, test_cases, depth, preds, timing, seed)
+    routing = _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, seed, rloo_steps,
+                           lambda name, spec: save_composition(out / "compositions" / f"{name}.safetensors", spec,
+                                                               base, files, architecture=arch,
+                                                               preprocessing=records["preprocessing"]))
     log(f"router done ({time.perf_counter() - t0:.1f} s)")
 
     merges: dict[str, Any] = {}
@@ -255,14 +317,17 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
                           else math.nan, "ci": [lo, hi], "p": wilcoxon_p(d) if d.size else math.nan})
     for s, p_adj in zip(stats, holm([s["p"] for s in stats]), strict=True):
         s["p_holm"] = p_adj
+    case_scores, versus = _against_output(preds, yte, depth, test_cases, classes, values)
     n_params = parameter_report(singles[classes[0]]).adapter_params
     result = {"classes": classes, "types": [list(g) for g in groups], "train_cases": train_cases,
               "test_cases": test_cases, "few_cases": few_cases, "seed": seed, "base_steps": base_steps,
-              "adapter_steps": adapter_steps, "rank": rank, "budget": budget,
+              "adapter_steps": adapter_steps, "rank": rank, "budget": budget, "rloo_steps": rloo_steps,
+              "adapter_lr": adapter_lr,
               "priority": [classes[k] for k in priority],
               "dice": dice, "false_positive_cases": false_pos, "stats": stats, "merges": merges,
               "seconds_per_case": timing,
-              "routing": routing, "adapter_parameters": n_params,
+              "routing": routing, "adapter_parameters": n_params, "case_scores": case_scores,
+              "versus_output": versus,
               "base_parameters": sum(p.numel() for p in base.parameters()),
               "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_bytes(out / "composition.json", json.dumps(result, indent=1, default=float) + "\n")
@@ -271,50 +336,117 @@ def run_composition_study(out: str | Path, *, types: Sequence[str] = DEFAULT_TYP
     return result
 
 
-def _route_cases(base, bank, classes, values, train, xte, test_cases, depth, preds, timing, seed) -> dict[str, Any]:
-    """Case-level router on the base's pooled bottleneck (``M2``), trained on which classes each training case holds;
-    at test it picks the adapters whose outputs are composed: top-1, top-2 (ReMix's fixed equal weights: each
-    chosen adapter runs with its whole update), or every adapter it scores present (score > 0)."""
+_ROUTERS = {  # table row -> (composition file name, training, selection, k)
+    "router top-1 + composition": ("router_top1", "supervised", "top-k", 1),
+    "router top-2 + composition": ("router_top2", "supervised", "top-k", 2),
+    "router (score > 0) + composition": ("router_present", "supervised", "present", None),
+    "RLOO router top-1 + composition": ("rloo_top1", "rloo", "top-k", 1),
+    "RLOO router top-2 + composition": ("rloo_top2", "rloo", "top-k", 2),
+}
+
+
+def _route_cases(base, bank, classes, values, train, xte, depth, preds, timing, seed, rloo_steps,
+                 save) -> dict[str, Any]:
+    """Case routers on the base's pooled bottleneck (``M2``, averaged where the base sees blood: ``foreground``
+    pooling of :class:`CompositionSpec`) that pick the adapters whose outputs are composed.
+
+    Supervised (:meth:`CaseRouter.fit`: which classes each training case holds): top-1, top-2 or every adapter it
+    scores present (score > 0). ReMix-style (:meth:`CaseRouter.fit_rloo`, one router per k): a policy over
+    k-subsets trained by RLOO with :func:`composition_reward` of the chosen adapters' composition on the training
+    case; at test its deterministic top-k. Each chosen adapter runs with its whole update (ReMix's fixed equal
+    weights). Every router is saved as a composition file (``save(name, spec)``) and the test cases run through
+    the same :class:`CompositionSpec` that ``medlora infer --composition`` loads."""
     torch.manual_seed(seed)
-
-    def case_features(x):
-        return torch.stack([pooled_features(base, "M2", x[i * depth:(i + 1) * depth]).mean(0)
-                            for i in range(x.shape[0] // depth)])
-
     xtr, ytr = _slices(train)
+    cases = [xtr[i * depth:(i + 1) * depth] for i in range(len(train))]
+    probe = CompositionSpec(classes, values, select="all", pooled_layer="M2", pooling="foreground")
+    ftr = torch.cat([probe.case_features(base, x) for x in cases])
     present = torch.stack([torch.tensor([bool((ytr[i * depth:(i + 1) * depth] == v).any()) for v in values])
                            for i in range(len(train))])
-    router = CaseRouter(int(case_features(xtr[:depth]).shape[1]), len(classes), classes)
-    losses = router.fit(case_features(xtr), present)
-    ftest = case_features(xte)
-    with torch.no_grad():
-        scores = router(ftest)
-    soft = torch.softmax(scores, dim=1)
-    info: dict[str, Any] = {"train_loss": [round(losses[0], 4), round(losses[-1], 4)],
-                            "effective_experts_softmax": round(float(effective_experts(soft).mean()), 3),
-                            "chosen": {}}
-    choices = {"router top-1 + composition": [torch.topk(scores[i], 1).indices.tolist() for i in range(test_cases)],
-               "router top-2 + composition": [torch.topk(scores[i], 2).indices.tolist() for i in range(test_cases)],
-               "router (score > 0) + composition": [
-                   [k for k in range(len(classes)) if scores[i, k] > 0] or [int(scores[i].argmax())]
-                   for i in range(test_cases)]}
-    for name, chosen in choices.items():
-        t1 = time.perf_counter()
-        labels = []
+    supervised = CaseRouter(ftr.shape[1], len(classes), classes)
+    losses = supervised.fit(ftr, present)
+    with torch.no_grad():  # each adapter's class map on each training case, once: a subset's reward is a fusion
+        train_probs = [compose_outputs(bank, x, classes, values=values)[1] for x in cases]
+    cache: dict[tuple[int, tuple[int, ...]], float] = {}
+
+    def reward(i: int, subset: tuple[int, ...]) -> float:
+        if (i, subset) not in cache:
+            labels = fuse_class_maps(train_probs[i][:, list(subset)], [values[j] for j in subset])
+            cache[(i, subset)] = composition_reward(labels, ytr[i * depth:(i + 1) * depth], values)
+        return cache[(i, subset)]
+
+    info: dict[str, Any] = {"train_loss": [round(losses[0], 4), round(losses[-1], 4)], "chosen": {}, "rloo": {}}
+    routers = {"supervised": supervised}
+    for k in (1, 2):
+        r = CaseRouter(ftr.shape[1], len(classes), classes)
+        hist = r.fit_rloo(ftr, reward, k, steps=rloo_steps, generator=torch.Generator().manual_seed(seed + k))
+        routers[f"rloo{k}"] = r
+        w = max(1, len(hist["reward"]) // 10)  # first and last tenth of the steps
+        info["rloo"][f"top-{k}"] = {
+            "reward": [round(float(np.mean(hist["reward"][:w])), 4), round(float(np.mean(hist["reward"][-w:])), 4)],
+            "effective_experts": [round(hist["effective_experts"][0], 3), round(hist["effective_experts"][-1], 3)],
+            "best_reward": round(float(np.mean([max(reward(i, s) for s in _subsets(len(classes), k))
+                                                for i in range(len(train))])), 4)}
+    test_feats = torch.cat([probe.case_features(base, xte[i * depth:(i + 1) * depth])
+                            for i in range(xte.shape[0] // depth)])
+    for name, r in (("supervised", supervised), *((f"rloo top-{k}", routers[f"rloo{k}"]) for k in (1, 2))):
         with torch.no_grad():
-            for i, ks in enumerate(chosen):
-                lab, _ = compose_outputs(bank, xte[i * depth:(i + 1) * depth], [classes[k] for k in ks],
-                                         values=[values[k] for k in ks])
+            info.setdefault("effective_experts_softmax", {})[name] = round(float(
+                effective_experts(torch.softmax(r(test_feats), 1)).mean()), 3)
+    n_test = xte.shape[0] // depth
+    for row, (file, training, select, k) in _ROUTERS.items():
+        router = supervised if training == "supervised" else routers[f"rloo{k}"]
+        spec = CompositionSpec(classes, values, select=select, k=k, router=router, pooled_layer="M2",
+                               pooling="foreground")
+        save(file, spec)
+        t1 = time.perf_counter()
+        labels, chosen = [], []
+        with torch.no_grad():
+            for i in range(n_test):
+                lab, ks = spec.segment(bank, base, xte[i * depth:(i + 1) * depth])
                 labels.append(lab)
-        timing[name] = (time.perf_counter() - t1) / test_cases
+                chosen.append(ks)
+        timing[row] = (time.perf_counter() - t1) / n_test
         merged = torch.cat(labels)
-        preds[name] = {c: merged for c in classes}
-        w = torch.zeros(test_cases, len(classes))
+        preds[row] = {c: merged for c in classes}
+        w = torch.zeros(n_test, len(classes))
         for i, ks in enumerate(chosen):
             w[i, ks] = 1.0 / len(ks)
-        info["chosen"][name] = {"mean_adapters": round(sum(map(len, chosen)) / test_cases, 2),
-                                "effective_experts": round(float(effective_experts(w).mean()), 3)}
+        info["chosen"][row] = {"mean_adapters": round(sum(map(len, chosen)) / n_test, 2),
+                               "effective_experts": round(float(effective_experts(w).mean()), 3),
+                               "picks": {c: sum(j in ks for ks in chosen) for j, c in enumerate(classes)}}
     return info
+
+
+_OUTPUT = "composition (probability)"
+
+
+def _against_output(preds, yte, depth, n_test, classes, values) -> tuple[dict[str, list[float]], list[dict[str, Any]]]:
+    """Every method that gives one multi-class segmentation (the compositions and the routers), scored per test
+    case by :func:`composition_reward` (mean Dice over the classes the truth or the prediction holds, so false
+    classes count), paired against the output composition by probability over all test cases (one comparison per
+    method, instead of one per class: every test case counts, which gives the Wilcoxon test its power); bootstrap
+    CI of the mean difference and Holm over these comparisons."""
+    multi = [m for m in preds if m.startswith("composition") or "router" in m]
+    scores = {m: [composition_reward(preds[m][classes[0]][i * depth:(i + 1) * depth], yte[i * depth:(i + 1) * depth],
+                                     values) for i in range(n_test)] for m in multi}
+    versus = []
+    for m in multi:
+        if m == _OUTPUT:
+            continue
+        d = np.array(scores[m]) - np.array(scores[_OUTPUT])
+        lo, hi = bootstrap_ci(d)
+        versus.append({"method": m, "n": int(d.size), "mean": float(np.mean(scores[m])),
+                       "mean_diff": float(np.mean(d)), "ci": [lo, hi], "p": wilcoxon_p(d)})
+    for v, p_adj in zip(versus, holm([v["p"] for v in versus]), strict=True):
+        v["p_holm"] = p_adj
+    return scores, versus
+
+
+def _subsets(n: int, k: int) -> list[tuple[int, ...]]:
+    from itertools import combinations
+
+    return list(combinations(range(n), k))
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -342,12 +474,28 @@ def _markdown(r: dict[str, Any]) -> str:
     for s in r["stats"]:
         lines.append(f"| {s['method']} | {s['class']} | {s['n']} | {s['mean_diff']:+.3f} | "
                      f"[{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}] | {s['p_holm']:.3g} |")
+    base_mean = float(np.mean(r["case_scores"][_OUTPUT]))
+    lines += ["", f"One multi-class segmentation per case, scored per case by the mean Dice over the classes the truth "
+              f"or the prediction holds (false classes count), against {_OUTPUT} (mean {base_mean:.3f}; paired over "
+              "all test cases; 95% bootstrap CI; Wilcoxon, Holm):", "",
+              "| method | n | mean | mean diff | CI | p (Holm) |", "|---|---|---|---|---|---|"]
+    for v in r["versus_output"]:
+        lines.append(f"| {v['method']} | {v['n']} | {v['mean']:.3f} | {v['mean_diff']:+.3f} | "
+                     f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}] | {v['p_holm']:.3g} |")
     lines += ["", "Inference time per case (s, CPU):", ""]
     lines += [f"- {k}: {v:.4f}" for k, v in r["seconds_per_case"].items()]
     ro = r["routing"]
-    lines += ["", f"Router: training BCE {ro['train_loss'][0]} -> {ro['train_loss'][1]}; effective number of experts "
-              f"of its softmax over the {len(classes)} adapters: {ro['effective_experts_softmax']}; "
-              + "; ".join(f"{k}: {v['mean_adapters']} adapters per case" for k, v in ro["chosen"].items()) + "."]
+    soft = ", ".join(f"{k} {v}" for k, v in ro["effective_experts_softmax"].items())
+    lines += ["", f"Supervised router: training BCE {ro['train_loss'][0]} -> {ro['train_loss'][1]}. Effective number "
+              f"of experts of each router's softmax over the {len(classes)} adapters on the test cases: {soft}.",
+              "", "RLOO routers (reward: mean Dice of the composed chosen adapters on a training case; first -> last "
+              "tenth of the steps; effective experts of the softmax, first -> last step):", ""]
+    lines += [f"- {k}: reward {v['reward'][0]} -> {v['reward'][1]} (best subset per case: {v['best_reward']}); "
+              f"effective experts {v['effective_experts'][0]} -> {v['effective_experts'][1]}"
+              for k, v in ro["rloo"].items()]
+    lines += ["", "Adapters chosen on the test cases (mean per case; cases per adapter):", ""]
+    lines += [f"- {k}: {v['mean_adapters']}; " + ", ".join(f"{c} {n}" for c, n in v["picks"].items())
+              for k, v in ro["chosen"].items()]
     lines += ["", f"Adapter parameters (each): {r['adapter_parameters']}; base parameters: {r['base_parameters']}.",
               f"Priority order: {', '.join(r['priority'])}.", ""]
     return "\n".join(lines)
