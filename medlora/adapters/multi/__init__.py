@@ -9,8 +9,6 @@
 * :func:`attach_mixer` / :class:`MixerLinear` / :func:`specialisation_balance_loss`: LoRA-Mixer-style token-level
   routing of LoRA experts inside attention projections, soft or top-k (ReMix's equal weights as an option)
   (:mod:`.mixer`).
-
-
 * :class:`CompositionSpec`, :func:`save_composition`, :func:`read_composition`: a composition or a router saved as
   one file that ``medlora infer --composition`` runs (:mod:`.files`).
 * :class:`PackedJobs`: K independent training jobs (adapted models of one base) computed as one batch, one forward
