@@ -60,8 +60,8 @@ def sample_subsets(logits: torch.Tensor, k: int, m: int, generator: torch.Genera
         raise MultiAdapterError(f"sample_subsets: need 1 <= k <= {kk}, got {k}")
     chosen, logps = [], []
     for _ in range(m):
-        mask = torch.zeros(n, kk, dtype=torch.bool)
-        idx, logp = [], torch.zeros(n, dtype=logits.dtype)
+        mask = torch.zeros(n, kk, dtype=torch.bool, device=logits.device)
+        idx, logp = [], torch.zeros(n, dtype=logits.dtype, device=logits.device)
         for _ in range(k):
             lp = torch.log_softmax(logits.masked_fill(mask, -math.inf), dim=1)
             pick = torch.multinomial(lp.detach().exp(), 1, generator=generator).squeeze(1)
