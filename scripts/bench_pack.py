@@ -5,17 +5,18 @@ runs fit in minutes: ``trainer.max_steps`` and ``pretrain.trainer.max_steps`` ar
 ``--pretrain-steps``) and a part of the grid is selected (``--only``, default: seed 0 on the whole training
 sets, 27 jobs); ``--no-source-eval`` drops the held-out source-domain evaluation, which packing does not change.
 Pretraining runs once; every ``--pack`` value then runs the same jobs in a copy of that run folder, in its own
-process with ``--threads`` CPU threads. Per-case numbers of every packed run are compared with the
-``--pack 1`` run.
+process with ``--threads`` CPU threads, ``--rounds`` times, interleaved (``1 4 8 1 4 8``) so that a change of
+the machine's load hits every value alike; times are summed over the rounds. Per-case numbers of every run are
+compared with the first ``--pack 1`` run (the smallest value given).
 
-    python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8
+    python scripts/bench_pack.py --out /tmp/bench_pack --steps 10 --packs 1 4 8 --rounds 2
 
-Columns: the study's wall time (training, evaluation and start-up), the training time (``--pack 1``: the sum of
-the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the evaluation time (the sum of
-the jobs' ``eval_seconds``: the same work in every run, so on a shared machine it measures how busy the machine
-was), the speed-ups against ``--pack 1``, the training speed-up divided by the evaluation speed-up (the packing
-gain with the change in load taken out), and the largest per-case differences of Dice and soft Dice against
-``--pack 1``. ``--tabulate`` prints the table of an earlier run's folder again.
+Columns: the study's wall time (training, evaluation and start-up; each round's in brackets), the training time
+(``--pack 1``: the sum of the jobs' ``train_seconds``; packed: the sum of each pack's ``pack_seconds``), the
+evaluation time (the sum of the jobs' ``eval_seconds``: the same work in every run, so on a shared machine it
+measures how busy the machine was), the speed-ups against ``--pack 1``, the training speed-up divided by the
+evaluation speed-up (the packing gain with the change in load taken out), and the largest per-case differences of
+Dice and soft Dice against ``--pack 1``. ``--tabulate`` prints the table of an earlier run's folder again.
 """
 
 from __future__ import annotations
@@ -106,15 +107,16 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\n{len(reference)} jobs, {len(runs[min(runs)])} round(s); load average now {load[0]:.1f} / "
           f"{load[1]:.1f} / {load[2]:.1f}\n")
-    print("| --pack | jobs | study wall s (per round) | training s | evaluation s | speed-up study | speed-up training "
-          "| speed-up evaluation | max abs dDice | max abs d soft Dice |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| --pack | jobs | study wall s (rounds) | training s | evaluation s | speed-up study | speed-up training "
+          "| speed-up evaluation | training / evaluation speed-up | max abs dDice | max abs d soft Dice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for pack, rs in runs.items():
         wall, train, evaluation = totals[pack]
         dice = max(max_difference(jobs, reference, "Dice") for _, jobs in rs)
         soft = max(max_difference(jobs, reference, "soft_Dice") for _, jobs in rs)
         print(f"| {pack} | {len(rs[0][1])} | {wall:.0f} ({' + '.join(f'{w:.0f}' for w, _ in rs)}) | {train:.0f} | "
               f"{evaluation:.0f} | {wall_1 / wall:.2f}x | {train_1 / train:.2f}x | {eval_1 / evaluation:.2f}x | "
+              f"{train_1 / train / (eval_1 / evaluation):.2f}x | "
               f"{dice:.1e} | {soft:.1e} |")
 
 
