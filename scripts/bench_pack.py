@@ -95,8 +95,10 @@ def main() -> None:
     walls = json.loads((args.out / "walls.json").read_text(encoding="utf-8"))
     # per --pack value: one (wall, summaries) per round; a run of the earlier layout has one round in pack_<K>
     runs = {}
-    for pack, values in walls.items():
-        values = values if isinstance(values, list) else [values]
+    lists = {pack: values if isinstance(values, list) else [values] for pack, values in walls.items()}
+    complete = min(len(values) for values in lists.values())  # rounds that every --pack value finished
+    for pack, values in lists.items():
+        values = values[:complete]
         names = [f"pack_{pack}"] if len(values) == 1 and (args.out / f"pack_{pack}").exists() else \
             [f"pack_{pack}_round_{r}" for r in range(len(values))]
         runs[int(pack)] = [(wall, summaries(args.out / name)) for wall, name in zip(values, names, strict=True)]
