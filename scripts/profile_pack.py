@@ -111,7 +111,7 @@ def instrument(regions: Regions, backbone: type) -> None:
     regions.wrap(packing, "train_packed", "other (pack loop, random states, logging)")
 
 
-def startup_seconds() -> float:
+def startup_seconds() -> tuple[float, float]:
     code = "import time; t = time.perf_counter(); import medlora.cli, medlora.training.crossval; " \
            "print(time.perf_counter() - t)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -124,12 +124,13 @@ def startup_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "study" / "sah_transfer.yaml")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--pretrain-steps", type=int, default=40)
-    parser.add_argument("--only", default="seed=0,train_cases=all,fold=0,family=adapter")
-    parser.add_argument("--pack", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="work folder; its pretraining (OUT/prepared, OUT/study.yaml) is reused when present")
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per job (the study: 30)")
+    parser.add_argument("--pretrain-steps", type=int, default=40, help="pretraining steps (the study: 400)")
+    parser.add_argument("--only", default="seed=0,train_cases=all,fold=0,family=adapter", help="crossval --only")
+    parser.add_argument("--pack", type=int, default=6, help="jobs per pack in the packed mode")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the two modes this many times")
     args = parser.parse_args()
 
     import torch
@@ -161,9 +162,7 @@ def main() -> None:
     probe = fresh("probe")
     jobs = [j for j in probe.jobs if j.matches(crossval.parse_only(args.only))]
     backbone = type(probe.prepare_job(jobs[0]).module.model)
-    results = {}
-    for mode in ("one by one", f"packed {args.pack}"):
-        results[mode] = Regions()
+    results = {mode: Regions() for mode in ("one by one", f"packed {args.pack}")}
     instrumented = {}
     for _ in range(args.rounds):
         for mode, regions in results.items():
