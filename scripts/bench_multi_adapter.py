@@ -48,8 +48,9 @@ def monai_unet() -> nn.Module:
                 num_res_units=2)
 
 
-# name -> (builder, patch size); the main study's network and patch first
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
+# name -> (builder, patch size); the README's main job's network and slice first (configs/study/sah_transfer.yaml)
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mv_unet_2d_w32": (lambda: create_model("mv_unet", spatial_dims=2, level=2, width=32), (64, 64)),
     "mv_unet_w8": (lambda: create_model("mv_unet", spatial_dims=3, level=2, width=8), (48, 48, 16)),
     "mv_unet_w16": (lambda: create_model("mv_unet", spatial_dims=3, level=2, width=16), (64, 64, 16)),
     "monai_unet_16-128": (monai_unet, (48, 48, 16)),

@@ -6,6 +6,7 @@ one process (``--pack 1``, the local launcher), whose code the packed loop does 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -246,3 +247,43 @@ def test_a_pack_the_bank_refuses_runs_its_jobs_one_by_one(tiny, tmp_path, capsys
     for folder in folders:
         info = json.loads((run / folder / "summary.json").read_text(encoding="utf-8"))["medlora"]
         assert "pack_size" not in info and (run / folder / "adapter.safetensors").is_file()
+
+
+def test_workers_with_packs_give_the_results_of_one_worker_without_packs(tiny, unpacked, tmp_path, capsys):
+    """``--workers 2 --pack 2`` (packs trained in pool processes) against ``--workers 1 --pack 1``: results.csv row by
+    row; a first run of fold 0 alone and a job folder a killed pack left behind are resumed."""
+    run = tmp_path / "run"
+    args = ["crossval", "--config", str(tiny), "--out", str(run), "--workers", "2", "--pack", "2"]
+    assert main([*args, "--only", "fold=0"]) == 0
+    first = job_folders(run)
+    assert first == [f for f in job_folders(unpacked) if f.endswith("fold_0")]
+    # what a pack killed while training leaves: the job's folder, a partial adapter file, no summary.json
+    victim = "jobs/lora_r2/seed_0/cases_all/fold_0"
+    (run / victim / "summary.json").unlink()
+    (run / victim / "adapter.safetensors").write_bytes(b"partial")
+    kept = {f: (run / f / "summary.json").stat().st_mtime_ns for f in first if f != victim}
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(": Dice ") == 6 and "report:" in out  # fold 1's five jobs and the victim, nothing else
+    assert {f: (run / f / "summary.json").stat().st_mtime_ns for f in kept} == kept
+    assert job_folders(run) == job_folders(unpacked)
+    sizes = [json.loads((run / f / "summary.json").read_text())["medlora"].get("pack_size") for f in job_folders(run)]
+    assert sizes.count(2) >= 6  # most trainable jobs were trained two at a time in the workers
+
+    def rows(folder: Path) -> list[dict[str, str]]:
+        with (folder / "results.csv").open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+
+    ours, theirs = rows(run), rows(unpacked)
+    assert len(ours) == len(theirs) == 10 * 2  # ten jobs, two held-out cases per fold
+    assert list(ours[0]) == list(theirs[0])
+    for a, b in zip(ours, theirs, strict=True):
+        for key in b:
+            if key in ("Dice", "soft_Dice", "IoU", "HD95_mm"):
+                x, y = float(a[key] or "nan"), float(b[key] or "nan")
+                assert (math.isnan(x) and math.isnan(y)) or abs(x - y) <= PER_CASE_ABS, (b["job"], key, x, y)
+            elif key.startswith("volume_") and key != "volume_bin":
+                assert abs(float(a[key]) - float(b[key])) <= VOLUME_REL * max(abs(float(b[key])), 1e-3), (key,)
+            elif key != "train_seconds":
+                assert a[key] == b[key], (b["job"], b["case_id"], key, a[key], b[key])
