@@ -426,3 +426,129 @@ def test_lightning_fit_with_the_loraprune_callback_feeds_medlora_prune(tmp_path,
     assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
     small = build_model(pruned_spec(out)).eval()
     assert small.M1.DoubleConv[0].out_channels == 2
+
+
+# ------------------------------------------------------------------------------------------- LoRAPrune in a study
+
+
+def test_loraprune_study_job_is_evaluated_as_the_pruned_network(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from medlora.adapters import read_adapter_file
+    from medlora.data.phantoms import write_dataset
+    from medlora.training.crossval import Study
+
+    torch.manual_seed(0)
+    base_net = MultiViewUNet(spatial_dims=3, level=1, width=4)
+    save_file(base_net.state_dict(), str(tmp_path / "base.safetensors"))
+    data = write_dataset(tmp_path / "sah", "sah", 4, seed=1, shape=(48, 48, 16), spacing=(4, 4, 10))
+    config = {
+        "name": "tiny", "seeds": [0], "folds": 2, "target": {"data_dir": str(data)},
+        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4},
+                  "pretrained": str(tmp_path / "base.safetensors")},
+        "data": {"spatial_dims": 3, "patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1},
+        "trainer": {"max_steps": 10},
+        "adapter_methods": {"lr": 0.01, "adapter": {"target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}},
+        "methods": [{"name": "loraprune", "sparsity": 0.5, "method": "lora", "ranks": [2]}],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["crossval", "--config", str(tmp_path / "study.yaml"), "--out", str(run), "--only", "fold=0"]) == 0
+    job = run / "jobs" / "loraprune50_lora_r2" / "seed_0" / "cases_all" / "fold_0"
+    info = json.loads((job / "summary.json").read_text(encoding="utf-8"))["medlora"]
+    full = sum(p.numel() for p in base_net.parameters())
+    pruned = info["loraprune"]["parameters_pruned"]
+    assert info["loraprune"]["reached"] == 0.5 and pruned < full / 2 and info["total_params"] == full
+    assert pruned == sum(p.numel() for p in build_model(pruned_spec(job / "model.safetensors")).parameters())
+    # reference: the full base with the job's adapter and the units it was trained without masked (dense) gives
+    # the same per-case soft Dice; the same adapter without the masks does not
+    study = Study(tmp_path / "study.yaml", run)
+    study.prepare_data()
+    entry = study.config.methods[0]
+    meta = read_adapter_file(job / "adapter.safetensors")[0]
+    keep = {k: torch.as_tensor(v["keep"]) for k, v in meta["extra"]["loraprune"]["groups"].items()}
+
+    def soft_dice(masked: bool) -> list[float]:
+        module = study._module(study.config.job_model(entry, 2, str(tmp_path / "base.safetensors")))
+        load_adapter(module.model, job / "adapter.safetensors")
+        if masked:
+            mask_hooks(module.model, channel_graph(module.model), keep)
+        rows, _ = study._evaluate(module, study._datamodule(study.target_dir, 0, 0, study.splits_path))
+        return [r["soft_Dice"] for r in rows]
+
+    summary = json.loads((job / "summary.json").read_text(encoding="utf-8"))
+    reported = [c["metrics"]["1"]["soft_Dice"] for c in summary["metric_per_case"]]
+    np.testing.assert_allclose(reported, soft_dice(True), rtol=0, atol=1e-6)
+    # (a random tiny base moves soft Dice little: the unmasked network differs by ~1e-4 here)
+    assert np.abs(np.asarray(reported) - np.asarray(soft_dice(False))).max() > 2e-5
+    # a sparsity out of range is one line naming the method entry's key, before anything runs
+    config["methods"] = [{"name": "loraprune", "sparsity": 1.0, "ranks": [2]}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["crossval", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "study.methods[0].sparsity" in err and not (tmp_path / "run2").exists()
+
+
+# ----------------------------------------------------------------------------------------------- LoRAM alignment
+
+
+def test_loram_alignment_brings_the_pruned_base_closer_to_the_full_one_and_recovery_keeps_w0(tmp_path, capsys):
+    from medlora.adapters.inject import base_weight
+    from medlora.pruning import layer_indices
+    from medlora.training.transfer import SyntheticSpec, synthetic_samples
+
+    base, base_path = _base_file(tmp_path)
+    adapter, keep = _loraprune_adapter(tmp_path, base)
+    plain, aligned = tmp_path / "plain_w0.safetensors", tmp_path / "aligned_w0.safetensors"
+    common = ["prune", "--model", str(base_path), "--adapter", str(adapter), "--no-merge"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--align-steps", "60", "--align-volumes", "4", "--align-shape", "24", "24", "16",
+                 "--align-spacing", "8", "8", "10", "--out", str(aligned)]) == 0
+    assert "aligned 60 steps" in capsys.readouterr().out
+    # held out: phantoms of another generator seed than the alignment's
+    held_out = synthetic_samples(SyntheticSpec(volumes=3, seed=77, shape=(24, 24, 16), spacing=(8, 8, 10)), 3,
+                                 [8, 8, 8], [0.0, 140.0])
+    with torch.no_grad():
+        reference = torch.sigmoid(base(held_out))
+
+        def gap(path) -> float:
+            return float((torch.sigmoid(build_model(pruned_spec(path)).eval()(held_out)) - reference).abs().mean())
+
+        before, after = gap(plain), gap(aligned)
+    assert after < 0.5 * before, (before, after)
+
+    # LoRAM on the aligned base: the recovered adapter adds on the full base exactly the update it learnt on the
+    # small one at the kept positions, and leaves the pruned positions at W0 bitwise
+    lora = AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d"], exclude=["M3.TripleOut.6"])
+    spec = pruned_spec(aligned, adapter=lora)
+    small = build_model(spec).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for _, _, r in iter_adapters(small):
+            r.lora_B.normal_()
+    small_adapter = tmp_path / "small_adapter.safetensors"
+    record = spec.to_dict()
+    save_adapter(small, small_adapter, extra_metadata={k: record[k] for k in ("backbone", "backbone_args",
+                                                                             "spatial_dims")})
+    recovered = tmp_path / "full_adapter.safetensors"
+    assert main(["recover", "--model", str(base_path), "--adapter", str(small_adapter), "--out", str(recovered)]) == 0
+    full = copy.deepcopy(base)
+    load_adapter(full, recovered)
+    index = layer_indices(base, channel_graph(base), keep)
+    small_layers, full_layers, base_layers = (dict(m.named_modules()) for m in (small, full, base))
+    for name, _, _ in iter_adapters(small):
+        w0 = base_layers[name].weight.detach()
+        w_full = full_layers[name].weight.detach()
+        update_small = small_layers[name].weight.detach() - base_weight(small_layers[name]).detach()
+        rows = index.get((name, "out"), torch.arange(w0.shape[0]))
+        cols = index.get((name, "in"), torch.arange(w0.shape[1]))
+        torch.testing.assert_close((w_full - w0)[rows][:, cols], update_small, rtol=0, atol=1e-6)
+        pruned_rows = torch.ones(w0.shape[0], dtype=torch.bool)
+        pruned_rows[rows] = False
+        pruned_cols = torch.ones(w0.shape[1], dtype=torch.bool)
+        pruned_cols[cols] = False
+        assert torch.equal(w_full[pruned_rows], w0[pruned_rows])
+        assert torch.equal(w_full[:, pruned_cols], w0[:, pruned_cols])
