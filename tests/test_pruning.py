@@ -552,3 +552,94 @@ def test_loram_alignment_brings_the_pruned_base_closer_to_the_full_one_and_recov
         pruned_cols[cols] = False
         assert torch.equal(w_full[pruned_rows], w0[pruned_rows])
         assert torch.equal(w_full[:, pruned_cols], w0[:, pruned_cols])
+
+
+# ------------------------------------------------------------------------------------------------- MONAI's UNet
+
+UNET_ARGS = {"spatial_dims": 3, "channels": [6, 8, 10], "strides": [2, 2]}
+
+
+def _monai_unet(num_res_units: int, seed: int = 0) -> nn.Module:
+    from medlora.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet", **UNET_ARGS, num_res_units=num_res_units)
+    with torch.no_grad():  # non-trivial norm statistics, so that a norm sliced wrongly shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_res_units", [0, 2])
+def test_pruned_equals_masked_on_monai_unet_with_residual_units_and_skip_concatenations(num_res_units):
+    model = _monai_unet(num_res_units)
+    graph = channel_graph(model)
+    if num_res_units:
+        # the bottom unit's residual conv is added to its last conv's output: one group, two producers; the
+        # decoder's identity residual joins its transposed conv's output group
+        bottom = graph.groups["model.1.submodule.1.submodule.conv.unit1.conv"]
+        assert {s.layer for s in bottom.producers} == {"model.1.submodule.1.submodule.conv.unit1.conv",
+                                                       "model.1.submodule.1.submodule.residual"}
+        up = graph.groups["model.1.submodule.2.0.conv"]
+        assert {s.layer for s in up.producers} == {"model.1.submodule.2.0.conv",
+                                                   "model.1.submodule.2.1.conv.unit0.conv"}
+    # the top skip concatenates the first down block's output before the inner output: the top up conv reads it at
+    # offset 0 and the inner block's output behind it
+    first, top_up = ("model.0.conv.unit1.conv", "model.2.0.conv") if num_res_units else ("model.0.conv", "model.2.conv")
+    inner = "model.1.submodule.2.0.conv" if num_res_units else "model.1.submodule.2.conv"
+    assert (_offset(graph, first, top_up), _offset(graph, inner, top_up)) == (0, 6)
+    assert not any(s.layer.startswith("model.2.") for g in graph for s in g.producers)  # the logits stay
+    keep = _random_keep(graph)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        masked, full = _masked(model, graph, keep, x), model(x)
+        small = prune_structure(copy.deepcopy(model), graph, keep)
+        pruned = small(x)
+    assert (masked - full).abs().max() > 1e-3
+    assert (pruned - masked).abs().max() < 1e-6
+    assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
+
+
+def _offset(graph, group: str, layer: str) -> int:
+    """Where ``group``'s channels start in ``layer``'s input."""
+    return next(s.offset for s in graph.groups[group].consumers if s.layer == layer)
+
+
+def test_prune_command_on_monai_unet_equals_the_masked_model(tmp_path):
+    base = _monai_unet(2)
+    base_path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_path))
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d", "ConvTranspose3d"]))
+    pruner = LoRAPruner(model, 0.5, total_steps=2, frequency=1, warmup=0.0, cooldown=0.5)
+    torch.manual_seed(4)
+    for _ in range(2):
+        for _, _, r in iter_adapters(model):
+            r.lora_A.grad, r.lora_B.grad = torch.randn_like(r.lora_A), torch.randn_like(r.lora_B)
+            with torch.no_grad():
+                r.lora_B.add_(0.1 * torch.randn_like(r.lora_B))
+        pruner.step()
+    pruner.remove_masks()
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(model, adapter, extra_metadata={"backbone": "unet", "backbone_args": UNET_ARGS, "spatial_dims": 3,
+                                                 "loraprune": pruner.record(), "preprocessing": PREP})
+    out = tmp_path / "small.safetensors"
+    assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
+    small = build_model(pruned_spec(out)).eval()
+    # the reference: the full base loaded from its file (a MONAI UNet's keys all start with "model.") with the
+    # adapter merged as medlora prune merges it, then masked
+    from medlora.assembly import ModelSpec, load_adapter_onto
+
+    full = build_model(ModelSpec("unet", UNET_ARGS, 3, pretrained=str(base_path)))
+    reference = load_adapter_onto(full, adapter, merge_weights=True).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = _masked(reference, channel_graph(reference), pruner.keep(), x)
+        assert (expected - reference(x)).abs().max() > 1e-3
+        # 1e-6 relative to the output's scale (it reaches several units here: random norm statistics)
+        scale = float(expected.abs().max())
+        assert float((small(x) - expected).abs().max()) < 1e-6 * max(scale, 1.0), scale
