@@ -17,7 +17,9 @@ channel ``beta - gamma * mean / std`` behind, which the physically pruned networ
 
 Graphs are built per architecture from its structure (:func:`channel_graph`): the multi-view UNet (every
 convolution but the logit head is a group; the ``M2`` long skips and the decoder concatenations offset the
-consumers' columns) and SAM's ViT encoder blocks (heads of each attention, hidden units of each MLP).
+consumers' columns), MONAI's UNet (residual units tie a residual conv, or the unit's input, to the last conv's
+output; skip connections concatenate) and SAM's ViT encoder blocks (heads of each attention, hidden units of each
+MLP).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class ChannelGraph:
 
 
 def channel_graph(model: nn.Module) -> ChannelGraph:
-    """The channel groups of ``model`` (a multi-view UNet, or any model holding SAM ViT encoder blocks)."""
+    """The channel groups of ``model`` (a multi-view UNet, MONAI's UNet, or any model holding SAM ViT encoder
+    blocks)."""
     from ..models.mv_unet import MultiViewUNet
     from ..models.sam import EncoderAttention, MLPBlock
 
