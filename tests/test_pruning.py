@@ -643,3 +643,16 @@ def test_prune_command_on_monai_unet_equals_the_masked_model(tmp_path):
         # 1e-6 relative to the output's scale (it reaches several units here: random norm statistics)
         scale = float(expected.abs().max())
         assert float((small(x) - expected).abs().max()) < 1e-6 * max(scale, 1.0), scale
+
+
+def test_study_records_without_loraprune_entries_are_unchanged():
+    # a run folder's study.json is compared with the config's record on resume: entries of other methods must
+    # not gain keys, or every earlier run folder would count as another study
+    from medlora.training.study_config import study_from_mapping
+
+    study = {"target": {"phantoms": {"domain": "sah", "cases": 6}}, "model": {"pretrained": "base.safetensors"},
+             "trainer": {"max_steps": 1},
+             "methods": [{"name": "lora", "ranks": [2]}, {"name": "loraprune", "sparsity": 0.25, "ranks": [2]}]}
+    methods = study_from_mapping(study).to_record()["methods"]
+    assert methods[0] == {"name": "lora", "ranks": [2], "model": {}}
+    assert (methods[1]["sparsity"], methods[1]["prune_method"]) == (0.25, "lora")

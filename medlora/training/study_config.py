@@ -418,6 +418,10 @@ class StudyConfig(RunSections):
         import json
 
         record = dataclasses.asdict(self)
+        for entry in record["methods"]:  # only loraprune entries have these: other records stay as they were
+            for key in ("sparsity", "prune_method"):
+                if entry[key] is None:
+                    del entry[key]
         record["model"] = {**{k: v for k, v in _defaults(model_parameters()).items()
                               if k not in PER_JOB_MODEL_KEYS + LINKED_MODEL_KEYS}, **self.model}
         record["data"] = {**{k: v for k, v in _defaults(data_parameters()).items() if k not in PER_JOB_DATA_KEYS},
