@@ -490,6 +490,14 @@ def test_loraprune_study_job_is_evaluated_as_the_pruned_network(tmp_path, capsys
     assert main(["crossval", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run2")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "study.methods[0].sparsity" in err and not (tmp_path / "run2").exists()
+    # so is a backbone without a channel graph
+    config["methods"] = [{"name": "loraprune", "sparsity": 0.5, "ranks": [2]}]
+    config["model"] = {"backbone": "segresnet", "pretrained": str(tmp_path / "base.safetensors")}
+    config["adapter_methods"]["adapter"]["exclude"] = []
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["crossval", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "study.methods[0].name" in err and "SegResNet" in err
 
 
 # ----------------------------------------------------------------------------------------------- LoRAM alignment

@@ -695,6 +695,18 @@ def _check_method(config: StudyConfig, entry: MethodEntry, where: str, meta: dic
     for rank in ranks:
         model = config.job_model(entry, rank, None)
         _checked(config, model, config.data, config.trainer, lambda k, r=rank: origin(k, r), meta)
+    if entry.family == "loraprune":  # the backbone needs a channel graph, known before anything trains
+        from ..pruning import PruningError, channel_graph
+
+        sections = {**_defaults(model_parameters()), **config.job_model(entry, ranks[0], None)}
+        network = checks.meta_network(sections["backbone"], dict(sections.get("backbone_args") or {}),
+                                      config.spatial_dims, {"backbone": "study.model.backbone",
+                                                            "backbone_args": "study.model.backbone_args"})
+        if network is not None:
+            try:
+                channel_graph(network)
+            except PruningError as exc:
+                raise StudyConfigError(f"{where}.name: {exc}") from None
     return [entry.job_name(rank) for rank in ranks]
 
 
