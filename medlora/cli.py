@@ -114,11 +114,19 @@ def _infer_command(args: argparse.Namespace) -> int:
 
 def _prune_command(args: argparse.Namespace) -> int:
     from .pruning.files import run_prune
+    from .training.transfer import SyntheticSpec
 
+    synthetic = SyntheticSpec(volumes=args.align_volumes,
+                              shape=None if args.align_shape is None else tuple(args.align_shape),
+                              spacing=None if args.align_spacing is None else tuple(args.align_spacing))
     done = run_prune(args.model, args.adapter, args.out, sparsity=args.sparsity, merge=not args.no_merge,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, align_steps=args.align_steps, align_synthetic=synthetic,
+                     align_lr=args.align_lr)
+    aligned = done["aligned"]
     print(f"pruned base: {done['out']} ({done['parameters_before']:,} -> {done['parameters_after']:,} parameters, "
-          f"{done['groups']} channel groups{', adapter merged' if done['merged'] else ''})")
+          f"{done['groups']} channel groups{', adapter merged' if done['merged'] else ''}"
+          + (f", aligned {aligned['steps']} steps: distillation loss {aligned['first_loss']:.4f} -> "
+             f"{aligned['last_loss']:.4f}" if aligned else "") + ")")
     return 0
 
 
@@ -301,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="share of units removed per channel group, in [0, 1) "
                    "(default: the sparsity the adapter was trained to, with its masks)")
     p.add_argument("--no-merge", action="store_true", help="prune W0 only, without the adapter (a base for LoRAM)")
+    p.add_argument("--align-steps", type=int, default=0, help="LoRAM alignment: distil the pruned base towards the "
+                   "unpruned one for this many steps on synthetic phantoms (default 0: no alignment)")
+    p.add_argument("--align-volumes", type=int, default=16, help="phantom volumes for the alignment (default 16)")
+    p.add_argument("--align-shape", type=int, nargs=3, metavar="N",
+                   help="phantom grid for the alignment (default 96 96 32; use the training data's)")
+    p.add_argument("--align-spacing", type=float, nargs=3, metavar="MM",
+                   help="phantom voxel size in mm for the alignment (default 2 2 5)")
+    p.add_argument("--align-lr", type=float, default=1e-3, help="Adam learning rate of the alignment (default 1e-3)")
     p.add_argument("--out", required=True, help="pruned base to write (.safetensors, with its model record)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_prune_command)

@@ -13,7 +13,8 @@ A run folder (the ``--out`` of ``medlora crossval``) holds::
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary.json         a job finished (written last, nnU-Net shape)
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/summary_source.json  the same model on held-out source cases
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/adapter.safetensors  adapter jobs: the trained adapter
-    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/model.safetensors    full, module-wise and transplant jobs: the network
+    jobs/<job>/seed_<s>/cases_<n>/fold_<k>/model.safetensors    full, module-wise and transplant jobs: the network;
+                                       loraprune jobs: the pruned base with the adapter merged (medlora prune)
     jobs/<job>/seed_<s>/cases_<n>/fold_<k>/donor.safetensors    transplant jobs: the trained stage (NOT donor)
     locks/                             lock files of the processes sharing the folder
 
@@ -21,7 +22,8 @@ A job is one (method entry, rank) of the study, repeated for every fine-tuning s
 training-set size ``n`` of ``train_cases`` (``all``: the whole training part of the fold) and every fold ``k``.
 Its name is ``<method>[_<training rule>][_fw<forgetting weight>][_r<rank>]`` for adapter methods that take a
 rank, ``module_<group>`` for module-wise fine-tuning (``finetune: <group>``), ``transplant_<stage>`` for a NOT
-stage (``stage: <stage>``, its ``:`` written ``-``), and the method's name otherwise
+stage (``stage: <stage>``, its ``:`` written ``-``), ``loraprune<percent>_<adapter method>_r<rank>`` for
+LoRAPrune at a sparsity (``loraprune25_lora_r4``), and the method's name otherwise
 (``no_finetune``, ``full``). Jobs are planned seed by seed, then training-set size, fold, and the study's
 method order.
 
@@ -89,7 +91,8 @@ DONOR_FILE = "donor.safetensors"
 ALL_CASES = "all"
 
 # Baseline method names and their family; every other method name is an adapter method.
-FAMILIES: dict[str, str] = {"no_finetune": "none", "full": "full", "module": "module", "transplant": "transplant"}
+FAMILIES: dict[str, str] = {"no_finetune": "none", "full": "full", "module": "module", "transplant": "transplant",
+                             "loraprune": "loraprune"}
 STAGE_PREFIX = "stage:"  # model.finetune of a transplant job: stage:<stage>
 BASELINE_LABELS: dict[str, str] = {"no_finetune": "no fine-tuning", "full": "full fine-tuning"}
 
@@ -107,11 +110,18 @@ def _weight_text(weight: float) -> str:
     return f"{float(weight):g}"
 
 
+def _percent(sparsity: float | None) -> str:
+    return f"{float(sparsity or 0.0) * 100:g}"
+
+
 def job_name(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,
-             forgetting_weight: float = 0.0) -> str:
-    """A job's folder name (see the module docstring); ``finetune`` is the module group of ``module`` jobs."""
+             forgetting_weight: float = 0.0, sparsity: float | None = None, adapter_method: str | None = None) -> str:
+    """A job's folder name (see the module docstring); ``finetune`` is the module group of ``module`` jobs,
+    ``sparsity`` and ``adapter_method`` those of ``loraprune`` jobs (``loraprune25_lora_r4``)."""
     if method == "module":
         base = f"module_{finetune}"
+    elif method == "loraprune":
+        base = f"loraprune{_percent(sparsity)}_{adapter_method}"
     elif method == "transplant":
         base = f"transplant_{str(finetune).removeprefix(STAGE_PREFIX).replace(':', '-')}"
     else:
@@ -127,7 +137,8 @@ def job_name_without_forgetting(name: str, forgetting_weight: float) -> str:
 
 
 def job_label(method: str, rank: int | None, finetune: str | None = None, training_rule: str | None = None,
-              forgetting_weight: float = 0.0) -> str:
+              forgetting_weight: float = 0.0, sparsity: float | None = None, adapter_method: str | None = None
+              ) -> str:
     """A job's display name: the method's label from the adapter registry, ``full fine-tuning``, ``module-wise
     (decoder)``; then a training rule and a forgetting weight λ, and the rank last (``LoRA + lora_pro λ=0.5 r4``),
     as the report's tables expect (:func:`medlora.evaluation.statistics.display_name`)."""
@@ -137,6 +148,10 @@ def job_label(method: str, rank: int | None, finetune: str | None = None, traini
         label = f"transplant ({str(finetune).removeprefix(STAGE_PREFIX)})"
     elif method in BASELINE_LABELS:
         label = BASELINE_LABELS[method]
+    elif method == "loraprune":
+        from .adapters import get_method
+
+        label = f"LoRAPrune {_percent(sparsity)}% ({get_method(str(adapter_method)).label})"
     else:
         from .adapters import get_method
 
@@ -233,12 +248,14 @@ def plan_jobs(study: Mapping[str, Any], where: str = "study") -> list[RunJob]:
                     method = entry["name"]
                     family = method_family(method)
                     model = entry.get("model") or {}
+                    adapter_method = method if family == "adapter" else entry.get("prune_method")
                     try:
-                        ranked = family == "adapter" and _uses_rank(method)
+                        ranked = family in ("adapter", "loraprune") and _uses_rank(str(adapter_method))
                     except ValueError as exc:
                         raise ValueError(f"{where}: methods[{i}]: {exc}") from None
                     details = (model.get("finetune"), model.get("training_rule"),
-                               float(model.get("forgetting_weight") or 0.0))
+                               float(model.get("forgetting_weight") or 0.0), entry.get("sparsity"),
+                               entry.get("prune_method"))
                     for rank in (entry.get("ranks") or []) if ranked else [None]:
                         jobs.append(RunJob(job_name(method, rank, *details), method, family, rank, fold, seed,
                                            cases, pretrain_seed, i, job_label(method, rank, *details)))
@@ -358,5 +375,5 @@ class RunFolder:
         """The file a finished job's model is made of besides the base: its adapter or its fine-tuned network
         (None for ``no_finetune``, which is the base itself)."""
         return {"adapter": self.adapter_path, "full": self.model_path, "module": self.model_path,
-                "transplant": self.model_path}.get(
+                "transplant": self.model_path, "loraprune": self.model_path}.get(
             job.family, lambda _: None)(job)

@@ -9,10 +9,13 @@ SAH phantoms with LoRA (rank 4, every convolution but the logit head; norms froz
 * LoRAM: the base pruned from ``W0`` with the same masks (``medlora prune --no-merge``), a LoRA trained on it
   (training time per step, activation memory saved for backward, base weights), its Dice on the small base, then
   ``medlora recover`` to the full base, merged, and its Dice there;
+* with ``--align-steps N``, LoRAM again on the pruned ``W0`` aligned to the full base first (``medlora prune
+  --align-steps``: distillation on 16 synthetic phantom volumes of the data's grid), timed;
 * the agreement (Spearman, per channel group) of LoRA-guided importance with the true-gradient one.
 
     python scripts/bench_pruning.py --out /tmp/bench_pruning            # ~12 min on one CPU thread
     python scripts/bench_pruning.py --steps 40 --sparsities 0,0.5      # a quick look
+    python scripts/bench_pruning.py --sparsities 0,0.5 --align-steps 200   # LoRAM at 50%, with and without alignment
 
 Times are the minimum of 7 rounds in which the models take turns (``--threads`` CPU threads), so that a shared
 machine's load hits them alike; ``--timing-only`` re-times the files of an earlier run.
@@ -41,6 +44,7 @@ from medlora.data.phantoms import generate_case  # noqa: E402
 from medlora.models.mv_unet import MultiViewUNet  # noqa: E402
 from medlora.pruning import LoRAPruner  # noqa: E402
 from medlora.pruning.files import pruned_spec, run_prune, run_recover  # noqa: E402
+from medlora.training.transfer import SyntheticSpec  # noqa: E402
 
 ARGS = {"width": 16, "level": 2}
 SHAPE, SPACING = (64, 64, 20), (3.2, 3.2, 5.5)
@@ -214,6 +218,8 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=200)
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.75")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--align-steps", type=int, default=0, help="also run LoRAM on the pruned base aligned this many "
+                    "distillation steps (0: not)")
     ap.add_argument("--agreement-only", action="store_true",
                     help="only compute the Spearman agreement of LoRA-guided and true-gradient importance")
     ap.add_argument("--timing-only", action="store_true",
@@ -247,7 +253,9 @@ def main() -> None:
     results = {"base": {"dice_sah": dice(base, sah_test), "dice_tbi": dice(base, tbi[:4]), "params": n_params(base),
                         "infer_s": infer_time(base, sah_test[:2])}, "loraprune": [], "loram": []}
     print(json.dumps(results["base"]))
-    record = {"backbone": "mv_unet", "backbone_args": ARGS, "spatial_dims": 2}
+    record = {"backbone": "mv_unet", "backbone_args": ARGS, "spatial_dims": 2,
+              "preprocessing": {"hu_window": [0.0, 140.0], "target_spacing": None, "roi_size": list(SHAPE[:2]),
+                                "threshold": 0.5}}
 
     for s in sparsities:
         model = copy.deepcopy(base)
@@ -272,27 +280,37 @@ def main() -> None:
         if pruner is None:
             results["full_lora"] = {**stats, "dice": row["dice"], "base_mb": base_mb(base)}
             continue
-        # LoRAM on the base pruned from W0 with these masks
-        w0_path = out / f"pruned_w0_s{s}.safetensors"
-        run_prune(base_path, adapter, w0_path, merge=False, overwrite=True)
-        spec = pruned_spec(w0_path, adapter=AdapterConfig.from_dict(ADAPTER))
-        small = build_model(spec).eval()
-        small_dice0 = dice(small, sah_test)
-        torch.manual_seed(0)
-        stats = train(small, sah_train, args.steps, 1e-3, seed=1)
-        small_adapter = out / f"loram_small_s{s}.safetensors"
-        rec = spec.to_dict()
-        save_adapter(small, small_adapter, extra_metadata={k: rec[k] for k in ("backbone", "backbone_args",
-                                                                             "spatial_dims")})
-        merged_path = out / f"loram_full_merged_s{s}.safetensors"
-        run_recover(base_path, small_adapter, out / f"loram_full_s{s}.safetensors", merged_out=merged_path,
-                    overwrite=True)
-        full = build_model(ModelSpec("mv_unet", ARGS, 2, pretrained=str(merged_path))).eval()
-        row = {"sparsity": s, "train_step_s": stats["step_s"], "saved_for_backward_mb": stats["saved_for_backward_mb"],
-               "base_mb": base_mb(small), "dice_pruned_base_alone": small_dice0,
-               "dice_small": dice(small, sah_test), "dice_recovered_full": dice(full, sah_test)}
-        results["loram"].append(row)
-        print(json.dumps(row), flush=True)
+        # LoRAM on the base pruned from W0 with these masks (and aligned to the full base first)
+        for align in [0] + ([args.align_steps] if args.align_steps else []):
+            tag = f"s{s}" + (f"_aligned{align}" if align else "")
+            w0_path = out / f"pruned_w0_{tag}.safetensors"
+            start = time.perf_counter()
+            pruned = run_prune(base_path, adapter, w0_path, merge=False, overwrite=True, align_steps=align,
+                               align_synthetic=SyntheticSpec(volumes=16, shape=SHAPE, spacing=SPACING))
+            prune_s = time.perf_counter() - start
+            spec = pruned_spec(w0_path, adapter=AdapterConfig.from_dict(ADAPTER))
+            small = build_model(spec).eval()
+            small_dice0 = dice(small, sah_test)
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            stats = train(small, sah_train, args.steps, 1e-3, seed=1)
+            train_s = time.perf_counter() - start
+            small_adapter = out / f"loram_small_{tag}.safetensors"
+            rec = spec.to_dict()
+            save_adapter(small, small_adapter, extra_metadata={k: rec[k] for k in ("backbone", "backbone_args",
+                                                                                 "spatial_dims")})
+            merged_path = out / f"loram_full_merged_{tag}.safetensors"
+            run_recover(base_path, small_adapter, out / f"loram_full_{tag}.safetensors", merged_out=merged_path,
+                        overwrite=True)
+            full = build_model(ModelSpec("mv_unet", ARGS, 2, pretrained=str(merged_path))).eval()
+            row = {"sparsity": s, "align_steps": align, "prune_s": prune_s, "train_s": train_s,
+                   "align_loss": [pruned["aligned"][k] for k in ("first_loss", "last_loss")] if align else None,
+                   "train_step_s": stats["step_s"], "saved_for_backward_mb": stats["saved_for_backward_mb"],
+                   "base_mb": base_mb(small), "dice_pruned_base_alone": small_dice0,
+                   "dice_small": dice(small, sah_test), "dice_recovered_full": dice(full, sah_test)}
+            results["loram"].append(row)
+            print(json.dumps(row), flush=True)
+
     if 0.0 in sparsities:
         results["importance_agreement"] = importance_agreement(out, sah_train)
     retime(results, out, sparsities, sah_test, sah_train)
@@ -328,7 +346,8 @@ def table(r: dict) -> str:
         lines.append(f"| full base | {f['step_s'] * 1000:.0f} | {f['saved_for_backward_mb']:.1f} | "
                      f"{f['base_mb']:.2f} | - | {f['dice']:.3f} |")
     for x in r["loram"]:
-        lines.append(f"| pruned base, s={x['sparsity']:.2f} | {x['train_step_s'] * 1000:.0f} | "
+        aligned = f", aligned {x['align_steps']} steps ({x['prune_s']:.0f} s)" if x.get("align_steps") else ""
+        lines.append(f"| pruned base, s={x['sparsity']:.2f}{aligned} | {x['train_step_s'] * 1000:.0f} | "
                      f"{x['saved_for_backward_mb']:.1f} | {x['base_mb']:.2f} | {x['dice_small']:.3f} "
                      f"(before training {x['dice_pruned_base_alone']:.3f}) | {x['dice_recovered_full']:.3f} |")
     return "\n".join(lines)

@@ -426,3 +426,241 @@ def test_lightning_fit_with_the_loraprune_callback_feeds_medlora_prune(tmp_path,
     assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
     small = build_model(pruned_spec(out)).eval()
     assert small.M1.DoubleConv[0].out_channels == 2
+
+
+# ------------------------------------------------------------------------------------------- LoRAPrune in a study
+
+
+def test_loraprune_study_job_is_evaluated_as_the_pruned_network(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from medlora.adapters import read_adapter_file
+    from medlora.data.phantoms import write_dataset
+    from medlora.training.crossval import Study
+
+    torch.manual_seed(0)
+    base_net = MultiViewUNet(spatial_dims=3, level=1, width=4)
+    save_file(base_net.state_dict(), str(tmp_path / "base.safetensors"))
+    data = write_dataset(tmp_path / "sah", "sah", 4, seed=1, shape=(48, 48, 16), spacing=(4, 4, 10))
+    config = {
+        "name": "tiny", "seeds": [0], "folds": 2, "target": {"data_dir": str(data)},
+        "model": {"backbone": "mv_unet", "backbone_args": {"level": 1, "width": 4},
+                  "pretrained": str(tmp_path / "base.safetensors")},
+        "data": {"spatial_dims": 3, "patch_size": [32, 32, 16], "batch_size": 1, "samples_per_volume": 1},
+        "trainer": {"max_steps": 10},
+        "adapter_methods": {"lr": 0.01, "adapter": {"target_types": ["Conv3d"], "exclude": ["M3.TripleOut.6"]}},
+        "methods": [{"name": "loraprune", "sparsity": 0.5, "method": "lora", "ranks": [2]}],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["crossval", "--config", str(tmp_path / "study.yaml"), "--out", str(run), "--only", "fold=0"]) == 0
+    job = run / "jobs" / "loraprune50_lora_r2" / "seed_0" / "cases_all" / "fold_0"
+    info = json.loads((job / "summary.json").read_text(encoding="utf-8"))["medlora"]
+    full = sum(p.numel() for p in base_net.parameters())
+    pruned = info["loraprune"]["parameters_pruned"]
+    assert info["loraprune"]["reached"] == 0.5 and pruned < full / 2 and info["total_params"] == full
+    assert pruned == sum(p.numel() for p in build_model(pruned_spec(job / "model.safetensors")).parameters())
+    # reference: the full base with the job's adapter and the units it was trained without masked (dense) gives
+    # the same per-case soft Dice; the same adapter without the masks does not
+    study = Study(tmp_path / "study.yaml", run)
+    study.prepare_data()
+    entry = study.config.methods[0]
+    meta = read_adapter_file(job / "adapter.safetensors")[0]
+    keep = {k: torch.as_tensor(v["keep"]) for k, v in meta["extra"]["loraprune"]["groups"].items()}
+
+    def soft_dice(masked: bool) -> list[float]:
+        module = study._module(study.config.job_model(entry, 2, str(tmp_path / "base.safetensors")))
+        load_adapter(module.model, job / "adapter.safetensors")
+        if masked:
+            mask_hooks(module.model, channel_graph(module.model), keep)
+        rows, _ = study._evaluate(module, study._datamodule(study.target_dir, 0, 0, study.splits_path))
+        return [r["soft_Dice"] for r in rows]
+
+    summary = json.loads((job / "summary.json").read_text(encoding="utf-8"))
+    reported = [c["metrics"]["1"]["soft_Dice"] for c in summary["metric_per_case"]]
+    np.testing.assert_allclose(reported, soft_dice(True), rtol=0, atol=1e-6)
+    # (a random tiny base moves soft Dice little: the unmasked network differs by ~1e-4 here)
+    assert np.abs(np.asarray(reported) - np.asarray(soft_dice(False))).max() > 2e-5
+    # a sparsity out of range is one line naming the method entry's key, before anything runs
+    config["methods"] = [{"name": "loraprune", "sparsity": 1.0, "ranks": [2]}]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["crossval", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "study.methods[0].sparsity" in err and not (tmp_path / "run2").exists()
+    # so is a backbone without a channel graph
+    config["methods"] = [{"name": "loraprune", "sparsity": 0.5, "ranks": [2]}]
+    config["model"] = {"backbone": "segresnet", "pretrained": str(tmp_path / "base.safetensors")}
+    config["adapter_methods"]["adapter"]["exclude"] = []
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["crossval", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "study.methods[0].name" in err and "SegResNet" in err
+
+
+# ----------------------------------------------------------------------------------------------- LoRAM alignment
+
+
+def test_loram_alignment_brings_the_pruned_base_closer_to_the_full_one_and_recovery_keeps_w0(tmp_path, capsys):
+    from medlora.adapters.inject import base_weight
+    from medlora.pruning import layer_indices
+    from medlora.training.transfer import SyntheticSpec, synthetic_samples
+
+    base, base_path = _base_file(tmp_path)
+    adapter, keep = _loraprune_adapter(tmp_path, base)
+    plain, aligned = tmp_path / "plain_w0.safetensors", tmp_path / "aligned_w0.safetensors"
+    common = ["prune", "--model", str(base_path), "--adapter", str(adapter), "--no-merge"]
+    assert main([*common, "--out", str(plain)]) == 0
+    assert main([*common, "--align-steps", "60", "--align-volumes", "4", "--align-shape", "24", "24", "16",
+                 "--align-spacing", "8", "8", "10", "--out", str(aligned)]) == 0
+    assert "aligned 60 steps" in capsys.readouterr().out
+    # held out: phantoms of another generator seed than the alignment's
+    held_out = synthetic_samples(SyntheticSpec(volumes=3, seed=77, shape=(24, 24, 16), spacing=(8, 8, 10)), 3,
+                                 [8, 8, 8], [0.0, 140.0])
+    with torch.no_grad():
+        reference = torch.sigmoid(base(held_out))
+
+        def gap(path) -> float:
+            return float((torch.sigmoid(build_model(pruned_spec(path)).eval()(held_out)) - reference).abs().mean())
+
+        before, after = gap(plain), gap(aligned)
+    assert after < 0.5 * before, (before, after)
+
+    # LoRAM on the aligned base: the recovered adapter adds on the full base exactly the update it learnt on the
+    # small one at the kept positions, and leaves the pruned positions at W0 bitwise
+    lora = AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d"], exclude=["M3.TripleOut.6"])
+    spec = pruned_spec(aligned, adapter=lora)
+    small = build_model(spec).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for _, _, r in iter_adapters(small):
+            r.lora_B.normal_()
+    small_adapter = tmp_path / "small_adapter.safetensors"
+    record = spec.to_dict()
+    save_adapter(small, small_adapter, extra_metadata={k: record[k] for k in ("backbone", "backbone_args",
+                                                                             "spatial_dims")})
+    recovered = tmp_path / "full_adapter.safetensors"
+    assert main(["recover", "--model", str(base_path), "--adapter", str(small_adapter), "--out", str(recovered)]) == 0
+    full = copy.deepcopy(base)
+    load_adapter(full, recovered)
+    index = layer_indices(base, channel_graph(base), keep)
+    small_layers, full_layers, base_layers = (dict(m.named_modules()) for m in (small, full, base))
+    for name, _, _ in iter_adapters(small):
+        w0 = base_layers[name].weight.detach()
+        w_full = full_layers[name].weight.detach()
+        update_small = small_layers[name].weight.detach() - base_weight(small_layers[name]).detach()
+        rows = index.get((name, "out"), torch.arange(w0.shape[0]))
+        cols = index.get((name, "in"), torch.arange(w0.shape[1]))
+        torch.testing.assert_close((w_full - w0)[rows][:, cols], update_small, rtol=0, atol=1e-6)
+        pruned_rows = torch.ones(w0.shape[0], dtype=torch.bool)
+        pruned_rows[rows] = False
+        pruned_cols = torch.ones(w0.shape[1], dtype=torch.bool)
+        pruned_cols[cols] = False
+        assert torch.equal(w_full[pruned_rows], w0[pruned_rows])
+        assert torch.equal(w_full[:, pruned_cols], w0[:, pruned_cols])
+
+
+# ------------------------------------------------------------------------------------------------- MONAI's UNet
+
+UNET_ARGS = {"spatial_dims": 3, "channels": [6, 8, 10], "strides": [2, 2]}
+
+
+def _monai_unet(num_res_units: int, seed: int = 0) -> nn.Module:
+    from medlora.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("unet", **UNET_ARGS, num_res_units=num_res_units)
+    with torch.no_grad():  # non-trivial norm statistics, so that a norm sliced wrongly shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("num_res_units", [0, 2])
+def test_pruned_equals_masked_on_monai_unet_with_residual_units_and_skip_concatenations(num_res_units):
+    model = _monai_unet(num_res_units)
+    graph = channel_graph(model)
+    if num_res_units:
+        # the bottom unit's residual conv is added to its last conv's output: one group, two producers; the
+        # decoder's identity residual joins its transposed conv's output group
+        bottom = graph.groups["model.1.submodule.1.submodule.conv.unit1.conv"]
+        assert {s.layer for s in bottom.producers} == {"model.1.submodule.1.submodule.conv.unit1.conv",
+                                                       "model.1.submodule.1.submodule.residual"}
+        up = graph.groups["model.1.submodule.2.0.conv"]
+        assert {s.layer for s in up.producers} == {"model.1.submodule.2.0.conv",
+                                                   "model.1.submodule.2.1.conv.unit0.conv"}
+    # the top skip concatenates the first down block's output before the inner output: the top up conv reads it at
+    # offset 0 and the inner block's output behind it
+    first, top_up = ("model.0.conv.unit1.conv", "model.2.0.conv") if num_res_units else ("model.0.conv", "model.2.conv")
+    inner = "model.1.submodule.2.0.conv" if num_res_units else "model.1.submodule.2.conv"
+    assert (_offset(graph, first, top_up), _offset(graph, inner, top_up)) == (0, 6)
+    assert not any(s.layer.startswith("model.2.") for g in graph for s in g.producers)  # the logits stay
+    keep = _random_keep(graph)
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        masked, full = _masked(model, graph, keep, x), model(x)
+        small = prune_structure(copy.deepcopy(model), graph, keep)
+        pruned = small(x)
+    assert (masked - full).abs().max() > 1e-3
+    assert (pruned - masked).abs().max() < 1e-6
+    assert sum(p.numel() for p in small.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
+
+
+def _offset(graph, group: str, layer: str) -> int:
+    """Where ``group``'s channels start in ``layer``'s input."""
+    return next(s.offset for s in graph.groups[group].consumers if s.layer == layer)
+
+
+def test_prune_command_on_monai_unet_equals_the_masked_model(tmp_path):
+    base = _monai_unet(2)
+    base_path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_path))
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig("lora", rank=2, targets=["*"], target_types=["Conv3d", "ConvTranspose3d"]))
+    pruner = LoRAPruner(model, 0.5, total_steps=2, frequency=1, warmup=0.0, cooldown=0.5)
+    torch.manual_seed(4)
+    for _ in range(2):
+        for _, _, r in iter_adapters(model):
+            r.lora_A.grad, r.lora_B.grad = torch.randn_like(r.lora_A), torch.randn_like(r.lora_B)
+            with torch.no_grad():
+                r.lora_B.add_(0.1 * torch.randn_like(r.lora_B))
+        pruner.step()
+    pruner.remove_masks()
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(model, adapter, extra_metadata={"backbone": "unet", "backbone_args": UNET_ARGS, "spatial_dims": 3,
+                                                 "loraprune": pruner.record(), "preprocessing": PREP})
+    out = tmp_path / "small.safetensors"
+    assert main(["prune", "--model", str(base_path), "--adapter", str(adapter), "--out", str(out)]) == 0
+    small = build_model(pruned_spec(out)).eval()
+    # the reference: the full base loaded from its file (a MONAI UNet's keys all start with "model.") with the
+    # adapter merged as medlora prune merges it, then masked
+    from medlora.assembly import ModelSpec, load_adapter_onto
+
+    full = build_model(ModelSpec("unet", UNET_ARGS, 3, pretrained=str(base_path)))
+    reference = load_adapter_onto(full, adapter, merge_weights=True).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = _masked(reference, channel_graph(reference), pruner.keep(), x)
+        assert (expected - reference(x)).abs().max() > 1e-3
+        # 1e-6 relative to the output's scale (it reaches several units here: random norm statistics)
+        scale = float(expected.abs().max())
+        assert float((small(x) - expected).abs().max()) < 1e-6 * max(scale, 1.0), scale
+
+
+def test_study_records_without_loraprune_entries_are_unchanged():
+    # a run folder's study.json is compared with the config's record on resume: entries of other methods must
+    # not gain keys, or every earlier run folder would count as another study
+    from medlora.training.study_config import study_from_mapping
+
+    study = {"target": {"phantoms": {"domain": "sah", "cases": 6}}, "model": {"pretrained": "base.safetensors"},
+             "trainer": {"max_steps": 1},
+             "methods": [{"name": "lora", "ranks": [2]}, {"name": "loraprune", "sparsity": 0.25, "ranks": [2]}]}
+    methods = study_from_mapping(study).to_record()["methods"]
+    assert methods[0] == {"name": "lora", "ranks": [2], "model": {}}
+    assert (methods[1]["sparsity"], methods[1]["prune_method"]) == (0.25, "lora")

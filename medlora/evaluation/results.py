@@ -38,7 +38,7 @@ TAIL_COLUMNS: tuple[str, ...] = ("volume_bin", "n_train_cases", "forgetting_weig
                                  "total_params", "percent_trainable", "train_seconds")
 TARGET, SOURCE = "target", "source"  # the rows' domains
 
-_FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "transplant": 3, "adapter": 4}
+_FAMILY_ORDER = {"none": 0, "full": 1, "module": 2, "transplant": 3, "adapter": 4, "loraprune": 5}
 # Used only when the study does not tell its own method order (``study_info["job_names"]``).
 _ADAPTER_ORDER = ("lora", "dora", "lora_c", "dora_c", "conv_lora", "conv_dora", "cp_lora", "cp_dora", "salt", "svd")
 _FAMILY_BY_JOB = {"no_finetune": "none", "full": "full"}
@@ -111,6 +111,8 @@ def _infer_family(job: str) -> str:
         return _FAMILY_BY_JOB[job]
     if job.startswith("transplant_"):
         return "transplant"
+    if job.startswith("loraprune"):
+        return "loraprune"
     return "module" if job.startswith("module_") else "adapter"
 
 

@@ -242,6 +242,11 @@ def _load_run_dir(run_dir: Path, method: str | None) -> InferenceModels:
                                                                str(path))))
             models.append(_with_adapter(base, path))
             files.append(ModelFile("adapter", path))
+        elif job.family == "loraprune":  # a pruned base (medlora prune): its own record gives its architecture
+            from ..pruning.files import pruned_spec
+
+            models.append(build_model(pruned_spec(path)))
+            files.append(ModelFile("model", path))
         else:
             models.append(_load_base(path, arch))
             files.append(ModelFile("model", path))

@@ -56,6 +56,11 @@ def load_weights(model: nn.Module, source: str | os.PathLike | Checkpoint) -> nn
         for note in notes:
             logging.getLogger("medlora").info("%s: %s", path, note)
     own = model.state_dict()
+    for prefix in ("model.", "module."):
+        # the reader strips a Lightning/DDP prefix that every key has; a network whose own keys all carry it
+        # (MONAI's UNet keeps its layers in ``self.model``) gets it back
+        if set(state) != set(own) and {prefix + k for k in state} == set(own):
+            state = {prefix + k: v for k, v in state.items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

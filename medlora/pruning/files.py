@@ -11,11 +11,13 @@ LoRAM (Zhang et al., "Train Small, Infer Large", ICLR 2025, arXiv 2502.13533; of
 is recovered for the full base by re-inflating only the pruned axes, ``lora_B`` rows at pruned output channels
 and ``lora_A`` columns at pruned input channels, filled with zeros (the official default ``zeroA``); the update is
 then exactly zero on every pruned row and column, so pruned units compute with ``W0``. The paper's continual
-pre-training that aligns the pruned model with the full one is not done here.
+pre-training that aligns the pruned model with the full one has a data-free analogue here: ``medlora prune
+--align-steps N`` distils the pruned base towards the full one on synthetic phantoms (:func:`align_pruned`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -34,8 +36,8 @@ from ..models import create_model
 from .graph import PruningError, channel_graph, layer_indices, prune_structure
 from .loraprune import select_keep
 
-__all__ = ["PRUNED_BACKBONE", "RECORD_KEY", "build_pruned", "pruned_base_record", "pruned_spec", "recover_adapter",
-           "run_prune", "run_recover"]
+__all__ = ["PRUNED_BACKBONE", "RECORD_KEY", "align_pruned", "build_pruned", "pruned_base_record", "pruned_spec",
+           "recover_adapter", "run_prune", "run_recover"]
 
 PRUNED_BACKBONE = "pruned"
 RECORD_KEY = "medlora_pruned"
@@ -120,15 +122,58 @@ def _keep_for(record: dict[str, Any], graph: Any, sparsity: float | None, path: 
     return keep
 
 
+def align_pruned(pruned: nn.Module, full: nn.Module, spatial_dims: int, preprocessing: dict[str, Any] | None,
+                 path: Path, *, steps: int, synthetic: Any = None, lr: float = 1e-3, seed: int = 0
+                 ) -> dict[str, Any]:
+    """LoRAM's alignment step, data-free: train every parameter of ``pruned`` to reproduce ``full`` (the network
+    it was cut from) on synthetic phantoms, with the Trans-LoRA distillation of :mod:`medlora.training.transfer`:
+    its tempered KL with lesion voxels weighted up, both networks in evaluation mode (BatchNorm statistics stay),
+    but without its Dice term. That term rewards a student sharper than its teacher; here the pruned base must
+    compute what the full base computes, since the adapter trained on it is recovered onto the full base (on a
+    test network the Dice term moved the pruned base away from the full one). The samples use the HU window and
+    sliding-window size of the adapter's ``preprocessing`` record (``path`` names its file in errors). Returns the
+    record stored in the pruned file.
+
+    The paper (arXiv 2502.13533, section 3) aligns by continued pre-training of the pruned LLM on a general corpus
+    before the adapter is trained; a segmentation base has no such corpus at hand, and the phantom generator is
+    our stand-in for one. Distilling towards the full base's outputs aims at the same thing: the pruned base
+    should compute what the full one computes, so that an adapter trained on it still fits the full base.
+    """
+    from ..training.transfer import SyntheticSpec, distill, synthetic_samples
+
+    prep = preprocessing or {}
+    if not prep.get("roi_size") or not prep.get("hu_window"):
+        raise PruningError(f"{path}: the adapter records no preprocessing (roi_size, hu_window); alignment needs "
+                           "them to make its synthetic samples")
+    spec = synthetic if synthetic is not None else SyntheticSpec(volumes=16)
+    samples = synthetic_samples(spec, spatial_dims, prep["roi_size"], prep["hu_window"])
+    for p in full.parameters():
+        p.requires_grad_(False)
+    for p in pruned.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(seed)
+    done = distill(full, pruned, samples, steps=steps, lr=lr, seed=seed, dice_weight=0.0)
+    for p in pruned.parameters():
+        p.requires_grad_(False)
+    return {"steps": steps, "lr": lr, "samples": len(samples), "synthetic": dict(vars(spec)), "loss": "tempered KL",
+            "first_loss": done["first_loss"], "last_loss": done["last_loss"]}
+
+
 def run_prune(model: str | os.PathLike[str], adapter: str | os.PathLike[str], out: str | os.PathLike[str], *,
-              sparsity: float | None = None, merge: bool = True, overwrite: bool = False) -> dict[str, Any]:
+              sparsity: float | None = None, merge: bool = True, overwrite: bool = False, align_steps: int = 0,
+              align_synthetic: Any = None, align_lr: float = 1e-3) -> dict[str, Any]:
     """``medlora prune``: the smaller base (with the adapter merged, or its ``W0`` only with ``merge=False``, the
-    base LoRAM trains on), pruned with the LoRAPrune masks or importance stored in the adapter file; written to
+    base LoRAM trains on), pruned with the LoRAPrune masks or importance stored in the adapter file; with
+    ``align_steps`` > 0 then aligned to the unpruned network by distillation on synthetic phantoms
+    (:func:`align_pruned`, a :class:`~medlora.training.transfer.SyntheticSpec` ``align_synthetic``); written to
     ``out`` with its record. Returns a summary. Every bad input is one :class:`PruningError` line (or the adapter
     loader's, for an adapter of another base) before anything is written."""
     model, adapter, out = Path(model), Path(adapter), Path(out)
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise PruningError(f"--sparsity {sparsity}: must be in [0, 1) (the share of units removed per group)")
+    if align_steps < 0 or not align_lr > 0:
+        raise PruningError(f"--align-steps {align_steps} / --align-lr {align_lr}: need steps >= 0 and a learning "
+                           "rate > 0")
     _check_out(out, [model, adapter], overwrite)
     meta, _ = read_adapter_file(adapter)
     backbone, args, spatial_dims = _architecture(meta, adapter)
@@ -146,14 +191,18 @@ def run_prune(model: str | os.PathLike[str], adapter: str | os.PathLike[str], ou
     before = sum(p.numel() for p in net.parameters())
     source = {"base": str(model), "base_sha256": base_record(base)["sha256"], "adapter": str(adapter),
               "merged": merge, "sparsity": sparsity if sparsity is not None else record.get("reached")}
+    full = copy.deepcopy(net) if align_steps else None
     prune_structure(net, graph, keep)
+    if full is not None:
+        source["aligned"] = align_pruned(net, full, spatial_dims, (meta.get("extra") or {}).get("preprocessing"),
+                                         adapter, steps=align_steps, synthetic=align_synthetic, lr=align_lr)
     spec = {"backbone": PRUNED_BACKBONE, "spatial_dims": spatial_dims,
             "preprocessing": (meta.get("extra") or {}).get("preprocessing"),
             "backbone_args": {"backbone": backbone, "backbone_args": args,
                               "keep": {k: v.tolist() for k, v in keep.items()}, "source": source}}
     atomic_save_safetensors(dict(net.state_dict()), out, {"format": "pt", RECORD_KEY: json.dumps(spec)})
     return {"out": str(out), "parameters_before": before, "parameters_after": sum(p.numel() for p in net.parameters()),
-            "groups": len(keep), "merged": merge}
+            "groups": len(keep), "merged": merge, "aligned": source.get("aligned")}
 
 
 # ----------------------------------------------------------------------------------------------------- LoRAM

@@ -17,7 +17,9 @@ channel ``beta - gamma * mean / std`` behind, which the physically pruned networ
 
 Graphs are built per architecture from its structure (:func:`channel_graph`): the multi-view UNet (every
 convolution but the logit head is a group; the ``M2`` long skips and the decoder concatenations offset the
-consumers' columns) and SAM's ViT encoder blocks (heads of each attention, hidden units of each MLP).
+consumers' columns), MONAI's UNet (residual units tie a residual conv, or the unit's input, to the last conv's
+output; skip connections concatenate) and SAM's ViT encoder blocks (heads of each attention, hidden units of each
+MLP).
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class ChannelGraph:
 
 
 def channel_graph(model: nn.Module) -> ChannelGraph:
-    """The channel groups of ``model`` (a multi-view UNet, or any model holding SAM ViT encoder blocks)."""
+    """The channel groups of ``model`` (a multi-view UNet, MONAI's UNet, or any model holding SAM ViT encoder
+    blocks)."""
     from ..models.mv_unet import MultiViewUNet
     from ..models.sam import EncoderAttention, MLPBlock
 
@@ -108,8 +111,12 @@ def channel_graph(model: nn.Module) -> ChannelGraph:
     names = {type(m) for m in model.modules()}
     if EncoderAttention in names or MLPBlock in names:
         return _vit_graph(model)
-    raise PruningError(f"structured pruning knows the channel couplings of mv_unet and SAM's ViT encoder only, "
-                       f"not of {type(model).__name__}")
+    from monai.networks.nets import UNet
+
+    if isinstance(model, UNet):
+        return _monai_unet_graph(model)
+    raise PruningError(f"structured pruning knows the channel couplings of mv_unet, MONAI's UNet and SAM's ViT "
+                       f"encoder only, not of {type(model).__name__}")
 
 
 class _Tracer:
@@ -160,6 +167,80 @@ def _mv_unet_graph(model: nn.Module) -> ChannelGraph:
     for i, block in enumerate(model.up_list):
         x = t.sequential(f"up_list.{i}.M1.DoubleConv", block.M1.DoubleConv, x) + rights[-(i + 1)]
     t.sequential("M3.TripleOut", model.M3.TripleOut, x, head=True)
+    return ChannelGraph(t.groups)
+
+
+class _MonaiUNetTracer(_Tracer):
+    """Follows the forward of MONAI's ``UNet`` (``monai.networks.nets.UNet``): nested ``SkipConnection`` blocks
+    (``cat([x, submodule(x)])`` on the channel axis), ``ResidualUnit`` blocks (``conv(x) + residual(x)``) and
+    ``Convolution`` blocks (a conv or transposed conv, then ``adn`` with the norm ``N``)."""
+
+    def trace(self, name: str, m: nn.Module, x: list[tuple[str | None, int]]) -> list[tuple[str | None, int]]:
+        from monai.networks.blocks import Convolution, ResidualUnit
+        from monai.networks.layers.simplelayers import SkipConnection
+
+        if isinstance(m, SkipConnection):
+            if m.mode != "cat" or m.dim != 1:
+                raise PruningError(f"{name}: a SkipConnection with mode {m.mode!r} on dim {m.dim} (only channel "
+                                   "concatenation is traced)")
+            return x + self.trace(f"{name}.submodule", m.submodule, x)
+        if isinstance(m, ResidualUnit):
+            return self.residual_unit(name, m, x)
+        if isinstance(m, Convolution):
+            return self.convolution(name, m, x)
+        if isinstance(m, nn.Sequential):
+            for child, sub in m.named_children():
+                x = self.trace(f"{name}.{child}", sub, x)
+            return x
+        raise PruningError(f"{name}: a {type(m).__name__} inside MONAI's UNet is not traced")
+
+    def convolution(self, name: str, m: nn.Module, x: list[tuple[str | None, int]]) -> list[tuple[str | None, int]]:
+        layer = f"{name}.conv"
+        conv = m.conv
+        self.consume(layer, x)
+        group = ChannelGroup(layer, conv.out_channels, producers=[Slot(layer, "out")])
+        adn = getattr(m, "adn", None)
+        for part, sub in (adn.named_children() if adn is not None else ()):
+            if isinstance(sub, _NORMS):
+                group.norms.append(f"{name}.adn.{part}")
+            elif sum(p.numel() for p in sub.parameters()) > 1:  # a shared PReLU slope (one value) is fine
+                raise PruningError(f"{name}.adn.{part}: a {type(sub).__name__} with per-channel parameters is not "
+                                   "sliced by pruning")
+        self.groups[layer] = group
+        return [(layer, conv.out_channels)]
+
+    def residual_unit(self, name: str, m: nn.Module, x: list[tuple[str | None, int]]
+                      ) -> list[tuple[str | None, int]]:
+        h = x
+        for child, sub in m.conv.named_children():
+            h = self.trace(f"{name}.conv.{child}", sub, h)
+        (last, n), = h
+        if isinstance(m.residual, _CONVS):
+            layer = f"{name}.residual"
+            self.consume(layer, x)
+            self.groups[last].producers.append(Slot(layer, "out"))
+            return h
+        # an identity residual adds the input itself: its channels and the last conv's are one group
+        if len(x) != 1:
+            raise PruningError(f"{name}: an identity residual over a concatenation is not traced")
+        (source, _), = x
+        merged = self.groups.pop(last)
+        if source is None:  # the network's input channels: never pruned, so neither is this output
+            return x
+        self.groups[source].producers += merged.producers
+        self.groups[source].norms += merged.norms
+        return x
+
+
+def _monai_unet_graph(model: nn.Module) -> ChannelGraph:
+    """MONAI's ``UNet``: every conv's output channels (with the norm after it) are a group; a residual conv joins
+    the group of the conv output it is added to, an identity residual joins that output to its input's group,
+    and the output of the last block (the logits) is not pruned."""
+    t = _MonaiUNetTracer(model)
+    out = t.trace("model", model.model, [(None, model.in_channels)])
+    for group, _ in out:
+        if group is not None:
+            t.groups.pop(group)
     return ChannelGraph(t.groups)
 
 

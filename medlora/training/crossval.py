@@ -54,6 +54,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from ..adapters import read_adapter_file
 from ..adapters.transplant import save_donor
 from ..data.dataset import load_splits, make_splits, read_dataset, validate_dataset, write_splits
 from ..errors import MedloraError
@@ -446,6 +447,10 @@ class Study:
             with _quiet_lightning():
                 # the adapter file is written at the end of fit
                 callbacks = run_callbacks(adapter_path=run.folder / ADAPTER_FILE)
+                if job.family == "loraprune":  # before the adapter file writer, which stores its record
+                    from ..pruning.lightning import LoRAPruneCallback
+
+                    callbacks.insert(0, LoRAPruneCallback(self.config.methods[job.entry].sparsity))
                 fit_or_interrupt(_trainer(self.config.trainer, run.folder, progress, callbacks), run.module, run.dm)
             train_seconds = time.perf_counter() - start
         return self.finish_job(run, train_seconds)
@@ -455,10 +460,12 @@ class Study:
         job, folder, module, dm, c = run.job, run.folder, run.module, run.dm, self.config
         # counted after training: a training rule may freeze parameters when the optimiser is built (FFA)
         trainable = 0 if job.family == "none" else module.trainable_parameter_count()
+        if job.family == "loraprune":
+            extra = {**(extra or {}), "loraprune": self._prune_job(run)}
         start = time.perf_counter()
         rows, histogram = self._evaluate(module, dm)
         eval_seconds = time.perf_counter() - start
-        if job.family in ("full", "module", "transplant"):
+        if job.family in ("full", "module", "transplant"):  # (a loraprune job's pruned network is written already)
             atomic_save_safetensors(module.model.state_dict(), folder / MODEL_FILE)
         if job.family == "transplant":  # the trained stage alone, with where it fits (NOT)
             save_donor(module.model, run.model["finetune"][len(STAGE_PREFIX):], folder / DONOR_FILE,
@@ -479,6 +486,22 @@ class Study:
         summary = self._summary(rows, self.target_dir, info)
         write_summary(summary, folder / SUMMARY_FILE)  # last: the job is done
         return summary
+
+    def _prune_job(self, run: JobRun) -> dict[str, Any]:
+        """LoRAPrune's last step for a trained ``loraprune`` job: the base with the adapter merged, its masked units
+        removed (``medlora prune`` on the job's adapter file, written as the job's ``model.safetensors``), replaces
+        the job's network, so that the job is evaluated as the smaller network it deploys. ``total_params`` stays
+        the full base's (the report's share of trainable parameters is of the network the adapter trained on);
+        the pruned network's count is in the returned record."""
+        from ..assembly import build_model
+        from ..pruning.files import pruned_spec, run_prune
+
+        summary = run_prune(run.base, run.folder / ADAPTER_FILE, run.folder / MODEL_FILE, overwrite=True)
+        device = next(run.module.parameters()).device
+        run.module.model = build_model(pruned_spec(run.folder / MODEL_FILE)).to(device)
+        record = read_adapter_file(run.folder / ADAPTER_FILE)[0]["extra"]["loraprune"]
+        return {"sparsity": record["sparsity"], "reached": record["reached"],
+                "parameters_full": summary["parameters_before"], "parameters_pruned": summary["parameters_after"]}
 
     def study_info(self) -> dict[str, Any]:
         """The report's header and selections (``findings``, ``comparisons``), saved as ``study_info.json``."""

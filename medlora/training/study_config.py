@@ -7,8 +7,9 @@ Lightning's ``Trainer``) and the same value checks (:func:`medlora.training.chec
 sets per job is left out of them: the datasets, folds and seeds of the data module (``data_dir``, ``fold``,
 ``splits_file``, ...), and the model's adapter or module group, which come from the method entries.
 
-A method entry names a method (``name``: ``no_finetune``, ``full``, ``module``, ``transplant`` or an adapter
-method; ``transplant`` takes ``stage``, the NOT stage it trains, :mod:`medlora.adapters.transplant`), the
+A method entry names a method (``name``: ``no_finetune``, ``full``, ``module``, ``transplant``, ``loraprune`` or an
+adapter method; ``transplant`` takes ``stage``, the NOT stage it trains, :mod:`medlora.adapters.transplant`;
+``loraprune`` takes ``sparsity`` and the adapter ``method`` it trains with the pruner, default ``lora``), the
 ``ranks`` to sweep for adapter methods, and an override of the ``model:`` section, flat: ``finetune`` (the module
 group of ``module``; for adapters a group trained as well), ``training_rule`` (and ``_options``),
 ``forgetting_weight``, ``lr``, ... and ``adapter:`` (a partial ``model.adapter`` section: ``options``, ``targets``,
@@ -304,15 +305,22 @@ class MethodEntry:
     name: str
     ranks: list[int] = field(default_factory=lambda: [4])
     model: dict[str, Any] = field(default_factory=dict)
+    sparsity: float | None = None  # loraprune: the final share of units pruned per channel group
+    prune_method: str | None = None  # loraprune: the adapter method trained with the pruner (YAML key ``method``)
 
     @property
     def family(self) -> str:
         return FAMILIES.get(self.name, "adapter")
 
+    @property
+    def adapter_method(self) -> str | None:
+        """The adapter method the entry's jobs train (None: the entry trains no adapter)."""
+        return self.name if self.family == "adapter" else self.prune_method if self.family == "loraprune" else None
+
     def job_name(self, rank: int | None) -> str:
         m = self.model
         return job_name(self.name, rank, m.get("finetune"), m.get("training_rule"),
-                        float(m.get("forgetting_weight") or 0.0))
+                        float(m.get("forgetting_weight") or 0.0), self.sparsity, self.prune_method)
 
 
 @dataclass
@@ -367,7 +375,7 @@ class StudyConfig(RunSections):
     def method_overrides(self, entry: MethodEntry) -> dict[str, Any]:
         """The model-section override of ``entry``: ``adapter_methods`` (adapter methods) then its own."""
         own = copy.deepcopy(entry.model)
-        if entry.family != "adapter":
+        if entry.adapter_method is None:
             return own
         merged = {**copy.deepcopy(self.adapter_methods), **own}
         merged["adapter"] = {**self.adapter_methods.get("adapter", {}), **own.get("adapter", {})}
@@ -378,9 +386,9 @@ class StudyConfig(RunSections):
         ``rank`` starting from the base weights ``base``."""
         model = {**copy.deepcopy(self.model), **self.method_overrides(entry), "pretrained": base,
                  "spatial_dims": self.spatial_dims}
-        if entry.family == "adapter":
+        if entry.adapter_method is not None:
             # methods without a rank (svd) take rank 1, which they ignore
-            model["adapter"] = {**model.get("adapter", {}), "method": entry.name, "rank": rank or 1}
+            model["adapter"] = {**model.get("adapter", {}), "method": entry.adapter_method, "rank": rank or 1}
         elif entry.family == "full":
             model["finetune"] = "all"
         elif entry.family == "none":
@@ -410,6 +418,10 @@ class StudyConfig(RunSections):
         import json
 
         record = dataclasses.asdict(self)
+        for entry in record["methods"]:  # only loraprune entries have these: other records stay as they were
+            for key in ("sparsity", "prune_method"):
+                if entry[key] is None:
+                    del entry[key]
         record["model"] = {**{k: v for k, v in _defaults(model_parameters()).items()
                               if k not in PER_JOB_MODEL_KEYS + LINKED_MODEL_KEYS}, **self.model}
         record["data"] = {**{k: v for k, v in _defaults(data_parameters()).items() if k not in PER_JOB_DATA_KEYS},
@@ -429,7 +441,22 @@ def _method_entry(data: Any, where: str) -> MethodEntry:
     if not isinstance(name, str):
         raise StudyConfigError(f"{where}.name: expected str, got {name!r}")
     ranks = _convert(list[int], ranks, f"{where}.ranks")
-    overrides = {k: v for k, v in data.items() if k not in ("name", "ranks", "stage")}
+    overrides = {k: v for k, v in data.items() if k not in ("name", "ranks", "stage", "sparsity", "method")}
+    sparsity, prune_method = None, None
+    if name == "loraprune":  # LoRAPrune: an adapter trained with the pruner, evaluated on the pruned base
+        sparsity = data.get("sparsity")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+            raise StudyConfigError(f"{where}.sparsity: loraprune needs the share of units pruned per channel group, "
+                                   f"a number in [0, 1), got {sparsity!r}")
+        prune_method = data.get("method", "lora")
+        if prune_method not in list_methods():
+            raise StudyConfigError(f"{where}.method: unknown adapter method {prune_method!r} (valid: "
+                                   f"{', '.join(sorted(list_methods()))})")
+        sparsity = float(sparsity)
+    else:
+        for key in ("sparsity", "method"):
+            if key in data:
+                raise StudyConfigError(f"{where}.{key}: only the loraprune method takes a {key}")
     if name == "transplant":  # NOT: the stage trains, as model.finetune stage:<stage>
         if "finetune" in data:
             raise StudyConfigError(f"{where}.finetune: a transplant trains its stage; name it with stage: <stage>")
@@ -440,7 +467,7 @@ def _method_entry(data: Any, where: str) -> MethodEntry:
         overrides["finetune"] = f"{STAGE_PREFIX}{stage}"
     elif "stage" in data:
         raise StudyConfigError(f"{where}.stage: only the transplant method takes a stage")
-    return MethodEntry(name, ranks, _model_section(overrides, where, _METHOD_REFUSED))
+    return MethodEntry(name, ranks, _model_section(overrides, where, _METHOD_REFUSED), sparsity, prune_method)
 
 
 def study_from_mapping(data: Any) -> StudyConfig:
@@ -630,21 +657,21 @@ def _check_method(config: StudyConfig, entry: MethodEntry, where: str, meta: dic
     if entry.family == "full" and "finetune" in own:
         raise StudyConfigError(f"{where}.finetune: full fine-tuning trains every group; use name: module for a "
                                "group")
-    if entry.family != "adapter":
+    method = entry.adapter_method
+    if method is None:
         for key in ("adapter", "training_rule", "training_rule_options"):
             if key in own:
                 raise StudyConfigError(f"{where}.{key}: only adapter methods take an adapter section or a training "
                                        "rule")
-    if entry.family == "adapter" and (not entry.ranks or any(r < 1 for r in entry.ranks)):
+    if method is not None and (not entry.ranks or any(r < 1 for r in entry.ranks)):
         raise StudyConfigError(f"{where}.ranks: give positive ranks")
-    ranks: list[int | None] = (list(entry.ranks) if entry.family == "adapter" and get_method(entry.name).uses_rank
-                               else [None])
+    ranks: list[int | None] = list(entry.ranks) if method is not None and get_method(method).uses_rank else [None]
     rule = config.method_overrides(entry).get("training_rule")
-    if rule and entry.family == "adapter":
+    if rule and method is not None:
         from ..adapters.optim import check_rule_method
 
         try:
-            check_rule_method(rule, entry.name)
+            check_rule_method(rule, method)
         except ValueError as exc:
             raise StudyConfigError(f"{where}.training_rule: {exc}") from None
     overrides = config.method_overrides(entry)
@@ -668,6 +695,18 @@ def _check_method(config: StudyConfig, entry: MethodEntry, where: str, meta: dic
     for rank in ranks:
         model = config.job_model(entry, rank, None)
         _checked(config, model, config.data, config.trainer, lambda k, r=rank: origin(k, r), meta)
+    if entry.family == "loraprune":  # the backbone needs a channel graph, known before anything trains
+        from ..pruning import PruningError, channel_graph
+
+        sections = {**_defaults(model_parameters()), **config.job_model(entry, ranks[0], None)}
+        network = checks.meta_network(sections["backbone"], dict(sections.get("backbone_args") or {}),
+                                      config.spatial_dims, {"backbone": "study.model.backbone",
+                                                            "backbone_args": "study.model.backbone_args"})
+        if network is not None:
+            try:
+                channel_graph(network)
+            except PruningError as exc:
+                raise StudyConfigError(f"{where}.name: {exc}") from None
     return [entry.job_name(rank) for rank in ranks]
 
 
