@@ -11,10 +11,16 @@ a copy of the base, so it costs what the base costs) runs with the same sliding 
 adapter's probabilities are brought back to the input's grid first and the fusion
 (:func:`~medlora.adapters.multi.fuse_class_maps`) is done there, so that no label value is ever interpolated. The
 label map holds the class values the composition records (those of the dataset's ``dataset.json``).
+
+A mixer file (selection ``mixer``): one network, the base with every routed layer replaced by a
+:class:`~medlora.adapters.multi.mixer.MixerLinear` over the experts (the adapter files) and the stored gates, so a
+case costs one pass of the base plus the E low-rank products per routed layer, not E networks. Its output channels
+(``outputs``) are brought to the input's grid and fused into the recorded label values in the same way.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +30,14 @@ import torch
 from torch import nn
 
 from ..adapters.multi.compose import fuse_class_maps
-from ..adapters.multi.files import CompositionSpec, check_base, read_composition, resolve_adapter_files
+from ..adapters.multi.files import (
+    CompositionFileError,
+    CompositionSpec,
+    check_base,
+    read_composition,
+    resolve_adapter_files,
+)
+from ..errors import MedloraError
 from .provenance import ModelFile
 
 if TYPE_CHECKING:
@@ -45,7 +58,10 @@ class ComposedModels:
         s = self.spec
         return {"file": str(self.path), "adapters": list(s.names), "values": list(s.values), "select": s.select,
                 "k": s.k, "pooled_layer": s.pooled_layer, "rule": s.rule,
-                "priority": None if s.priority is None else [s.names[i] for i in s.priority]}
+                "priority": None if s.priority is None else [s.names[i] for i in s.priority],
+                **({} if s.mixer is None else {"mixer": {
+                    "layers": len(s.mixer.layers), "routing": s.mixer.routing, "k": s.mixer.k,
+                    "outputs": [list(o) for o in s.mixer.outputs]}})}
 
 
 def load_composed_models(model: Path, composition: Path, adapters: list[Path]) -> InferenceModels:
@@ -62,11 +78,19 @@ def load_composed_models(model: Path, composition: Path, adapters: list[Path]) -
     files = resolve_adapter_files(composition, meta, adapters)
     base = _load_base(model, arch)
     check_base(composition, meta, base)
-    models = [_with_adapter(base, f) for f in files]
+    if spec.mixer is not None:
+        try:
+            models = [spec.mixer.attach(copy.deepcopy(base), files, spec.names).eval()]
+        except MedloraError as exc:
+            raise CompositionFileError(f"{composition}: {exc}") from None
+        members = [f"{model} + mixer of {', '.join(map(str, files))}"]
+    else:
+        models = [_with_adapter(base, f) for f in files]
+        members = [f"{model} + {f} ({n})" for f, n in zip(files, spec.names, strict=True)]
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
-    return InferenceModels(models, [f"{model} + {f} ({n})" for f, n in zip(files, spec.names, strict=True)], arch,
+    return InferenceModels(models, members, arch,
                            prep, [ModelFile("base", model), ModelFile("composition", composition),
                                   *(ModelFile("adapter", f) for f in files)],
                            composition=ComposedModels(spec, base, composition))
@@ -78,6 +102,13 @@ def predict_composed(predictor: Predictor, data: np.ndarray, affine: np.ndarray)
     comp: ComposedModels = predictor.models.composition
     spec = comp.spec
     image = predictor.preprocess(data, affine)
+    if spec.mixer is not None:
+        outs = spec.mixer.outputs
+        probs = np.stack([predictor.to_input_grid(predictor.probabilities(image, channel=c), image) for c, _ in outs])
+        labels = fuse_class_maps(torch.from_numpy(probs)[None], [v for _, v in outs], rule="probability",
+                                 threshold=predictor.threshold)[0].numpy().astype(np.uint8)
+        return CasePrediction(probability=probs.max(axis=0), label=labels, chosen=list(spec.names),
+                              class_voxels={f"label {v}": int(np.count_nonzero(labels == v)) for _, v in outs})
     features = None
     if spec.select != "all":
         x = torch.as_tensor(image.as_tensor() if hasattr(image, "as_tensor") else image)  # (1, X, Y, Z)

@@ -14,11 +14,16 @@ case-level router, if any (``router.head.weight``, ``router.head.bias``, ``route
   2603.10160) or ``present`` (every adapter the router scores above 0, the top one when none is);
   ``pooled_layer``: the base's sub-module whose averaged output the router reads, ``pooling`` how it is averaged
   (``mean`` or ``foreground``: weighted by the base's own foreground probability);
+* ``select`` ``mixer``: a token-level mixer (:mod:`.mixer`, LoRA-Mixer style) instead of a case router; ``mixer``
+  records the routed layers (full module names), ``routing``, ``k``, ``temperature`` and ``outputs`` (pairs
+  ``[channel, label value]`` of the mixed network's output); the tensors are each layer's gate,
+  ``mixer.<layer>.weight`` ``(E, I)`` and ``mixer.<layer>.bias`` ``(E,)``. The experts are the ``adapters`` (their
+  ``value`` is the class each expert was trained for; the label values written are those of ``outputs``);
 * ``fusion``: ``rule`` (``probability`` or ``priority``), ``priority`` (adapter names) and ``threshold``
   (:func:`~.compose.fuse_class_maps`);
 * optional ``architecture`` and ``preprocessing`` records (as adapter files carry them), which ``medlora infer``
   needs to build and feed the base;
-* ``tensors_sha256``: checksum of the router tensors, checked on every read.
+* ``tensors_sha256``: checksum of the router (or gate) tensors, checked on every read.
 
 The adapters themselves stay in their own files: :func:`resolve_adapter_files` finds them beside the composition
 (or takes the files given) and refuses any whose fingerprint differs; :func:`check_base` refuses a base whose
@@ -34,6 +39,7 @@ when the average is weighted by where the base sees blood.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -50,16 +56,70 @@ from ..io import base_record, read_adapter_file, tensors_checksum
 from .compose import FUSION_RULES, compose_outputs
 from .router import CaseRouter, pooled_features
 
-__all__ = ["COMPOSITION_FORMAT", "SELECTIONS", "CompositionFileError", "CompositionSpec", "check_base",
-           "read_composition", "resolve_adapter_files", "save_composition"]
+__all__ = ["COMPOSITION_FORMAT", "SELECTIONS", "CompositionFileError", "CompositionSpec", "MixerSpec", "check_base",
+           "read_composition", "resolve_adapter_files", "save_composition", "save_mixer"]
 
 COMPOSITION_FORMAT = "medlora.composition/1"
-SELECTIONS = ("all", "top-k", "present")
+SELECTIONS = ("all", "top-k", "present", "mixer")
 POOLINGS = ("mean", "foreground")
 
 
 class CompositionFileError(MedloraError, ValueError):
     """A composition file that cannot be read, or whose base or adapters do not match (one line naming it)."""
+
+
+@dataclass
+class MixerSpec:
+    """What a composition file keeps of a token-level mixer (:func:`~.mixer.attach_mixer`): the routed layers,
+    each layer's gate (``"<layer>.weight"``, ``"<layer>.bias"``), the routing rule, and which output channels of
+    the mixed network become which label values. The experts are the composition's adapter files; only plug-and-play
+    mixers (frozen experts) can be saved this way, since the files must hold the experts as they are routed."""
+
+    layers: list[str]
+    gates: dict[str, torch.Tensor]
+    routing: str = "soft"
+    k: int = 1
+    temperature: float = 1.0
+    outputs: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1)])
+
+    @classmethod
+    def from_model(cls, model: nn.Module, outputs: Sequence[tuple[int, int]] = ((0, 1),)) -> MixerSpec:
+        """The mixer attached to ``model``; refused unless every layer routes alike and routes by its gate."""
+        from .mixer import mixer_layers
+
+        layers = mixer_layers(model)
+        if not layers:
+            raise CompositionFileError("the model holds no mixer layer (attach_mixer) to save")
+        first = layers[0][1]
+        for name, m in layers:
+            if (m.routing, m.k, m.temperature) != (first.routing, first.k, first.temperature):
+                raise CompositionFileError(f"mixer layer {name!r} routes as {m.routing}/k={m.k}/T={m.temperature}, "
+                                           f"{layers[0][0]!r} as {first.routing}/k={first.k}/T={first.temperature}; "
+                                           "a mixer file records one routing")
+            if m.fixed is not None:
+                raise CompositionFileError(f"mixer layer {name!r} has fixed gates (fix_gates); call "
+                                           "fix_gates(model, None) before saving its routers")
+        gates = {f"{n}.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                 for n, m in layers for k, v in m.router.state_dict().items()}
+        return cls([n for n, _ in layers], gates, first.routing, first.k, first.temperature,
+                   [(int(c), int(v)) for c, v in outputs])
+
+    def attach(self, base: nn.Module, experts: Sequence[Any], names: Sequence[str]) -> nn.Module:
+        """:func:`~.mixer.attach_mixer` on ``base`` (in place) over ``experts`` at exactly :attr:`layers`, then
+        the stored gate weights."""
+        import re
+
+        from .mixer import attach_mixer, mixer_layers
+
+        model = attach_mixer(base, experts, targets=["re:" + re.escape(n) for n in self.layers],
+                             routing=self.routing, k=self.k, temperature=self.temperature, names=names)
+        got = [n for n, _ in mixer_layers(model)]
+        if sorted(got) != sorted(self.layers):
+            missing = sorted(set(self.layers) - set(got))
+            raise CompositionFileError(f"the experts do not adapt the mixer's layer(s) {', '.join(missing[:3])}")
+        for n, m in mixer_layers(model):
+            m.router.load_state_dict({"weight": self.gates[f"{n}.weight"], "bias": self.gates[f"{n}.bias"]})
+        return model
 
 
 @dataclass
@@ -69,6 +129,7 @@ class CompositionSpec:
     ``names``/``values``/``channels``: the adapters in class order, the label value each writes and the output
     channel holding its class map. ``select``: see :data:`SELECTIONS`; ``k`` for ``top-k``; ``router`` and
     ``pooled_layer`` for ``top-k`` and ``present``. ``priority``: adapter indices, first wins (``rule="priority"``).
+    ``mixer`` for ``select="mixer"``: the adapters are the mixer's experts, all of them run in one network.
     """
 
     names: list[str]
@@ -82,6 +143,7 @@ class CompositionSpec:
     threshold: float = 0.5
     channels: list[int] = field(default_factory=list)
     pooling: str = "mean"
+    mixer: MixerSpec | None = None
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -92,7 +154,15 @@ class CompositionSpec:
         if self.select not in SELECTIONS:
             raise CompositionFileError(f"unknown adapter selection {self.select!r}; choose one of "
                                        f"{', '.join(SELECTIONS)}")
-        if self.select != "all" and (self.router is None or not self.pooled_layer):
+        if (self.select == "mixer") != (self.mixer is not None):
+            raise CompositionFileError("selection 'mixer' needs a MixerSpec, and a MixerSpec needs selection 'mixer'")
+        if self.mixer is not None:
+            bad = next((lay for lay in self.mixer.layers if self.mixer.gates[f"{lay}.weight"].shape[0] != n), None)
+            if bad is not None:
+                raise CompositionFileError(f"the gate of mixer layer {bad!r} scores "
+                                           f"{self.mixer.gates[bad + '.weight'].shape[0]} experts, the composition "
+                                           f"has {n}")
+        if self.select not in ("all", "mixer") and (self.router is None or not self.pooled_layer):
             raise CompositionFileError(f"selection {self.select!r} needs a router and the pooled layer it reads")
         if self.select == "top-k" and not (self.k is not None and 1 <= self.k <= n):
             raise CompositionFileError(f"top-k selection needs 1 <= k <= {n}, got k={self.k}")
@@ -145,7 +215,7 @@ class CompositionSpec:
     def choose(self, features: torch.Tensor | None) -> list[list[int]]:
         """Indices of the adapters that run, per case (ascending), from ``(N, C)`` router features."""
         n = len(self.names)
-        if self.select == "all":
+        if self.select in ("all", "mixer"):
             return [list(range(n))] * (1 if features is None else features.shape[0])
         assert self.router is not None and features is not None
         with torch.no_grad():
@@ -204,18 +274,59 @@ def save_composition(path: str | os.PathLike[str], spec: CompositionSpec, base: 
     if spec.router is not None:
         tensors = {f"router.{k}": v.detach().to("cpu", torch.float32).contiguous()
                    for k, v in spec.router.state_dict().items()}
+    mix = spec.mixer
+    if mix is not None:
+        tensors = {f"mixer.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in mix.gates.items()}
     from ... import __version__
 
     meta = {"format": COMPOSITION_FORMAT, "medlora_version": __version__, "adapters": entries,
             "base": {"sha256": record["sha256"]}, "select": spec.select, "k": spec.k,
             "pooled_layer": spec.pooled_layer, "pooling": spec.pooling,
             "router": None if spec.router is None else {"in_features": spec.router.head.in_features},
+            "mixer": None if mix is None else {"layers": list(mix.layers), "routing": mix.routing, "k": int(mix.k),
+                                               "temperature": float(mix.temperature),
+                                               "outputs": [[int(c), int(v)] for c, v in mix.outputs]},
             "fusion": {"rule": spec.rule, "threshold": float(spec.threshold),
                        "priority": None if spec.priority is None else [spec.names[i] for i in spec.priority]},
             "architecture": None if architecture is None else dict(architecture),
             "preprocessing": None if preprocessing is None else dict(preprocessing),
             "tensors_sha256": tensors_checksum(tensors)}
     return atomic_save_safetensors(tensors, path, {"format": "pt", "medlora": json.dumps(meta)})
+
+
+def save_mixer(path: str | os.PathLike[str], model: nn.Module, base: nn.Module,
+               adapter_files: Sequence[str | os.PathLike[str]], values: Sequence[int], *,
+               names: Sequence[str] | None = None, outputs: Sequence[tuple[int, int]] = ((0, 1),),
+               threshold: float = 0.5, architecture: Mapping[str, Any] | None = None,
+               preprocessing: Mapping[str, Any] | None = None) -> Path:
+    """Write the mixer attached to ``model`` (its gates, routing, layers) with its experts' adapter files, in the
+    mixer's expert order, as a composition file of selection ``mixer``.
+
+    ``values``: the class each expert was trained for (recorded); ``outputs``: ``(channel, label value)`` of the
+    mixed network's output written by ``medlora infer``. Refused in one line, before anything is written, when
+    ``model`` is not ``base`` plus the mixer, or when the experts rebuilt from the files differ from the mixer's
+    (another file, or experts trained together with the routers: save those as adapter files first).
+    """
+    from .mixer import detach_mixer, mixer_layers
+
+    mix = MixerSpec.from_model(model, outputs)
+    layers = dict(mixer_layers(model))
+    names = list(names) if names is not None else list(layers[mix.layers[0]].names)
+    spec = CompositionSpec(names, list(values), select="mixer", mixer=mix, threshold=threshold)
+    if len(adapter_files) != len(names):
+        raise CompositionFileError(f"{path}: {len(adapter_files)} adapter files for {len(names)} experts")
+    if base_record(detach_mixer(copy.deepcopy(model)))["sha256"] != base_record(base)["sha256"]:
+        raise CompositionFileError(f"{path}: the mixer's model is not the given base plus its mixer layers")
+    rebuilt = dict(mixer_layers(mix.attach(copy.deepcopy(base), list(adapter_files), names)))
+    for lay in mix.layers:
+        mine, got = layers[lay], rebuilt[lay]
+        for e, f in enumerate(adapter_files):
+            same = all(torch.allclose(x[e].float().cpu(), y[e].float().cpu(), rtol=1e-5, atol=1e-6) for x, y in
+                       ((mine.lora_A, got.lora_A), (mine.lora_B, got.lora_B), (mine.scaling, got.scaling)))
+            if not same:
+                raise CompositionFileError(f"{f}: expert {names[e]!r} differs from the mixer's expert at layer "
+                                           f"{lay!r} (another file, or an expert trained with the routers)")
+    return save_composition(path, spec, base, adapter_files, architecture=architecture, preprocessing=preprocessing)
 
 
 def read_composition(path: str | os.PathLike[str]) -> tuple[CompositionSpec, dict[str, Any]]:
@@ -240,13 +351,23 @@ def read_composition(path: str | os.PathLike[str]) -> tuple[CompositionSpec, dic
         if meta.get("router") is not None:
             router = CaseRouter(int(meta["router"]["in_features"]), len(names), names)
             router.load_state_dict({k.removeprefix("router."): v for k, v in tensors.items()})
+        mixer = None
+        if meta.get("mixer") is not None:
+            m = meta["mixer"]
+            gates = {k.removeprefix("mixer."): v for k, v in tensors.items()}
+            layers = [str(n) for n in m["layers"]]
+            absent = [f"{n}.{k}" for n in layers for k in ("weight", "bias") if f"{n}.{k}" not in gates]
+            if absent:
+                raise CompositionFileError(f"no gate tensor mixer.{absent[0]}")
+            mixer = MixerSpec(layers, gates, str(m["routing"]), int(m["k"]), float(m["temperature"]),
+                              [(int(c), int(v)) for c, v in m["outputs"]])
         fusion = meta["fusion"]
         prio = fusion.get("priority")
         spec = CompositionSpec(names, [int(a["value"]) for a in adapters], select=meta["select"], k=meta.get("k"),
                                router=router, pooled_layer=meta.get("pooled_layer"), rule=fusion["rule"],
                                priority=None if prio is None else [names.index(p) for p in prio],
                                threshold=float(fusion["threshold"]), channels=[int(a["channel"]) for a in adapters],
-                               pooling=meta.get("pooling", "mean"))
+                               pooling=meta.get("pooling", "mean"), mixer=mixer)
     except CompositionFileError as exc:
         raise CompositionFileError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
