@@ -11,6 +11,11 @@ ReMix's top-1 equal weights. Printed: Dice of the two-class map (all test voxels
 voxels predicted outside the two classes, and the effective number of experts.
 
     python scripts/mixer_sam_study.py --seeds 0,1,2      # about 4 min per seed on one core
+    python scripts/mixer_sam_study.py --save runs/mixer  # also write base, experts and each trained mixer
+
+``--save DIR`` writes, per seed, ``DIR/seed<n>/base.safetensors``, the two experts as adapter files and each
+soft-trained mixer as a composition file (``save_mixer``, selection ``mixer``; label value 1 = either class) that
+``medlora infer --model .../base.safetensors --composition .../mixer_soft_balance<b>.safetensors`` runs.
 """
 
 from __future__ import annotations
@@ -27,14 +32,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medlora.adapters import AdapterConfig, inject  # noqa: E402
+from medlora.adapters import AdapterConfig, inject, save_adapter  # noqa: E402
 from medlora.adapters.multi import attach_mixer, fix_gates, mixer_balance_loss, mixer_stats  # noqa: E402
+from medlora.adapters.multi.files import save_mixer  # noqa: E402
 from medlora.adapters.multi.mixer import mixer_layers  # noqa: E402
 from medlora.data.phantoms import TYPE_LABELS, parse_types  # noqa: E402
+from medlora.fileio import atomic_save_safetensors  # noqa: E402
 from medlora.models.sam import SamSegmenter  # noqa: E402
 
 # The composition study's cohort, slicing, loss and half-positive sampler, so that both studies see the same data.
-from medlora.training.composition import _cohort, _loss, _probs, _slices, _train  # noqa: E402
+from medlora.training.composition import _HU, _cohort, _loss, _probs, _slices, _train  # noqa: E402
 
 TARGETS = ["attn.qkv", "attn.proj"]
 CLASSES = ("subarachnoid", "intraventricular")
@@ -101,6 +108,16 @@ def run(args, seed: int) -> list[dict]:
         expert = inject(copy.deepcopy(base), AdapterConfig("lora", rank=args.rank, targets=TARGETS))
         experts.append(_train(expert, xtr, ytr == values[j], args.adapter_steps, 3e-3, seed + 20 + j))
         record(f"adapter {name} alone", _probs(expert, xte))
+    save = Path(args.save) / f"seed{seed}" if args.save else None
+    files: list[Path] = []
+    if save is not None:  # what medlora infer needs to rebuild and feed the base
+        arch = {"backbone": "sam", "backbone_args": {"variant": "tiny", "image_size": 48}, "spatial_dims": 2}
+        prep = {"hu_window": list(_HU), "target_spacing": None, "roi_size": [48, 48], "threshold": 0.5}
+        (save / "experts").mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(base.state_dict(), save / "base.safetensors")
+        files = [save_adapter(e, save / "experts" / f"{c}.safetensors", extra_metadata={
+            "class": c, "value": v, **arch, "preprocessing": prep}) for e, c, v in zip(experts, CLASSES, values,
+                                                                                      strict=True)]
     record("output composition (max prob.)", torch.maximum(*[_probs(e, xte) for e in experts]))
     mixer = attach_mixer(copy.deepcopy(base), experts, targets=TARGETS, names=list(CLASSES))
     fix_gates(mixer, [0.5, 0.5])
@@ -110,6 +127,9 @@ def run(args, seed: int) -> list[dict]:
         model = attach_mixer(copy.deepcopy(base), experts, targets=TARGETS, names=list(CLASSES))
         train_router(model, xtr, two, args.router_steps, args.router_lr, seed + 40, balance)
         record(f"router soft (balance {balance:g})", _probs(model, xte), model)
+        if save is not None:
+            save_mixer(save / f"mixer_soft_balance{balance:g}.safetensors", model, base, files, values,
+                       architecture=arch, preprocessing=prep)
         for _, layer in mixer_layers(model):
             layer.set_routing("topk_equal", k=1)
         record(f"router top-1 equal (balance {balance:g})", _probs(model, xte), model)
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--balance", type=float, default=0.1, help="weight of the specialisation-balance loss")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save", help="write base, experts and the trained soft mixers under this folder")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
