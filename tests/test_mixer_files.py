@@ -98,6 +98,8 @@ def test_save_refuses_experts_that_differ_from_the_files(tmp_path, setup):
         save_mixer(tmp_path / "m.safetensors", model, base, files, [4, 3])
     with pytest.raises(CompositionFileError, match="not the given base"):
         save_mixer(tmp_path / "m.safetensors", _mixer(base, experts), _base(5), files, [4, 3])
+    with pytest.raises(CompositionFileError, match="random draws"):  # would label a case differently each run
+        save_mixer(tmp_path / "m.safetensors", _mixer(base, experts, "sample_equal", k=1), base, files, [4, 3])
     assert not (tmp_path / "m.safetensors").exists()
 
 

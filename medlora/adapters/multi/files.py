@@ -96,6 +96,9 @@ class MixerSpec:
                 raise CompositionFileError(f"mixer layer {name!r} routes as {m.routing}/k={m.k}/T={m.temperature}, "
                                            f"{layers[0][0]!r} as {first.routing}/k={first.k}/T={first.temperature}; "
                                            "a mixer file records one routing")
+            if m.routing == "sample_equal":
+                raise CompositionFileError(f"mixer layer {name!r} routes by random draws (sample_equal, ReMix's "
+                                           "training routing); set_routing('topk_equal', k) before saving")
             if m.fixed is not None:
                 raise CompositionFileError(f"mixer layer {name!r} has fixed gates (fix_gates); call "
                                            "fix_gates(model, None) before saving its routers")
@@ -233,6 +236,8 @@ class CompositionSpec:
     def segment(self, bank: nn.Module, base: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """One case through an :class:`~.bank.AdapterBank` holding the adapters under :attr:`names`: the chosen
         adapters in one mixed batch, fused. ``x`` as in :meth:`case_features`. Returns (labels, chosen)."""
+        if self.mixer is not None:
+            raise CompositionFileError("a mixer composition runs as one network (MixerSpec.attach), not through a bank")
         chosen = self.choose(None if self.select == "all" else self.case_features(base, x))[0]
         labels, _ = compose_outputs(bank, x, [self.names[i] for i in chosen],
                                     channels=[self.channels[i] for i in chosen],
