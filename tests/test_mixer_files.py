@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from medlora.adapters import AdapterConfig, inject, iter_adapters, save_adapter
 from medlora.adapters.multi import attach_mixer
-from medlora.adapters.multi.files import CompositionFileError, read_composition, save_mixer
+from medlora.adapters.multi.files import CompositionFileError, read_composition, save_composition, save_mixer
 from medlora.adapters.multi.mixer import mixer_layers
 from medlora.cli import main
 from medlora.models.sam import SamSegmenter
@@ -162,5 +162,10 @@ def test_wrong_base_or_expert_is_refused_in_one_line(tmp_path, setup, capsys):
         "--model", str(tmp_path / "base.safetensors"), "--adapter", str(stranger))
     assert "no --adapter file given for adapter(s) intraventricular" in refused(
         "--model", str(tmp_path / "base.safetensors"), "--adapter", str(files[0]))
+    spec, _ = read_composition(comp)  # gates of the wrong width for the routed layers: one line, not a traceback
+    spec.mixer.gates = {k: v[..., :3] if k.endswith("weight") else v for k, v in spec.mixer.gates.items()}
+    bad = save_composition(tmp_path / "bad.safetensors", spec, base, files, architecture=ARCH, preprocessing=_prep())
+    assert "the layer needs (2, 64)" in refused("--model", str(tmp_path / "base.safetensors"), "--composition",
+                                                str(bad))
     files[1].unlink()
     assert "'intraventricular' not found" in refused("--model", str(tmp_path / "base.safetensors"))

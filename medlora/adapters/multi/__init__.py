@@ -19,7 +19,14 @@
 
 from .bank import AdapterBank, lora_terms
 from .compose import AdapterDeltas, compose_outputs, fuse_class_maps, random_like, search_coefficients
-from .files import CompositionFileError, CompositionSpec, read_composition, save_composition
+from .files import (
+    CompositionFileError,
+    CompositionSpec,
+    MixerSpec,
+    read_composition,
+    save_composition,
+    save_mixer,
+)
 from .mixer import (
     MixerLinear,
     attach_mixer,
@@ -41,3 +48,4 @@ __all__ = ["STRATEGIES", "AdapterBank", "AdapterDeltas", "CaseRouter", "Composit
            "rloo_surrogate", "sample_subsets", "search_coefficients", "topk_equal_weights"]
 __all__ += ["MixerLinear", "attach_mixer", "detach_mixer", "fix_gates", "mixer_balance_loss", "mixer_log_prob",
             "mixer_stats", "specialisation_balance_loss"]
+__all__ += ["MixerSpec", "save_mixer"]

@@ -121,7 +121,11 @@ class MixerSpec:
             missing = sorted(set(self.layers) - set(got))
             raise CompositionFileError(f"the experts do not adapt the mixer's layer(s) {', '.join(missing[:3])}")
         for n, m in mixer_layers(model):
-            m.router.load_state_dict({"weight": self.gates[f"{n}.weight"], "bias": self.gates[f"{n}.bias"]})
+            w, b = self.gates[f"{n}.weight"], self.gates[f"{n}.bias"]
+            if w.shape != m.router.weight.shape or b.shape != m.router.bias.shape:
+                raise CompositionFileError(f"the gate of mixer layer {n!r} is {tuple(w.shape)}, the layer needs "
+                                           f"{tuple(m.router.weight.shape)}")
+            m.router.load_state_dict({"weight": w, "bias": b})
         return model
 
 
