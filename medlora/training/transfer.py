@@ -403,13 +403,41 @@ def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]
 
 
 def _new_adapter_config(meta: dict[str, Any], method: str, rank: int, alpha: float | None) -> AdapterConfig:
-    """The new adapter's config: ``method``/``rank``/``alpha`` on the teacher adapter's layer selection."""
+    """The new adapter's config: ``method``/``rank``/``alpha`` on the teacher adapter's layer selection, with the
+    teacher's ``options``/``options_pattern`` when the method is the teacher's (SALT's ``svd_rank`` per layer type,
+    SAMed's LoRA on the q and v blocks of a fused qkv); another method's options would not apply."""
     selection = meta["configs"][0]
+    same = selection.get("method") == method
     try:
         return AdapterConfig(method, rank=rank, alpha=alpha, targets=selection.get("targets"),
-                             target_types=selection.get("target_types"), exclude=selection.get("exclude"))
+                             target_types=selection.get("target_types"), exclude=selection.get("exclude"),
+                             options=dict(selection.get("options") or {}) if same else {},
+                             options_pattern=dict(selection.get("options_pattern") or {}) if same else {})
     except ValueError as exc:
         raise TransferError(f"--method {method}: {exc}") from None
+
+
+@torch.no_grad()
+def _check_outputs(teacher: nn.Module, student: nn.Module, roi: Sequence[int], teacher_adapter: Path,
+                   model: Path) -> None:
+    """Refuse, before any phantom is drawn, a student whose output differs from the teacher's on one blank sample
+    of the teacher's window: only outputs are matched, so their classes (and spatial size) must agree."""
+    probe = torch.zeros(1, 1, *[int(r) for r in roi])
+    was = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        shape_t, shape_s = tuple(teacher(probe).shape), tuple(student(probe).shape)
+    except (RuntimeError, ValueError) as exc:
+        raise TransferError(f"{model}: the new base cannot run on the teacher's {len(roi)}D samples of "
+                            f"{list(roi)} ({' '.join(str(exc).split())[:200]})") from None
+    finally:
+        teacher.train(was[0])
+        student.train(was[1])
+    if shape_s != shape_t:
+        raise TransferError(f"{model}: the new base outputs {shape_s[1]} channel(s) of {list(shape_s[2:])}, the "
+                            f"teacher ({teacher_adapter}) {shape_t[1]} of {list(shape_t[2:])}; only outputs are "
+                            "matched, so classes must agree (set num_classes/out_channels in --backbone-args)")
 
 
 def run_transfer(
@@ -455,6 +483,7 @@ def run_transfer(
         student = build_model(new_spec)
         config = _new_adapter_config(meta, method, rank, alpha)
         make_trainable(student, config)
+    _check_outputs(teacher, student, roi, teacher_adapter, model)
     started_from_teacher = False
     if new_spec.backbone == t_backbone and new_spec.backbone_args == t_args and \
             AdapterConfig.from_dict(meta["configs"][0]).to_dict() == config.to_dict():
