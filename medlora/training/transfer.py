@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterConfig, AdapterFileError, load_adapter, read_adapter_file, save_adapter
-from ..assembly import ModelSpec, build_model, load_adapter_onto, make_trainable
+from ..assembly import ModelSpec, build_model, load_adapter_onto
 from ..errors import MedloraError
 
 __all__ = [
@@ -446,15 +446,18 @@ def run_transfer(
     backbone_args: dict[str, Any] | None = None, seed_cases: str | Path | None = None, steps: int = 200,
     batch_size: int = 8, lr: float = 5e-3, synthetic: SyntheticSpec | None = None, patches: int = 4,
     temperature: float = DEFAULT_TEMPERATURE, lesion_weight: float = DEFAULT_LESION_WEIGHT,
-    dice_weight: float = DEFAULT_DICE_WEIGHT, seed: int = 0, overwrite: bool = False,
+    dice_weight: float = DEFAULT_DICE_WEIGHT, seed: int = 0, overwrite: bool = False, finetune: str | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``medlora transfer``: distil the teacher (``teacher_model`` + ``teacher_adapter``) into a new adapter of
     ``method``/``rank`` on ``model`` (the new base; its architecture ``backbone``/``backbone_args``, default the
     teacher's), write it to ``out`` and return the run's record (also stored in the file's metadata, ``transfer``).
 
-    When the new base is the teacher's base and the new adapter is configured like the teacher's, the student
-    starts from the teacher's adapter (identity transfer: the loss starts at 0).
+    ``finetune``: a module group of the new base trained beside the adapter (default: the teacher's recorded
+    ``finetune``, e.g. SAMed's ``prompt_encoder+mask_decoder`` or SALT's ``norms+pos_embed``; ``none`` for the
+    adapter alone); its tensors travel in the new file as the teacher's did. When the new base is the teacher's
+    base and the new adapter is configured like the teacher's, the student starts from the teacher's adapter
+    (identity transfer: the loss starts at 0).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -478,11 +481,13 @@ def run_transfer(
         warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
         old_base = build_model(ModelSpec(t_backbone, t_args, spatial_dims, pretrained=str(teacher_model)))
         teacher = load_adapter_onto(old_base, teacher_adapter)  # checks the adapter was trained on this base
-        new_spec = ModelSpec(backbone or t_backbone, dict(t_args if backbone_args is None else backbone_args),
-                             spatial_dims, pretrained=str(model))
-        student = build_model(new_spec)
         config = _new_adapter_config(meta, method, rank, alpha)
-        make_trainable(student, config)
+        if finetune is None:
+            finetune = (meta.get("extra") or {}).get("finetune")
+        new_spec = ModelSpec(backbone or t_backbone, dict(t_args if backbone_args is None else backbone_args),
+                             spatial_dims, pretrained=str(model), adapter=config,
+                             finetune=None if finetune == "none" else finetune)
+        student = build_model(new_spec)
     _check_outputs(teacher, student, roi, teacher_adapter, model)
     started_from_teacher = False
     if new_spec.backbone == t_backbone and new_spec.backbone_args == t_args and \
@@ -513,7 +518,7 @@ def run_transfer(
         "teacher_backbone_args": t_args, "synthetic": {**asdict(spec), "samples": len(pool)},
         "seed_cases": None if seed_cases is None else str(seed_cases), "steps": steps, "batch_size": batch_size,
         "lr": lr, "temperature": temperature, "lesion_weight": lesion_weight, "dice_weight": dice_weight,
-        "seed": seed, "started_from_teacher": started_from_teacher,
+        "seed": seed, "started_from_teacher": started_from_teacher, "finetune": new_spec.finetune,
     }
     if real is not None:
         keep, p_real = discriminator_filter(old_base, real, pool)
@@ -533,6 +538,9 @@ def run_transfer(
     out.parent.mkdir(parents=True, exist_ok=True)
     # an identity transfer copied the teacher's extra tensors (e.g. its BatchNorm statistics): they travel along
     carried = list(meta.get("extra_tensors") or []) if started_from_teacher else []
+    from .callbacks import extra_state_names  # lightning is imported only here
+
+    carried += [n for n in extra_state_names(student, "freeze") if n not in carried]  # the trained group
     save_adapter(student, out, extra_metadata=extra, extra_tensors=carried)
     say(f"wrote {out}")
     return record
