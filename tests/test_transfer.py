@@ -271,8 +271,13 @@ def test_sam_identity_transfer_starts_from_the_teacher(sam_files):
     assert record["started_from_teacher"] and abs(record["first_loss"]) < 1e-6
 
 
-def test_transfer_refuses_a_sam_student_with_other_classes(sam_files, capsys):
+def test_transfer_refuses_a_sam_student_with_other_classes_or_window(sam_files, capsys):
     assert main(_sam_args(sam_files, {**SAM_NEW, "prompt": "none", "num_classes": 2}, "--steps", "1")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "new.safetensors" in err and "2 channel(s)" in err and "classes" in err
+    assert not (sam_files / "new_adapter.safetensors").exists()
+    # SAM reads its [0, 1] input as HU over input_window: another window than the teacher's samples is refused
+    assert main(_sam_args(sam_files, {**SAM_NEW, "input_window": [0, 140]}, "--steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "new.safetensors" in err and "input_window" in err
     assert not (sam_files / "new_adapter.safetensors").exists()

@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterConfig, AdapterFileError, load_adapter, read_adapter_file, save_adapter
-from ..assembly import ModelSpec, build_model, load_adapter_onto
+from ..assembly import ModelSpec, ModelSpecError, build_model, load_adapter_onto
 from ..errors import MedloraError
+from .checks import input_window_problem
 
 __all__ = [
     "DEFAULT_DICE_WEIGHT",
@@ -487,7 +488,14 @@ def run_transfer(
         new_spec = ModelSpec(backbone or t_backbone, dict(t_args if backbone_args is None else backbone_args),
                              spatial_dims, pretrained=str(model), adapter=config,
                              finetune=None if finetune == "none" else finetune)
-        student = build_model(new_spec)
+        try:
+            student = build_model(new_spec)
+        except ModelSpecError as exc:  # e.g. SAM (2D only) as the student of a 3D teacher
+            raise TransferError(f"{model}: the new base ({spatial_dims}D, as the teacher {teacher_adapter}): "
+                                f"{exc}") from None
+    problem = input_window_problem(student, hu_window)
+    if problem is not None:  # SAM maps [0, 1] back to HU: the teacher's window must be the student's
+        raise TransferError(f"{model}: the teacher's HU window {problem}; set input_window in --backbone-args")
     _check_outputs(teacher, student, roi, teacher_adapter, model)
     started_from_teacher = False
     if new_spec.backbone == t_backbone and new_spec.backbone_args == t_args and \
