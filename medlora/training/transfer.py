@@ -12,7 +12,10 @@ them from synthetic ones. The paper works on LLMs, which synthesise their own in
 * **Teacher**: the old base with its adapter merged (the adapter file's base fingerprint is checked), evaluation
   mode. **Student**: the new base (any width or backbone: only outputs are matched) with a fresh adapter of any
   method of the core, also run in evaluation mode, so its BatchNorm statistics stay those of the new base (our
-  choice: re-estimating them on synthetic inputs would fit them to the generator, not to patients).
+  choice: re-estimating them on synthetic inputs would fit them to the generator, not to patients). It keeps the
+  teacher's layer selection (and, for the same method, its options: SAMed's q/v blocks, SALT's ``svd_rank``) and
+  trains the teacher's recorded ``finetune`` group beside it (SAMed's mask decoder); its output classes, spatial
+  size and, for SAM, ``input_window`` must be the teacher's, which is checked before any phantom is drawn.
 * **Loss** (:func:`distillation_loss`), per voxel, on the Bernoulli distribution ``σ(z/T)`` of a single-logit
   head (the class distribution of a softmax head):
   ``L = T² · Σ_v w_v KL(softmax(z_T/T) ‖ softmax(z_S/T)) / Σ_v w_v + β · (D(σ(z_S), y_T) − D(σ(z_T), y_T))``
