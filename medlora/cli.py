@@ -88,7 +88,7 @@ def _transfer_command(args: argparse.Namespace) -> int:
                      tuple(args.synthetic_shape), spacing=None if args.synthetic_spacing is None else
                      tuple(args.synthetic_spacing)),
                  temperature=args.temperature, lesion_weight=args.lesion_weight, dice_weight=args.dice_weight,
-                 seed=args.seed, overwrite=args.overwrite)
+                 seed=args.seed, overwrite=args.overwrite, finetune=args.finetune)
     return 0
 
 
@@ -254,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="adapter method of the new adapter (medlora adapters)")
     p.add_argument("--rank", type=int, default=4, help="its rank (default 4)")
     p.add_argument("--alpha", type=float, help="its alpha (default: the method's)")
+    p.add_argument("--finetune", metavar="GROUP", help="module group of the new base trained beside the adapter, "
+                   "e.g. mask_decoder (default: the teacher's recorded finetune; 'none': the adapter alone)")
     p.add_argument("--out", required=True, help="the new adapter file (refused if it exists, unless --overwrite)")
     p.add_argument("--seed-cases", metavar="DIR",
                    help="a few real cases (NIfTI or an nnU-Net dataset): train the discriminator filter")

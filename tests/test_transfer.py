@@ -2,6 +2,7 @@
 transcription, identity transfer, transfer across widths, the discriminator filter and the command's errors."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ from medlora.adapters import AdapterConfig, inject, load_adapter, read_adapter_f
 from medlora.cli import main
 from medlora.fileio import atomic_save_safetensors
 from medlora.models import create_model
-from medlora.training.transfer import discriminator_filter, distill, distillation_loss
+from medlora.training.transfer import (
+    SyntheticSpec,
+    discriminator_filter,
+    distill,
+    distillation_loss,
+    synthetic_samples,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,3 +193,91 @@ def test_transfer_command_refuses_a_teacher_adapter_on_another_base(files, capsy
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--synthetic-shape" in err and "field of view" in err
+
+
+# ------------------------------------------------------------------------------------------ SAM -> another SAM
+
+SAM_OLD = {"variant": "tiny", "image_size": 32, "prompt": "none"}
+# another SAM-style config: narrower (48), shallower (2 blocks), box-prompted (the whole slice as the box)
+SAM_NEW = {"variant": "tiny", "image_size": 32, "embed_dim": 48, "depth": 2, "global_attn_indexes": [1],
+           "prompt": "box"}
+SAMED = {"fused_outputs": 3, "adapt_outputs": [0, 2]}  # LoRA on the q and v blocks of qkv (SAMed)
+
+
+def _sam(args: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("sam", **args).eval()
+
+
+@pytest.fixture
+def sam_files(tmp_path):
+    """A SAMed-style teacher: a tiny SAM, LoRA on q/v of every qkv and a retrained mask decoder (its
+    ``finetune`` group, stored as extra tensors), as fit writes it; and a narrower, shallower box-prompted base."""
+    old = _sam(SAM_OLD, seed=0)
+    atomic_save_safetensors(old.state_dict(), tmp_path / "old.safetensors")
+    inject(old, AdapterConfig("lora", rank=2, targets=["image_encoder.blocks.*.attn.qkv"], options=SAMED))
+    decoder = [f"mask_decoder.{n}" for n, _ in old.mask_decoder.named_parameters()]
+    with torch.no_grad():
+        for p in old.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.2)
+        for p in old.mask_decoder.parameters():
+            p.mul_(1.5)  # the "trained" head: logits spread over both classes
+    record = {"backbone": "sam", "backbone_args": SAM_OLD, "spatial_dims": 2, "pretrained": "old.safetensors",
+              "finetune": "mask_decoder", "preprocessing": {"hu_window": [-1024.0, 3071.0], "target_spacing": None,
+                                                            "roi_size": [32, 32], "threshold": 0.5}}
+    save_adapter(old, tmp_path / "old_adapter.safetensors", extra_metadata=record, extra_tensors=decoder)
+    atomic_save_safetensors(_sam(SAM_NEW, seed=1).state_dict(), tmp_path / "new.safetensors")
+    return tmp_path
+
+
+def _sam_args(d, new_args, *extra):
+    return ["transfer", "--teacher-model", str(d / "old.safetensors"), "--teacher-adapter",
+            str(d / "old_adapter.safetensors"), "--model", str(d / "new.safetensors"), "--backbone-args",
+            json.dumps(new_args), "--method", "lora", "--rank", "2", "--out", str(d / "new_adapter.safetensors"),
+            "--batch-size", "4", "--synthetic-volumes", "1", "--synthetic-shape", "48", "48", "16",
+            "--synthetic-spacing", "4", "4", "10", *extra]
+
+
+def test_transfer_from_one_sam_config_to_another(sam_files):
+    assert main(_sam_args(sam_files, SAM_NEW, "--steps", "40", "--lr", "0.01")) == 0
+    meta, _ = read_adapter_file(sam_files / "new_adapter.safetensors")
+    assert meta["extra"]["backbone_args"] == SAM_NEW and meta["extra"]["finetune"] == "mask_decoder"
+    assert meta["configs"][0]["options"] == SAMED  # the teacher's LoRA layout (q and v only) carried over
+    assert any(n.startswith("mask_decoder.") for n in meta["extra_tensors"])
+    # the file loads on the new base (fingerprint checked); on the synthetic slices it is closer to the teacher
+    # than the new base alone
+    teacher = _sam(SAM_OLD, seed=0)
+    load_adapter(teacher, sam_files / "old_adapter.safetensors")
+    base, transferred = _sam(SAM_NEW, seed=1), _sam(SAM_NEW, seed=1)
+    load_adapter(transferred, sam_files / "new_adapter.safetensors")
+    x = synthetic_samples(SyntheticSpec(volumes=1, shape=(48, 48, 16), spacing=(4, 4, 10)), 2, [32, 32],
+                          [-1024.0, 3071.0])
+    with torch.no_grad():
+        z_t = teacher(x)
+        z_base, z_new = base(x), transferred(x)
+        before, _ = distillation_loss(z_base, z_t)
+        after, _ = distillation_loss(z_new, z_t)
+        agree_before = ((z_base >= 0) == (z_t >= 0)).float().mean()
+        agree_after = ((z_new >= 0) == (z_t >= 0)).float().mean()
+    assert float(after) < float(before) - 0.05  # measured 0.098 -> -0.047 (a sharper student: Dice term < 0)
+    assert float(agree_after) > float(agree_before) + 0.15  # the teacher's labels: measured 58% -> 88% of pixels
+
+
+def test_sam_identity_transfer_starts_from_the_teacher(sam_files):
+    assert main(_sam_args(sam_files, SAM_OLD, "--model", str(sam_files / "old.safetensors"), "--steps", "1")) == 0
+    record = read_adapter_file(sam_files / "new_adapter.safetensors")[0]["extra"]["transfer"]
+    # 0 up to rounding: the teacher runs merged (W0 + BA), the student with the adapter unmerged
+    assert record["started_from_teacher"] and abs(record["first_loss"]) < 1e-6
+
+
+def test_transfer_refuses_a_sam_student_with_other_classes_or_window(sam_files, capsys):
+    assert main(_sam_args(sam_files, {**SAM_NEW, "prompt": "none", "num_classes": 2}, "--steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "new.safetensors" in err and "2 channel(s)" in err and "classes" in err
+    assert not (sam_files / "new_adapter.safetensors").exists()
+    # SAM reads its [0, 1] input as HU over input_window: another window than the teacher's samples is refused
+    assert main(_sam_args(sam_files, {**SAM_NEW, "input_window": [0, 140]}, "--steps", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "new.safetensors" in err and "input_window" in err
+    assert not (sam_files / "new_adapter.safetensors").exists()

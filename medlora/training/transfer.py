@@ -12,7 +12,10 @@ them from synthetic ones. The paper works on LLMs, which synthesise their own in
 * **Teacher**: the old base with its adapter merged (the adapter file's base fingerprint is checked), evaluation
   mode. **Student**: the new base (any width or backbone: only outputs are matched) with a fresh adapter of any
   method of the core, also run in evaluation mode, so its BatchNorm statistics stay those of the new base (our
-  choice: re-estimating them on synthetic inputs would fit them to the generator, not to patients).
+  choice: re-estimating them on synthetic inputs would fit them to the generator, not to patients). It keeps the
+  teacher's layer selection (and, for the same method, its options: SAMed's q/v blocks, SALT's ``svd_rank``) and
+  trains the teacher's recorded ``finetune`` group beside it (SAMed's mask decoder); its output classes, spatial
+  size and, for SAM, ``input_window`` must be the teacher's, which is checked before any phantom is drawn.
 * **Loss** (:func:`distillation_loss`), per voxel, on the Bernoulli distribution ``σ(z/T)`` of a single-logit
   head (the class distribution of a softmax head):
   ``L = T² · Σ_v w_v KL(softmax(z_T/T) ‖ softmax(z_S/T)) / Σ_v w_v + β · (D(σ(z_S), y_T) − D(σ(z_T), y_T))``
@@ -55,8 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import AdapterConfig, AdapterFileError, load_adapter, read_adapter_file, save_adapter
-from ..assembly import ModelSpec, build_model, load_adapter_onto, make_trainable
+from ..assembly import ModelSpec, ModelSpecError, build_model, load_adapter_onto
 from ..errors import MedloraError
+from .checks import input_window_problem
 
 __all__ = [
     "DEFAULT_DICE_WEIGHT",
@@ -403,13 +407,41 @@ def _architecture(meta: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]
 
 
 def _new_adapter_config(meta: dict[str, Any], method: str, rank: int, alpha: float | None) -> AdapterConfig:
-    """The new adapter's config: ``method``/``rank``/``alpha`` on the teacher adapter's layer selection."""
+    """The new adapter's config: ``method``/``rank``/``alpha`` on the teacher adapter's layer selection, with the
+    teacher's ``options``/``options_pattern`` when the method is the teacher's (SALT's ``svd_rank`` per layer type,
+    SAMed's LoRA on the q and v blocks of a fused qkv); another method's options would not apply."""
     selection = meta["configs"][0]
+    same = selection.get("method") == method
     try:
         return AdapterConfig(method, rank=rank, alpha=alpha, targets=selection.get("targets"),
-                             target_types=selection.get("target_types"), exclude=selection.get("exclude"))
+                             target_types=selection.get("target_types"), exclude=selection.get("exclude"),
+                             options=dict(selection.get("options") or {}) if same else {},
+                             options_pattern=dict(selection.get("options_pattern") or {}) if same else {})
     except ValueError as exc:
         raise TransferError(f"--method {method}: {exc}") from None
+
+
+@torch.no_grad()
+def _check_outputs(teacher: nn.Module, student: nn.Module, roi: Sequence[int], teacher_adapter: Path,
+                   model: Path) -> None:
+    """Refuse, before any phantom is drawn, a student whose output differs from the teacher's on one blank sample
+    of the teacher's window: only outputs are matched, so their classes (and spatial size) must agree."""
+    probe = torch.zeros(1, 1, *[int(r) for r in roi])
+    was = teacher.training, student.training
+    teacher.eval()
+    student.eval()
+    try:
+        shape_t, shape_s = tuple(teacher(probe).shape), tuple(student(probe).shape)
+    except (RuntimeError, ValueError) as exc:
+        raise TransferError(f"{model}: the new base cannot run on the teacher's {len(roi)}D samples of "
+                            f"{list(roi)} ({' '.join(str(exc).split())[:200]})") from None
+    finally:
+        teacher.train(was[0])
+        student.train(was[1])
+    if shape_s != shape_t:
+        raise TransferError(f"{model}: the new base outputs {shape_s[1]} channel(s) of {list(shape_s[2:])}, the "
+                            f"teacher ({teacher_adapter}) {shape_t[1]} of {list(shape_t[2:])}; only outputs are "
+                            "matched, so classes must agree (set num_classes/out_channels in --backbone-args)")
 
 
 def run_transfer(
@@ -418,15 +450,18 @@ def run_transfer(
     backbone_args: dict[str, Any] | None = None, seed_cases: str | Path | None = None, steps: int = 200,
     batch_size: int = 8, lr: float = 5e-3, synthetic: SyntheticSpec | None = None, patches: int = 4,
     temperature: float = DEFAULT_TEMPERATURE, lesion_weight: float = DEFAULT_LESION_WEIGHT,
-    dice_weight: float = DEFAULT_DICE_WEIGHT, seed: int = 0, overwrite: bool = False,
+    dice_weight: float = DEFAULT_DICE_WEIGHT, seed: int = 0, overwrite: bool = False, finetune: str | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """``medlora transfer``: distil the teacher (``teacher_model`` + ``teacher_adapter``) into a new adapter of
     ``method``/``rank`` on ``model`` (the new base; its architecture ``backbone``/``backbone_args``, default the
     teacher's), write it to ``out`` and return the run's record (also stored in the file's metadata, ``transfer``).
 
-    When the new base is the teacher's base and the new adapter is configured like the teacher's, the student
-    starts from the teacher's adapter (identity transfer: the loss starts at 0).
+    ``finetune``: a module group of the new base trained beside the adapter (default: the teacher's recorded
+    ``finetune``, e.g. SAMed's ``prompt_encoder+mask_decoder`` or SALT's ``norms+pos_embed``; ``none`` for the
+    adapter alone); its tensors travel in the new file as the teacher's did. When the new base is the teacher's
+    base and the new adapter is configured like the teacher's, the student starts from the teacher's adapter
+    (identity transfer: the loss starts at 0).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -450,11 +485,21 @@ def run_transfer(
         warnings.filterwarnings("ignore", message=".*adapter parameters >= the layer")
         old_base = build_model(ModelSpec(t_backbone, t_args, spatial_dims, pretrained=str(teacher_model)))
         teacher = load_adapter_onto(old_base, teacher_adapter)  # checks the adapter was trained on this base
-        new_spec = ModelSpec(backbone or t_backbone, dict(t_args if backbone_args is None else backbone_args),
-                             spatial_dims, pretrained=str(model))
-        student = build_model(new_spec)
         config = _new_adapter_config(meta, method, rank, alpha)
-        make_trainable(student, config)
+        if finetune is None:
+            finetune = (meta.get("extra") or {}).get("finetune")
+        new_spec = ModelSpec(backbone or t_backbone, dict(t_args if backbone_args is None else backbone_args),
+                             spatial_dims, pretrained=str(model), adapter=config,
+                             finetune=None if finetune == "none" else finetune)
+        try:
+            student = build_model(new_spec)
+        except ModelSpecError as exc:  # e.g. SAM (2D only) as the student of a 3D teacher
+            raise TransferError(f"{model}: the new base ({spatial_dims}D, as the teacher {teacher_adapter}): "
+                                f"{exc}") from None
+    problem = input_window_problem(student, hu_window)
+    if problem is not None:  # SAM maps [0, 1] back to HU: the teacher's window must be the student's
+        raise TransferError(f"{model}: the teacher's HU window {problem}; set input_window in --backbone-args")
+    _check_outputs(teacher, student, roi, teacher_adapter, model)
     started_from_teacher = False
     if new_spec.backbone == t_backbone and new_spec.backbone_args == t_args and \
             AdapterConfig.from_dict(meta["configs"][0]).to_dict() == config.to_dict():
@@ -484,7 +529,7 @@ def run_transfer(
         "teacher_backbone_args": t_args, "synthetic": {**asdict(spec), "samples": len(pool)},
         "seed_cases": None if seed_cases is None else str(seed_cases), "steps": steps, "batch_size": batch_size,
         "lr": lr, "temperature": temperature, "lesion_weight": lesion_weight, "dice_weight": dice_weight,
-        "seed": seed, "started_from_teacher": started_from_teacher,
+        "seed": seed, "started_from_teacher": started_from_teacher, "finetune": new_spec.finetune,
     }
     if real is not None:
         keep, p_real = discriminator_filter(old_base, real, pool)
@@ -504,6 +549,9 @@ def run_transfer(
     out.parent.mkdir(parents=True, exist_ok=True)
     # an identity transfer copied the teacher's extra tensors (e.g. its BatchNorm statistics): they travel along
     carried = list(meta.get("extra_tensors") or []) if started_from_teacher else []
+    from .callbacks import extra_state_names  # lightning is imported only here
+
+    carried += [n for n in extra_state_names(student, "freeze") if n not in carried]  # the trained group
     save_adapter(student, out, extra_metadata=extra, extra_tensors=carried)
     say(f"wrote {out}")
     return record
