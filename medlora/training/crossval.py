@@ -652,7 +652,9 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int, pack
         print(f"study {study.config.name!r}: {len(study.jobs)} jobs ({done_before} already done), "
               f"{study.config.folds} folds, run folder {study.out}", flush=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, transient=False) as bar:
+        # no auto-refresh thread: a Ctrl-C that lands inside rich's locked update would leave that thread blocked
+        # on the lock and the exit waiting for the thread; updates below refresh the display themselves instead
+        with Progress(*columns, transient=False, auto_refresh=False) as bar:
             say = functools.partial(bar.console.print, soft_wrap=True)  # a log line stays one line (grep-able)
             for seed in needed:
                 _pretrain(study, seed, may_pretrain, bar, say)
@@ -660,6 +662,7 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int, pack
 
             def finished(job: RunJob, outcome: dict[str, Any] | JobHeld | None) -> None:
                 bar.advance(overall)
+                bar.refresh()
                 say(_outcome_line(study, job, outcome))
 
             units = plan_units(todo, pack, study.config.trainer)
@@ -673,7 +676,8 @@ def _run_study(study: Study, selector: dict[str, str] | None, workers: int, pack
                 for unit in units:
                     title = _job_title(study, unit[0]).strip() if len(unit) == 1 else f"pack of {len(unit)} jobs"
                     task = bar.add_task(f"  {title}", total=None)
-                    run_unit(study, unit, lambda done, total, t=task: bar.update(t, completed=done, total=total),
+                    run_unit(study, unit, lambda done, total, t=task: bar.update(t, completed=done, total=total,
+                                                                                   refresh=True),
                              finished, say)
                     bar.remove_task(task)
             else:
@@ -705,7 +709,8 @@ def _pretrain(study: Study, seed: int, may_pretrain: bool, bar: Any, say: Any) -
                                f"{study.config_path} --out {study.out} --only pretrain` first")
         budget = _progress_budget(study.config.pretrain_trainer())
         task = bar.add_task("pretraining on the source domain", total=budget)
-        summary = study.run_pretraining(seed, lambda done, total: bar.update(task, completed=done, total=total))
+        summary = study.run_pretraining(seed, lambda done, total: bar.update(task, completed=done, total=total,
+                                                                              refresh=True))
         say(f"pretrained base: Dice {summary['source_mean_Dice']:.3f} on its source training cases "
             f"({summary['train_seconds']:.0f} s) -> {base}")
 
