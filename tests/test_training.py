@@ -304,3 +304,35 @@ def test_ctrl_c_during_fit_is_one_line_and_exit_130(phantoms, base_weights, tmp_
     assert err.strip().splitlines()[-1] == ("medlora: interrupted; resume from the last saved checkpoint with the "
                                             "same command and --ckpt_path last")
     assert "Traceback" not in err and "Detected KeyboardInterrupt" not in err + out
+
+
+def test_a_ctrl_c_inside_a_step_takes_effect_after_the_step():
+    """The signal lands mid-step (where a library may hold a lock); the step finishes and fitting stops after it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from medlora.training.callbacks import InterruptBetweenSteps
+
+    finished = []
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, index):
+            if index == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            finished.append(index)  # without the callback the interrupt is raised before this line
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = pl.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[InterruptBetweenSteps()])
+    with pytest.raises(SystemExit):  # Lightning's own handling of an interrupt
+        trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(20, 2)), batch_size=2))
+    signal.signal(signal.SIGINT, before)
+    assert trainer.interrupted and finished == [0, 1] and trainer.global_step == 2

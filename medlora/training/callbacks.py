@@ -17,6 +17,8 @@ They work on a LightningModule that exposes its network as ``.model`` and its re
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from ..adapters import AdapterFileError, base_fingerprint, iter_adapters, parame
 from ..data.transforms import DEFAULT_HU_WINDOW
 
 __all__ = [
+    "InterruptBetweenSteps",
     "ADAPTER_FILE",
     "AdapterFileWriter",
     "AdapterInitFromData",
@@ -208,3 +211,49 @@ def run_callbacks(adapter_path: str | Path | None = None, data_init_batches: int
     ``adapter_path``)."""
     return [AdapterInitFromData(data_init_batches), CheckpointRecords(),
             AdapterFileWriter(None if adapter_path is None else str(adapter_path))]
+
+
+class InterruptBetweenSteps(pl.Callback):
+    """Ctrl-C during ``fit`` takes effect at the next training or validation step boundary.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal arrives. Inside a library's
+    ``with lock:`` the lock can stay held: rich's progress display (Lightning's default bar, the study's bar) then
+    has a refresh thread waiting on that lock for ever and an exit that waits for the thread, so the process hangs
+    instead of stopping. This callback notes the first Ctrl-C and raises it between steps, where Lightning's own
+    interrupt handling runs as usual; a second Ctrl-C raises at once. The previous handler is restored when
+    fitting ends.
+    """
+
+    def __init__(self) -> None:
+        self._pending = False
+        self._previous: Any = None
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if self._pending:
+            self._restore()
+            raise KeyboardInterrupt
+        self._pending = True
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _raise_if_pending(self, *_: Any) -> None:
+        if self._pending:
+            self._pending = False
+            self._restore()
+            raise KeyboardInterrupt
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._pending = False
+            self._previous = signal.signal(signal.SIGINT, self._note)
+
+    on_train_batch_start = on_train_batch_end = on_validation_batch_end = on_train_end = _raise_if_pending
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()

@@ -32,7 +32,7 @@ from lightning.pytorch.cli import LightningCLI
 from ..data.datamodule import CTSegDataModule
 from ..errors import MedloraError
 from . import checks
-from .callbacks import AdapterFileWriter, AdapterInitFromData, CheckpointRecords
+from .callbacks import AdapterFileWriter, AdapterInitFromData, CheckpointRecords, InterruptBetweenSteps
 from .module import segmentation_module
 
 COMMAND_LINE = "command line"
@@ -215,7 +215,7 @@ def run(args: list[str]) -> int:
             CTSegDataModule,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": False},
-            trainer_defaults={"callbacks": [CheckpointRecords()]},
+            trainer_defaults={"callbacks": [CheckpointRecords(), InterruptBetweenSteps()]},
         )
     except ArgumentError as exc:
         raise parse_error_line(str(exc), args) from None

@@ -85,7 +85,7 @@ from ..runs import (
     subset_splits_name,
 )
 from ..runs import plan_jobs as plan_record_jobs
-from .callbacks import run_callbacks
+from .callbacks import InterruptBetweenSteps, run_callbacks
 from .locks import FileLock
 from .module import SegmentationModule, segmentation_module
 from .packing import plan_units, run_unit, trainer_problem
@@ -210,7 +210,8 @@ def _trainer(section: dict[str, Any], log_dir: Path, progress: Any | None,
         devices=1, logger=pl.loggers.CSVLogger(str(log_dir), name="logs"),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         num_sanity_val_steps=0, deterministic="warn",
-        callbacks=[*callbacks, *([_EpochProgress(progress)] if progress else [])], log_every_n_steps=1, **settings,
+        callbacks=[*callbacks, *([_EpochProgress(progress)] if progress else []), InterruptBetweenSteps()],
+        log_every_n_steps=1, **settings,
     )
 
 
